@@ -1,0 +1,12 @@
+//! Tern's hardware-independent core.
+//!
+//! Owns the memory API (region trees, flat views, listeners, transactions), the
+//! VMX/VMCS abstractions that do not need the CPU (control computation, exit
+//! decoding), guest memory access, guest image loading and device models.
+//! It never executes privileged instructions: the kernel reaches the hardware
+//! through the small traits defined here, and host tests use mocks.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod memory;
