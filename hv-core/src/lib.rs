@@ -9,4 +9,6 @@
 
 extern crate alloc;
 
+pub mod addr;
+pub mod frames;
 pub mod memory;

@@ -1,0 +1,280 @@
+//! The CPU as the hypervisor owns it: port I/O, GDT/TSS/IDT, exception
+//! reports, control registers and MSRs. Leaf module: the `unsafe` for these
+//! instructions lives here.
+
+use core::arch::{asm, global_asm};
+use spin::Lazy;
+use x86_64::instructions::tables::load_tss;
+use x86_64::registers::segmentation::{Segment, CS, DS, ES, FS, GS, SS};
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::idt::InterruptDescriptorTable;
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
+
+/// Writes a byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: the kernel only calls this for ports it owns (COM1, 0xE9, the
+    // exit ports); a port write has no memory effect.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Writes a dword to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a model-specific register. `None` if the read faults is not
+/// detectable here: callers only read MSRs whose presence CPUID showed.
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: callers pass architectural MSRs that exist on CPUs with the
+    // features they checked; RDMSR has no memory effect.
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes a model-specific register.
+///
+/// # Safety
+/// The MSR and value must be valid and must not break the kernel's own
+/// execution environment.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: delegated to the caller.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    }
+}
+
+/// Executes CPUID.
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Reads the time-stamp counter.
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is available on every x86-64 CPU and has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Halts forever with interrupts off.
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
+/// Bochs "magic breakpoint" (`xchg bx, bx`): with `magic_break: enabled=1`
+/// and a debugger rc file ending in `quit`, Bochs exits here.
+pub fn bochs_magic_break() {
+    // SAFETY: `xchg bx, bx` only swaps a register with itself.
+    unsafe { asm!("xchg bx, bx", options(nomem, nostack, preserves_flags)) }
+}
+
+/// The selectors of the kernel's GDT, used for VMCS host state.
+#[derive(Clone, Copy, Debug)]
+pub struct Selectors {
+    pub code: SegmentSelector,
+    pub data: SegmentSelector,
+    pub tss: SegmentSelector,
+}
+
+const DOUBLE_FAULT_IST: u16 = 0;
+
+static TSS: Lazy<TaskStateSegment> = Lazy::new(|| {
+    static mut DF_STACK: [u8; 16384] = [0; 16384];
+    let mut tss = TaskStateSegment::new();
+    // Only the address of the stack is taken, never a reference; the CPU is
+    // its only user (on a double fault).
+    let top = VirtAddr::from_ptr(core::ptr::addr_of!(DF_STACK)) + 16384u64;
+    tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST)] = top;
+    tss
+});
+
+static GDT: Lazy<(GlobalDescriptorTable, Selectors)> = Lazy::new(|| {
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let tss = gdt.append(Descriptor::tss_segment(&TSS));
+    (gdt, Selectors { code, data, tss })
+});
+
+static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
+    let mut idt = InterruptDescriptorTable::new();
+    let stubs = exception_stubs();
+    macro_rules! set {
+        ($($field:ident = $v:literal),*) => {$(
+            // SAFETY: the stub is the assembly entry below for that vector; it
+            // never returns to the faulting code, so any stack will do.
+            unsafe { idt.$field.set_handler_addr(VirtAddr::new(stubs[$v])) };
+        )*};
+    }
+    set!(
+        divide_error = 0,
+        debug = 1,
+        non_maskable_interrupt = 2,
+        breakpoint = 3,
+        overflow = 4,
+        bound_range_exceeded = 5,
+        invalid_opcode = 6,
+        device_not_available = 7,
+        invalid_tss = 10,
+        segment_not_present = 11,
+        stack_segment_fault = 12,
+        general_protection_fault = 13,
+        page_fault = 14,
+        x87_floating_point = 16,
+        alignment_check = 17,
+        machine_check = 18,
+        simd_floating_point = 19,
+        virtualization = 20,
+        cp_protection_exception = 21,
+        hv_injection_exception = 28,
+        vmm_communication_exception = 29,
+        security_exception = 30
+    );
+    // SAFETY: as above; the double fault stub runs on its own IST stack so a
+    // kernel stack overflow is still reported.
+    unsafe {
+        idt.double_fault
+            .set_handler_addr(VirtAddr::new(stubs[8]))
+            .set_stack_index(DOUBLE_FAULT_IST);
+    }
+    idt
+});
+
+/// Loads the kernel's GDT, TSS and IDT and reloads every segment register.
+pub fn init_tables() {
+    let (gdt, sel) = &*GDT;
+    gdt.load();
+    // SAFETY: the selectors come from the GDT just loaded; the code segment
+    // is a 64-bit ring-0 segment and the data segment a writable one.
+    unsafe {
+        CS::set_reg(sel.code);
+        DS::set_reg(sel.data);
+        ES::set_reg(sel.data);
+        SS::set_reg(sel.data);
+        FS::set_reg(SegmentSelector(0));
+        GS::set_reg(SegmentSelector(0));
+        load_tss(sel.tss);
+    }
+    IDT.load();
+}
+
+/// The kernel's GDT selectors.
+pub fn selectors() -> Selectors {
+    GDT.1
+}
+
+/// Base address of the TSS (for the VMCS host state).
+pub fn tss_base() -> u64 {
+    let tss: &TaskStateSegment = &TSS;
+    tss as *const TaskStateSegment as u64
+}
+
+/// What the exception stubs push, lowest address first.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExceptionFrame {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+const EXCEPTION_NAMES: [&str; 32] = [
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack fault",
+    "general protection",
+    "page fault",
+    "reserved",
+    "x87 error",
+    "alignment check",
+    "machine check",
+    "SIMD error",
+    "virtualization",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security",
+    "reserved",
+];
+
+extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+    let name = EXCEPTION_NAMES
+        .get(frame.vector as usize)
+        .copied()
+        .unwrap_or("?");
+    crate::println!(
+        "tern: hypervisor exception {} ({name}) error={:#x} rip={:#x} rsp={:#x} rflags={:#x} cr2={:#x}\n  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
+        frame.vector, frame.error_code, frame.rip, frame.rsp, frame.rflags, cr2,
+        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
+    );
+    crate::exit::exit(crate::exit::Status::HYPERVISOR_FAULT)
+}
+
+// One stub per vector: vectors without an error code push a zero so the
+// frame has one shape, then the vector; the common part saves the scratch
+// registers and calls the report, which never returns.
+macro_rules! stubs {
+    ($($v:literal $err:literal),*) => {
+        global_asm!(
+            $(
+                concat!(".global tern_exc_", $v, "\ntern_exc_", $v, ":\n"),
+                concat!(".if ", $err, " == 0\n push 0\n.endif\n"),
+                concat!("push ", $v, "\n jmp tern_exc_common\n"),
+            )*
+            "tern_exc_common:",
+            "push rbp", "push rdi", "push rsi", "push rdx", "push rcx", "push rbx", "push rax",
+            "mov rdi, rsp",
+            "and rsp, -16",
+            "call {report}",
+            "ud2",
+            report = sym exception_report,
+        );
+        fn exception_stubs() -> [u64; 32] {
+            [ $( { extern "C" { #[link_name = concat!("tern_exc_", $v)] fn stub(); } stub as usize as u64 } ),* ]
+        }
+    };
+}
+
+stubs!(0 0, 1 0, 2 0, 3 0, 4 0, 5 0, 6 0, 7 0, 8 1, 9 0, 10 1, 11 1, 12 1, 13 1, 14 1, 15 0,
+       16 0, 17 1, 18 0, 19 0, 20 0, 21 1, 22 0, 23 0, 24 0, 25 0, 26 0, 27 0, 28 0, 29 1, 30 1, 31 0);

@@ -1,0 +1,89 @@
+//! The console: COM1 (16550) through the `log` facade, optionally mirrored
+//! to port 0xE9 (Bochs's debug port).
+
+use core::fmt::Write;
+use spin::Mutex;
+use uart_16550::SerialPort;
+
+struct Console {
+    com1: Option<SerialPort>,
+    e9: bool,
+}
+
+static CONSOLE: Mutex<Console> = Mutex::new(Console {
+    com1: None,
+    e9: false,
+});
+
+/// Initialises COM1 and installs the logger.
+pub fn init(level: log::LevelFilter, e9: bool) {
+    {
+        let mut c = CONSOLE.lock();
+        // SAFETY: 0x3F8 is COM1 on every PC this kernel boots on, and nothing
+        // else in the kernel touches those ports.
+        let mut port = unsafe { SerialPort::new(0x3F8) };
+        port.init();
+        c.com1 = Some(port);
+        c.e9 = e9;
+    }
+    // A second call finds the logger already set; that is harmless.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}
+
+/// Writes text to the console without the logger's prefix.
+pub fn write_fmt(args: core::fmt::Arguments<'_>) {
+    let mut c = CONSOLE.lock();
+    let _ = c.write_fmt(args);
+}
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.byte(b'\r');
+            }
+            self.byte(b);
+        }
+        Ok(())
+    }
+}
+
+impl Console {
+    fn byte(&mut self, b: u8) {
+        if let Some(p) = self.com1.as_mut() {
+            p.send_raw(b);
+        }
+        if self.e9 {
+            crate::cpu::outb(0xE9, b);
+        }
+    }
+}
+
+struct Logger;
+static LOGGER: Logger = Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            write_fmt(format_args!("[{:5}] {}\n", r.level(), r.args()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// `print!` to the console.
+#[macro_export]
+macro_rules! print {
+    ($($t:tt)*) => { $crate::serial::write_fmt(format_args!($($t)*)) };
+}
+
+/// `println!` to the console.
+#[macro_export]
+macro_rules! println {
+    () => { $crate::print!("\n") };
+    ($($t:tt)*) => { $crate::serial::write_fmt(format_args!("{}\n", format_args!($($t)*))) };
+}
