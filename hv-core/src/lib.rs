@@ -10,5 +10,10 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod ept;
 pub mod frames;
+pub mod guest_mem;
+pub mod loader;
 pub mod memory;
+pub mod phys;
+pub mod vmx;

@@ -1,0 +1,413 @@
+//! Loading multiboot (v1) guest images the way QEMU's `-kernel` does: the
+//! ELF32 or ELF64 program headers are copied into guest RAM at their
+//! physical addresses, a multiboot information structure is built in low
+//! memory, and the vCPU starts at the ELF entry in 32-bit protected mode
+//! with paging off, `EAX = 0x2BADB002` and `EBX` pointing at the structure.
+//!
+//! Everything in the image is untrusted: every offset and size is checked
+//! and a bad image is an error, never a panic.
+
+use crate::addr::GuestPhysAddr;
+use crate::guest_mem::{GuestRam, OutsideRam};
+use crate::phys::PhysAccess;
+
+/// `EAX` at a multiboot entry.
+pub const MULTIBOOT_BOOTLOADER_MAGIC: u32 = 0x2BAD_B002;
+/// The header magic in the image.
+pub const MULTIBOOT_HEADER_MAGIC: u32 = 0x1BAD_B002;
+/// Where the information structure goes (below 640 KiB).
+pub const INFO_GPA: u64 = 0x9000;
+const INFO_END: u64 = 0xA000;
+const MMAP_OFF: u64 = 0x100;
+const NAME_OFF: u64 = 0x200;
+const CMDLINE_OFF: u64 = 0x300;
+const MAX_CMDLINE: usize = (INFO_END - INFO_GPA - CMDLINE_OFF) as usize - 1;
+
+/// A loaded guest: where to start it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    pub entry: u32,
+    pub info: u32,
+    /// Lowest and highest guest-physical byte the image occupies.
+    pub image: (u64, u64),
+}
+
+/// Why an image cannot be loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadError {
+    NoMultibootHeader,
+    BadChecksum,
+    NotElf,
+    UnsupportedElf(&'static str),
+    /// A header or segment points outside the file.
+    Truncated,
+    /// A segment does not fit guest RAM or overlaps the boot information.
+    SegmentOutsideRam {
+        paddr: u64,
+        memsz: u64,
+    },
+    EntryAbove4G(u64),
+    CmdlineTooLong,
+    Memory(OutsideRam),
+}
+
+impl core::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoMultibootHeader => write!(f, "no multiboot header in the first 8 KiB"),
+            Self::BadChecksum => write!(f, "multiboot header checksum is wrong"),
+            Self::NotElf => write!(f, "not an ELF image"),
+            Self::UnsupportedElf(why) => write!(f, "unsupported ELF: {why}"),
+            Self::Truncated => write!(f, "image is truncated"),
+            Self::SegmentOutsideRam { paddr, memsz } => {
+                write!(f, "segment {paddr:#x}+{memsz:#x} does not fit guest RAM")
+            }
+            Self::EntryAbove4G(e) => write!(f, "entry point {e:#x} is above 4 GiB"),
+            Self::CmdlineTooLong => write!(f, "command line too long"),
+            Self::Memory(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<OutsideRam> for LoadError {
+    fn from(e: OutsideRam) -> Self {
+        Self::Memory(e)
+    }
+}
+
+fn u16_at(b: &[u8], off: u64) -> Result<u16, LoadError> {
+    let o = usize::try_from(off).map_err(|_| LoadError::Truncated)?;
+    b.get(o..o + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .ok_or(LoadError::Truncated)
+}
+
+fn u32_at(b: &[u8], off: u64) -> Result<u32, LoadError> {
+    let o = usize::try_from(off).map_err(|_| LoadError::Truncated)?;
+    b.get(o..o + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(LoadError::Truncated)
+}
+
+fn u64_at(b: &[u8], off: u64) -> Result<u64, LoadError> {
+    Ok(u64::from(u32_at(b, off)?) | (u64::from(u32_at(b, off + 4)?) << 32))
+}
+
+/// Finds and checks the multiboot header; returns its flags.
+pub fn multiboot_flags(image: &[u8]) -> Result<u32, LoadError> {
+    let limit = image.len().min(8192) as u64;
+    let mut off = 0;
+    while off + 12 <= limit {
+        if u32_at(image, off)? == MULTIBOOT_HEADER_MAGIC {
+            let flags = u32_at(image, off + 4)?;
+            let sum = MULTIBOOT_HEADER_MAGIC
+                .wrapping_add(flags)
+                .wrapping_add(u32_at(image, off + 8)?);
+            return if sum == 0 {
+                Ok(flags)
+            } else {
+                Err(LoadError::BadChecksum)
+            };
+        }
+        off += 4;
+    }
+    Err(LoadError::NoMultibootHeader)
+}
+
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// Loads `image` into `ram` and writes the multiboot information.
+pub fn load_multiboot(
+    image: &[u8],
+    cmdline: &str,
+    ram: &GuestRam,
+    mem: &mut impl PhysAccess,
+) -> Result<Loaded, LoadError> {
+    let flags = multiboot_flags(image)?;
+    if image.get(0..4) != Some(b"\x7fELF") {
+        return Err(if flags & (1 << 16) != 0 {
+            LoadError::UnsupportedElf("a.out kludge images are not supported")
+        } else {
+            LoadError::NotElf
+        });
+    }
+    let class64 = match image.get(4) {
+        Some(1) => false,
+        Some(2) => true,
+        _ => return Err(LoadError::UnsupportedElf("bad class")),
+    };
+    if image.get(5) != Some(&1) {
+        return Err(LoadError::UnsupportedElf("not little-endian"));
+    }
+    if u16_at(image, 16)? != 2 {
+        return Err(LoadError::UnsupportedElf("not an executable"));
+    }
+    if !matches!(u16_at(image, 18)?, 3 | 62) {
+        return Err(LoadError::UnsupportedElf("not x86"));
+    }
+    let (entry, phoff, phentsize, phnum) = if class64 {
+        (
+            u64_at(image, 24)?,
+            u64_at(image, 32)?,
+            u16_at(image, 54)?,
+            u16_at(image, 56)?,
+        )
+    } else {
+        (
+            u32_at(image, 24)?.into(),
+            u32_at(image, 28)?.into(),
+            u16_at(image, 42)?,
+            u16_at(image, 44)?,
+        )
+    };
+    let entry = u32::try_from(entry).map_err(|_| LoadError::EntryAbove4G(entry))?;
+    if cmdline.len() > MAX_CMDLINE {
+        return Err(LoadError::CmdlineTooLong);
+    }
+
+    // First pass: read and check every segment, so a bad image writes nothing.
+    let mut segments = alloc::vec::Vec::new();
+    for i in 0..u64::from(phnum) {
+        let ph = phoff
+            .checked_add(i * u64::from(phentsize))
+            .ok_or(LoadError::Truncated)?;
+        if u32_at(image, ph)? != 1 {
+            continue; // not PT_LOAD
+        }
+        let s = if class64 {
+            Segment {
+                offset: u64_at(image, ph + 8)?,
+                paddr: u64_at(image, ph + 24)?,
+                filesz: u64_at(image, ph + 32)?,
+                memsz: u64_at(image, ph + 40)?,
+            }
+        } else {
+            Segment {
+                offset: u32_at(image, ph + 4)?.into(),
+                paddr: u32_at(image, ph + 12)?.into(),
+                filesz: u32_at(image, ph + 16)?.into(),
+                memsz: u32_at(image, ph + 20)?.into(),
+            }
+        };
+        let outside = LoadError::SegmentOutsideRam {
+            paddr: s.paddr,
+            memsz: s.memsz,
+        };
+        let file_end = s.offset.checked_add(s.filesz).ok_or(LoadError::Truncated)?;
+        if file_end > image.len() as u64 || s.filesz > s.memsz {
+            return Err(LoadError::Truncated);
+        }
+        let end = s.paddr.checked_add(s.memsz).ok_or(outside)?;
+        if s.paddr < INFO_END && INFO_GPA < end {
+            return Err(outside);
+        }
+        let mut probe = [0u8; 0];
+        ram.read(&*mem, GuestPhysAddr::new(s.paddr), &mut probe)
+            .map_err(|_| outside)?;
+        if s.memsz > 0
+            && ram
+                .read(&*mem, GuestPhysAddr::new(end - 1), &mut [0u8; 1])
+                .is_err()
+        {
+            return Err(outside);
+        }
+        segments.push(s);
+    }
+    if segments.is_empty() {
+        return Err(LoadError::UnsupportedElf("no loadable segment"));
+    }
+    let mut lo = u64::MAX;
+    let mut hi = 0;
+    for s in &segments {
+        let data = &image[s.offset as usize..(s.offset + s.filesz) as usize];
+        ram.write(mem, GuestPhysAddr::new(s.paddr), data)?;
+        ram.zero(
+            mem,
+            GuestPhysAddr::new(s.paddr + s.filesz),
+            s.memsz - s.filesz,
+        )?;
+        lo = lo.min(s.paddr);
+        hi = hi.max(s.paddr + s.memsz);
+    }
+    write_info(ram, mem, cmdline)?;
+    Ok(Loaded {
+        entry,
+        info: INFO_GPA as u32,
+        image: (lo, hi),
+    })
+}
+
+/// Builds the multiboot information (flags: mem, cmdline, mmap, loader name).
+fn write_info(ram: &GuestRam, mem: &mut impl PhysAccess, cmdline: &str) -> Result<(), LoadError> {
+    let mut info = [0u8; 116];
+    let put = |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let flags = 1 | (1 << 2) | (1 << 6) | (1 << 9);
+    // Memory map entries: (size=20, base, len, type) for each RAM chunk.
+    let mut mmap = alloc::vec::Vec::new();
+    let mut upper_kib = 0;
+    for c in ram.chunks() {
+        let (base, len) = (c.gpa.as_u64(), c.size);
+        // Low memory stops at 640 KiB as on a PC.
+        let len = if base < 0xA0000 {
+            len.min(0xA0000 - base)
+        } else {
+            len
+        };
+        mmap.extend_from_slice(&20u32.to_le_bytes());
+        mmap.extend_from_slice(&base.to_le_bytes());
+        mmap.extend_from_slice(&len.to_le_bytes());
+        mmap.extend_from_slice(&1u32.to_le_bytes());
+        if base <= 0x10_0000 && base + c.size > 0x10_0000 {
+            upper_kib = (base + c.size - 0x10_0000) / 1024;
+        }
+    }
+    if mmap.len() as u64 > NAME_OFF - MMAP_OFF {
+        return Err(LoadError::UnsupportedElf(
+            "too many RAM chunks for the memory map",
+        ));
+    }
+    put(&mut info, 0, flags);
+    put(&mut info, 4, 639);
+    put(&mut info, 8, upper_kib.min(u64::from(u32::MAX)) as u32);
+    put(&mut info, 16, (INFO_GPA + CMDLINE_OFF) as u32);
+    put(&mut info, 44, mmap.len() as u32);
+    put(&mut info, 48, (INFO_GPA + MMAP_OFF) as u32);
+    put(&mut info, 64, (INFO_GPA + NAME_OFF) as u32);
+    ram.zero(mem, GuestPhysAddr::new(INFO_GPA), INFO_END - INFO_GPA)?;
+    ram.write(mem, GuestPhysAddr::new(INFO_GPA), &info)?;
+    ram.write(mem, GuestPhysAddr::new(INFO_GPA + MMAP_OFF), &mmap)?;
+    ram.write(mem, GuestPhysAddr::new(INFO_GPA + NAME_OFF), b"Tern\0")?;
+    ram.write(
+        mem,
+        GuestPhysAddr::new(INFO_GPA + CMDLINE_OFF),
+        cmdline.as_bytes(),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest_mem::RamChunk;
+    use crate::phys::mock::MockPhys;
+
+    /// A minimal ELF32 multiboot image: one PT_LOAD of 16 file bytes and 32
+    /// memory bytes at 0x100000, entry 0x100004.
+    fn elf32() -> Vec<u8> {
+        let mut f = vec![0u8; 0x200];
+        f[0..4].copy_from_slice(b"\x7fELF");
+        f[4] = 1;
+        f[5] = 1;
+        f[16..18].copy_from_slice(&2u16.to_le_bytes());
+        f[18..20].copy_from_slice(&3u16.to_le_bytes());
+        f[24..28].copy_from_slice(&0x10_0004u32.to_le_bytes());
+        f[28..32].copy_from_slice(&52u32.to_le_bytes());
+        f[42..44].copy_from_slice(&32u16.to_le_bytes());
+        f[44..46].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 52;
+        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        f[ph + 4..ph + 8].copy_from_slice(&0x100u32.to_le_bytes());
+        f[ph + 12..ph + 16].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        f[ph + 16..ph + 20].copy_from_slice(&16u32.to_le_bytes());
+        f[ph + 20..ph + 24].copy_from_slice(&32u32.to_le_bytes());
+        // Multiboot header at 0x100 (also the segment's first bytes).
+        f[0x100..0x104].copy_from_slice(&MULTIBOOT_HEADER_MAGIC.to_le_bytes());
+        f[0x108..0x10c].copy_from_slice(&0u32.wrapping_sub(MULTIBOOT_HEADER_MAGIC).to_le_bytes());
+        f[0x10c..0x110].copy_from_slice(&[0xAA; 4]);
+        f
+    }
+
+    fn ram(m: &mut MockPhys) -> GuestRam {
+        let mut r = GuestRam::new();
+        let hpa = crate::frames::FrameAllocator::alloc_contiguous(m, 2 << 20, 4096).unwrap();
+        r.add(RamChunk {
+            gpa: GuestPhysAddr::new(0),
+            hpa,
+            size: 2 << 20,
+        })
+        .unwrap();
+        r
+    }
+
+    #[test]
+    fn elf32_is_loaded_with_bss_and_info() {
+        let mut m = MockPhys::new(8 << 20);
+        let r = ram(&mut m);
+        // Dirty the bss first to see it zeroed.
+        r.write(&mut m, GuestPhysAddr::new(0x10_0010), &[0xff; 16])
+            .unwrap();
+        let l = load_multiboot(&elf32(), "scenario=hello", &r, &mut m).unwrap();
+        assert_eq!(
+            l,
+            Loaded {
+                entry: 0x10_0004,
+                info: 0x9000,
+                image: (0x10_0000, 0x10_0020)
+            }
+        );
+        let mut b = [0u8; 32];
+        r.read(&m, GuestPhysAddr::new(0x10_0000), &mut b).unwrap();
+        assert_eq!(&b[12..16], &[0xAA; 4]);
+        assert_eq!(&b[16..32], &[0; 16]);
+        let mut c = [0u8; 15];
+        r.read(&m, GuestPhysAddr::new(0x9300), &mut c).unwrap();
+        assert_eq!(&c, b"scenario=hello\0");
+        let mut info = [0u8; 12];
+        r.read(&m, GuestPhysAddr::new(0x9000), &mut info).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(info[8..12].try_into().unwrap()),
+            1024,
+            "mem_upper in KiB"
+        );
+    }
+
+    #[test]
+    fn bad_images_are_refused_without_writing() {
+        let mut m = MockPhys::new(8 << 20);
+        let r = ram(&mut m);
+        let mut img = elf32();
+        img[0x108] ^= 1;
+        assert_eq!(
+            load_multiboot(&img, "", &r, &mut m),
+            Err(LoadError::BadChecksum)
+        );
+        let mut img = elf32();
+        img[52 + 16..52 + 20].copy_from_slice(&0x1000u32.to_le_bytes()); // filesz past EOF
+        assert_eq!(
+            load_multiboot(&img, "", &r, &mut m),
+            Err(LoadError::Truncated)
+        );
+        let mut img = elf32();
+        img[52 + 12..52 + 16].copy_from_slice(&0x1f_fff0u32.to_le_bytes()); // runs off RAM
+        assert!(matches!(
+            load_multiboot(&img, "", &r, &mut m),
+            Err(LoadError::SegmentOutsideRam { .. })
+        ));
+        let mut img = elf32();
+        img[52 + 12..52 + 16].copy_from_slice(&0x9000u32.to_le_bytes()); // over the info
+        assert!(matches!(
+            load_multiboot(&img, "", &r, &mut m),
+            Err(LoadError::SegmentOutsideRam { .. })
+        ));
+        assert_eq!(
+            load_multiboot(&[0; 64], "", &r, &mut m),
+            Err(LoadError::NoMultibootHeader)
+        );
+        let long = "x".repeat(4000);
+        assert_eq!(
+            load_multiboot(&elf32(), &long, &r, &mut m),
+            Err(LoadError::CmdlineTooLong)
+        );
+        let mut all = vec![0u8; 2 << 20];
+        r.read(&m, GuestPhysAddr::new(0), &mut all).unwrap();
+        assert!(
+            all.iter().all(|&b| b == 0),
+            "a refused image wrote guest memory"
+        );
+    }
+}
