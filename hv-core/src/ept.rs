@@ -125,7 +125,10 @@ impl Ept {
         perm: EptPerm,
     ) -> Result<InveptRequired, EptError> {
         let (g, h) = (gpa.as_u64(), hpa.as_u64());
-        if g % PAGE_SIZE != 0 || h % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if !g.is_multiple_of(PAGE_SIZE)
+            || !h.is_multiple_of(PAGE_SIZE)
+            || !size.is_multiple_of(PAGE_SIZE)
+        {
             return Err(EptError::Unaligned);
         }
         if g.checked_add(size).is_none_or(|e| e > 1 << 48) {

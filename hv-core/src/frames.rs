@@ -137,7 +137,7 @@ impl FreeRanges {
 
     /// First fit of `size` bytes aligned to `align`; the memory is not zeroed.
     pub fn take(&mut self, size: u64, align: u64) -> Option<u64> {
-        if size == 0 || !align.is_power_of_two() || size % PAGE_SIZE != 0 {
+        if size == 0 || !align.is_power_of_two() || !size.is_multiple_of(PAGE_SIZE) {
             return None;
         }
         let align = align.max(PAGE_SIZE);

@@ -10,10 +10,12 @@
 extern crate alloc;
 
 pub mod addr;
+pub mod devices;
 pub mod ept;
 pub mod frames;
 pub mod guest_mem;
 pub mod loader;
 pub mod memory;
 pub mod phys;
+pub mod vcpu;
 pub mod vmx;

@@ -250,20 +250,25 @@ fn write_info(ram: &GuestRam, mem: &mut impl PhysAccess, cmdline: &str) -> Resul
     // Memory map entries: (size=20, base, len, type) for each RAM chunk.
     let mut mmap = alloc::vec::Vec::new();
     let mut upper_kib = 0;
-    for c in ram.chunks() {
-        let (base, len) = (c.gpa.as_u64(), c.size);
-        // Low memory stops at 640 KiB as on a PC.
-        let len = if base < 0xA0000 {
-            len.min(0xA0000 - base)
-        } else {
-            len
-        };
+    let mut entry = |base: u64, len: u64| {
         mmap.extend_from_slice(&20u32.to_le_bytes());
         mmap.extend_from_slice(&base.to_le_bytes());
         mmap.extend_from_slice(&len.to_le_bytes());
         mmap.extend_from_slice(&1u32.to_le_bytes());
-        if base <= 0x10_0000 && base + c.size > 0x10_0000 {
-            upper_kib = (base + c.size - 0x10_0000) / 1024;
+    };
+    for c in ram.chunks() {
+        let (base, end) = (c.gpa.as_u64(), c.gpa.as_u64() + c.size);
+        // As on a PC, RAM under 1 MiB stops at 640 KiB (VGA and BIOS
+        // windows); the map resumes at 1 MiB.
+        if base < 0xA0000 {
+            entry(base, end.min(0xA0000) - base);
+        }
+        if end > 0x10_0000 {
+            let from = base.max(0x10_0000);
+            entry(from, end - from);
+            if from == 0x10_0000 {
+                upper_kib = (end - from) / 1024;
+            }
         }
     }
     if mmap.len() as u64 > NAME_OFF - MMAP_OFF {

@@ -64,6 +64,13 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Masks every line of both legacy 8259 PICs: Tern polls its devices and
+/// never takes an interrupt, and a guest must not receive the host's.
+pub fn mask_legacy_pic() {
+    outb(0x21, 0xff);
+    outb(0xA1, 0xff);
+}
+
 /// Halts forever with interrupts off.
 pub fn halt_forever() -> ! {
     loop {
@@ -271,7 +278,7 @@ macro_rules! stubs {
             report = sym exception_report,
         );
         fn exception_stubs() -> [u64; 32] {
-            [ $( { extern "C" { #[link_name = concat!("tern_exc_", $v)] fn stub(); } stub as usize as u64 } ),* ]
+            [ $( { extern "C" { #[link_name = concat!("tern_exc_", $v)] fn stub(); } stub as *const () as u64 } ),* ]
         }
     };
 }

@@ -14,7 +14,10 @@ mod cpu;
 mod exit;
 mod mem;
 mod serial;
+mod vm;
+mod vmx;
 
+use alloc::string::String;
 use boot::{BootInfo, BootProtocol};
 use exit::Status;
 
@@ -72,7 +75,7 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
     serial::init(level, info.option("e9").is_some());
     cpu::init_tables();
     if let Err(e) = mem::init(&info) {
-        println!("tern: cannot set up memory: {e:?}");
+        println!("tern: cannot set up memory: {e}");
         exit::exit(Status::BOOT_ERROR)
     }
     println!(
@@ -89,7 +92,107 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         );
     }
     println!("tern: {} MiB of host memory free", mem::free_bytes() >> 20);
-    exit::exit(Status::OK)
+    cpu::mask_legacy_pic();
+    let vmx = match vmx::enable() {
+        Ok(v) => v,
+        Err(e) => {
+            println!("tern: cannot run VMs: {e}");
+            exit::exit(Status::NO_VMX)
+        }
+    };
+    println!(
+        "tern: VMX on (revision {:#x}, EPT A/D {}, 1 GiB pages {})",
+        vmx.caps.revision_id(),
+        vmx.caps.ept_ad_bits(),
+        vmx.caps.ept_1g_pages()
+    );
+    if info.modules.is_empty() {
+        println!("tern: no guest module was given");
+        exit::exit(Status::BOOT_ERROR)
+    }
+    let status = run_vms(&vmx, &info);
+    exit::exit(status)
+}
+
+/// Runs every boot module as a VM, one after the other; Tern's status is
+/// the first non-zero VM status.
+fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
+    let ram_mib: u64 = info
+        .option("ram")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let budget: u64 = info
+        .option("budget")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut status = Status::OK;
+    for (i, m) in info.modules.iter().enumerate() {
+        let cmdline = if m.cmdline.is_empty() {
+            info.trailing_args()
+        } else {
+            m.cmdline.as_str()
+        };
+        let name = boot::info::option(cmdline, "name")
+            .map(String::from)
+            .unwrap_or_else(|| alloc::format!("vm{i}"));
+        let cfg = vm::VmConfig {
+            name: name.clone(),
+            ram_bytes: ram_mib << 20,
+            cmdline: cmdline.into(),
+            budget,
+        };
+        let Some(image) = mem::module_bytes(m) else {
+            println!("[{name}] module {i} has an empty or invalid range");
+            status = merge(status, Status::VM_STOPPED);
+            continue;
+        };
+        let before = mem::free_bytes();
+        // VPID 0 is the host's; VM i gets i + 1.
+        let vpid = u16::try_from(i + 1).unwrap_or(u16::MAX);
+        let report = match vm::Vm::create(vmx, vpid, image, &cfg) {
+            Ok(mut vm) => {
+                println!("[{name}] starting: {cmdline}");
+                vm.run()
+            }
+            Err(e) => {
+                println!("[{name}] cannot create the VM: {e}");
+                status = merge(status, Status::VM_STOPPED);
+                continue;
+            }
+        };
+        let leaked = before.saturating_sub(mem::free_bytes());
+        println!(
+            "[{name}] stopped: {} (status {})",
+            report.stop,
+            report.stop.status()
+        );
+        print!("[{name}] exits: {} total", report.exits.total());
+        for (reason, n) in report
+            .exits
+            .by_reason
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+        {
+            let r = hv_core::vmx::ExitReason::from_basic(reason as u16);
+            print!(", {} {n}", r.name());
+        }
+        println!();
+        println!(
+            "[{name}] EPT: {} tables allocated, {} freed, {} entries written; unclaimed port I/O: {}; host memory not returned: {} bytes",
+            report.ept.tables_allocated, report.ept.tables_freed, report.ept.entries_written, report.unclaimed_io, leaked
+        );
+        status = merge(status, Status(report.stop.status()));
+    }
+    status
+}
+
+fn merge(a: Status, b: Status) -> Status {
+    if a == Status::OK {
+        b
+    } else {
+        a
+    }
 }
 
 #[panic_handler]

@@ -67,6 +67,16 @@ pub enum MemError {
     OutOfMemory(&'static str),
 }
 
+impl core::fmt::Display for MemError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoMemoryMap => write!(f, "the boot loader gave no memory map"),
+            Self::Ranges(e) => write!(f, "bad memory map: {e:?}"),
+            Self::OutOfMemory(what) => write!(f, "out of memory for the {what}"),
+        }
+    }
+}
+
 /// Builds the free set from the memory map (less the image, the modules and
 /// the boot information), the heap, and the kernel's own page tables.
 pub fn init(info: &BootInfo) -> Result<(), MemError> {
@@ -91,13 +101,11 @@ pub fn init(info: &BootInfo) -> Result<(), MemError> {
         {
             max_end = max_end.max(r.start.saturating_add(r.len));
         }
-        // SAFETY: only the addresses of the linker symbols are taken.
-        let (img_start, img_end) = unsafe {
-            (
-                core::ptr::addr_of!(__image_start) as u64,
-                core::ptr::addr_of!(__image_end) as u64,
-            )
-        };
+        // Only the addresses of the linker symbols are taken.
+        let (img_start, img_end) = (
+            core::ptr::addr_of!(__image_start) as u64,
+            core::ptr::addr_of!(__image_end) as u64,
+        );
         f.reserve(img_start, img_end).map_err(MemError::Ranges)?;
         for m in &info.modules {
             f.reserve(m.start, m.end).map_err(MemError::Ranges)?;
@@ -122,7 +130,7 @@ pub fn init(info: &BootInfo) -> Result<(), MemError> {
 fn build_page_tables(end: u64) -> Result<(), MemError> {
     const TWO_MIB: u64 = 2 << 20;
     let end = end.div_ceil(1 << 30) * (1 << 30);
-    let mut table = |what| -> Result<&'static mut PageTable, MemError> {
+    let table = |what| -> Result<&'static mut PageTable, MemError> {
         let f = Frames.alloc_frame().ok_or(MemError::OutOfMemory(what))?;
         // SAFETY: a fresh zeroed frame, identity mapped, owned by the page
         // tables from now on; zero is a valid (empty) page table.
@@ -158,4 +166,41 @@ fn build_page_tables(end: u64) -> Result<(), MemError> {
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
     log::debug!("page tables: identity map of {:#x} bytes", end);
     Ok(())
+}
+
+/// Host memory as hv-core sees it: identity-mapped physical access plus the
+/// frame allocator.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostMem;
+
+impl hv_core::phys::PhysAccess for HostMem {
+    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
+        // SAFETY: hv-core only passes frames it obtained from the allocator
+        // (EPT tables, guest RAM); all physical memory is identity mapped.
+        unsafe { core::ptr::copy_nonoverlapping(phys_ptr::<u8>(addr), buf.as_mut_ptr(), buf.len()) }
+    }
+    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
+        // SAFETY: as for `read`; the frames are owned by the caller.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), phys_ptr::<u8>(addr), data.len()) }
+    }
+}
+
+impl FrameAllocator for HostMem {
+    fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<HostPhysAddr> {
+        Frames.alloc_contiguous(size, align)
+    }
+    fn free_contiguous(&mut self, addr: HostPhysAddr, size: u64) {
+        Frames.free_contiguous(addr, size)
+    }
+}
+
+/// The bytes of a boot module.
+pub fn module_bytes(m: &boot::Module) -> Option<&'static [u8]> {
+    let len = usize::try_from(m.end.checked_sub(m.start)?).ok()?;
+    if m.start == 0 {
+        return None;
+    }
+    // SAFETY: the module's range was reserved in `init`, so no frame of it is
+    // ever handed out; it is identity mapped and only read.
+    Some(unsafe { core::slice::from_raw_parts(m.start as *const u8, len) })
 }

@@ -1,12 +1,38 @@
-//! `cargo xtask`: build, image, run, test, bench for Tern.
+//! `cargo xtask`: build, image, run, test and bench Tern.
+//!
+//! - `build`: the hypervisor and the test guest for `x86_64-unknown-none`.
+//! - `image [--guest ARGS] [KERNEL ARGS]`: a GRUB rescue ISO (multiboot2 entry).
+//! - `run [--emulator bochs|qemu] [--guest ARGS] [KERNEL ARGS]`: boots Tern with
+//!   the test guest and shows its console. QEMU with KVM when `/dev/kvm`
+//!   exists and the host CPU has VMX, Bochs otherwise.
+//! - `test`: host unit tests, then every bare-metal scenario under Bochs
+//!   (VMX) and QEMU TCG (boot path, no-VMX report).
+//! - `mtree --flat FILE`: Tern's flat views of an `info mtree` tree dump.
 
+mod build;
+mod deps;
+mod emu;
 mod mtree;
+mod scenarios;
+
+use std::path::PathBuf;
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(PathBuf::from).unwrap_or(dir)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or(&[]);
     let result = match args.first().map(String::as_str) {
-        Some("mtree") => mtree::main(&args[1..]),
-        _ => Err("usage: cargo xtask <build|image|run|test|bench|mtree> [args]".to_string()),
+        Some("build") => build::build_all().map(|_| ()),
+        Some("image") => emu::image_cmd(rest),
+        Some("run") => emu::run_cmd(rest),
+        Some("test") => scenarios::test_cmd(rest),
+        Some("mtree") => mtree::main(rest),
+        _ => Err("usage: cargo xtask <build|image|run|test|mtree> [args]".to_string()),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");

@@ -1,1 +1,3 @@
-pub fn main(_args: &[String]) -> Result<(), String> { Err("mtree: not yet".into()) }
+pub fn main(_args: &[String]) -> Result<(), String> {
+    Err("mtree: not yet".into())
+}

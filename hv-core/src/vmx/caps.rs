@@ -228,15 +228,24 @@ impl VmxCaps {
         if !proc.allows(ProcControls::SECONDARY_CONTROLS.bits()) {
             return Err(MissingFeature::SecondaryControls);
         }
+        let proc2 = Allowed::from_msr(get(msr::IA32_VMX_PROCBASED_CTLS2)?);
         let caps = Self {
             basic,
             pin: Allowed::from_msr(get(msr::IA32_VMX_TRUE_PINBASED_CTLS)?),
             proc,
-            proc2: Allowed::from_msr(get(msr::IA32_VMX_PROCBASED_CTLS2)?),
+            proc2,
             exit: Allowed::from_msr(get(msr::IA32_VMX_TRUE_EXIT_CTLS)?),
             entry: Allowed::from_msr(get(msr::IA32_VMX_TRUE_ENTRY_CTLS)?),
             misc: get(msr::IA32_VMX_MISC)?,
-            ept_vpid: get(msr::IA32_VMX_EPT_VPID_CAP)?,
+            // The EPT/VPID MSR exists only if EPT or VPID can be enabled.
+            ept_vpid: if proc2.may_be_one
+                & (Proc2Controls::ENABLE_EPT.bits() | Proc2Controls::ENABLE_VPID.bits())
+                != 0
+            {
+                get(msr::IA32_VMX_EPT_VPID_CAP)?
+            } else {
+                0
+            },
             cr0_fixed0: get(msr::IA32_VMX_CR0_FIXED0)?,
             cr0_fixed1: get(msr::IA32_VMX_CR0_FIXED1)?,
             cr4_fixed0: get(msr::IA32_VMX_CR4_FIXED0)?,

@@ -1,0 +1,78 @@
+//! The guest's hardware access: ports, CPUID, VMCALL, physical memory.
+//! Leaf module: the guest's `unsafe` is here.
+
+use core::arch::asm;
+
+fn outb(port: u16, v: u8) {
+    // SAFETY: port output has no memory effect; the guest owns its ports.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) }
+}
+
+fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) }
+    v
+}
+
+/// COM1, polled.
+pub struct Serial;
+
+impl core::fmt::Write for Serial {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for b in s.bytes() {
+            while inb(0x3FD) & 0x20 == 0 {}
+            outb(0x3F8, b);
+        }
+        Ok(())
+    }
+}
+
+/// Reports `status` through isa-debug-exit; stops in HLT if that returns.
+pub fn exit(status: u32) -> ! {
+    // SAFETY: port output has no memory effect.
+    unsafe { asm!("out dx, eax", in("dx") 0xF4u16, in("eax") status, options(nomem, nostack)) }
+    loop {
+        // SAFETY: HLT only stops the CPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
+/// CPUID leaf `leaf`, subleaf 0.
+pub fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// VMCALL with the number in RAX and one argument in RBX; returns RAX.
+pub fn vmcall(nr: u64, arg: u64) -> u64 {
+    let r: u64;
+    // SAFETY: VMCALL traps to the hypervisor; RBX is preserved by the
+    // asm block's own push/pop because LLVM reserves it.
+    unsafe {
+        asm!("xchg rbx, {a}", "vmcall", "xchg rbx, {a}", a = inout(reg) arg => _, inout("rax") nr => r,
+             options(nostack))
+    }
+    r
+}
+
+/// Copies physical memory (identity mapped by the boot page tables).
+pub fn read_phys(addr: u64, buf: &mut [u8]) -> bool {
+    let Some(end) = addr.checked_add(buf.len() as u64) else {
+        return false;
+    };
+    if addr == 0 || end > 1 << 32 {
+        return false;
+    }
+    // SAFETY: the first 4 GiB are identity mapped; the boot loader's
+    // structures are there and only read.
+    unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+    true
+}
+
+/// Writes a dword to a physical address.
+pub fn write_phys_u32(addr: u64, v: u32) {
+    // SAFETY: the address is in the identity-mapped first 4 GiB; the
+    // scenario that calls this expects the hypervisor to stop it.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+}

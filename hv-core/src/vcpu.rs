@@ -1,0 +1,157 @@
+//! The architecture-neutral side of a vCPU: what the vCPU hands up to its
+//! VM after handling the exits it owns, what the VM answers, and why a VM
+//! stops. The loop applies an [`ExitAction`] in one place.
+
+use crate::vmx::exit::Access;
+
+/// An exit the vCPU could not finish by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// Port I/O; for a write, `value` holds the data.
+    Io {
+        port: u16,
+        size: u8,
+        access: Access,
+        value: u32,
+    },
+    /// An access EPT did not map.
+    Mmio {
+        gpa: u64,
+        access: Access,
+        linear: Option<u64>,
+    },
+    /// VMCALL: number in RAX, arguments in RBX, RCX, RDX.
+    Hypercall { nr: u64, args: [u64; 3] },
+    /// HLT.
+    Halt { interrupts_enabled: bool },
+    /// Triple fault.
+    Shutdown,
+}
+
+/// What the vCPU loop does after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Skip the exiting instruction and enter again; for an I/O read or a
+    /// hypercall, `Some(value)` goes to RAX (low `size` bytes for I/O).
+    Advance(Option<u64>),
+    /// Enter again without moving RIP (an exception was injected, a timer
+    /// expired).
+    Retry,
+    /// Stop the VM.
+    Stop(StopReason),
+}
+
+/// Why a VM stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest asked to stop with this status (isa-debug-exit, hypercall).
+    Exited(u32),
+    /// HLT with interrupts disabled: the vCPU can never run again.
+    Halted,
+    /// Triple fault.
+    TripleFault,
+    /// An access to guest-physical memory mapped to nothing.
+    UnmappedAccess { gpa: u64, access: Access },
+    /// String or REP port I/O (not emulated).
+    UnsupportedIo { port: u16 },
+    /// An exit reason Tern does not handle.
+    UnhandledExit { reason: u16 },
+    /// VM entry failed (exit reason with bit 31 set).
+    EntryFailure { reason: u16, qualification: u64 },
+    /// A VMX instruction failed while running the VM.
+    VmxInstructionFailed,
+    /// EPT misconfiguration: a Tern bug, reported as such.
+    EptMisconfig { gpa: u64 },
+    /// The VM used up its time budget (preemption-timer slices).
+    TimeBudget,
+}
+
+impl StopReason {
+    /// The status this stop contributes to Tern's exit status: the guest's
+    /// own status (0..=119; larger ones become 119), 120 for any stop that
+    /// Tern imposed.
+    pub fn status(self) -> u8 {
+        match self {
+            Self::Exited(s) => s.min(119) as u8,
+            _ => 120,
+        }
+    }
+
+    /// Whether the guest chose to stop (as opposed to being stopped).
+    pub fn is_guest_exit(self) -> bool {
+        matches!(self, Self::Exited(_))
+    }
+}
+
+impl core::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Exited(s) => write!(f, "guest exited with status {s}"),
+            Self::Halted => write!(f, "guest halted with interrupts disabled"),
+            Self::TripleFault => write!(f, "guest triple fault"),
+            Self::UnmappedAccess { gpa, access } => {
+                write!(
+                    f,
+                    "guest {} at unmapped GPA {gpa:#x}",
+                    if *access == Access::Write {
+                        "write"
+                    } else {
+                        "read"
+                    }
+                )
+            }
+            Self::UnsupportedIo { port } => {
+                write!(f, "string/REP port I/O at port {port:#x} is not emulated")
+            }
+            Self::UnhandledExit { reason } => write!(f, "unhandled VM exit reason {reason}"),
+            Self::EntryFailure {
+                reason,
+                qualification,
+            } => {
+                write!(
+                    f,
+                    "VM entry failed: reason {reason}, qualification {qualification:#x}"
+                )
+            }
+            Self::VmxInstructionFailed => write!(f, "a VMX instruction failed"),
+            Self::EptMisconfig { gpa } => {
+                write!(f, "EPT misconfiguration at GPA {gpa:#x} (Tern bug)")
+            }
+            Self::TimeBudget => write!(f, "time budget used up"),
+        }
+    }
+}
+
+/// Hypercall numbers (VMCALL with the number in RAX). Results in RAX;
+/// unknown numbers return `u64::MAX`.
+pub mod hypercall {
+    /// Returns [`PING_REPLY`] in RAX.
+    pub const PING: u64 = 0;
+    /// Stops the VM with the status in RBX.
+    pub const EXIT: u64 = 1;
+    /// Prints the VM's memory map (`info mtree`) on Tern's console.
+    pub const DUMP_MEMORY_MAP: u64 = 2;
+    /// "TERN" in ASCII.
+    pub const PING_REPLY: u64 = 0x5445_524E;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_status_separates_guest_and_tern() {
+        assert_eq!(StopReason::Exited(0).status(), 0);
+        assert_eq!(StopReason::Exited(3).status(), 3);
+        assert_eq!(StopReason::Exited(4000).status(), 119);
+        assert_eq!(StopReason::TripleFault.status(), 120);
+        let s = format!(
+            "{}",
+            StopReason::UnmappedAccess {
+                gpa: 0xdead_0000,
+                access: Access::Write
+            }
+        );
+        assert!(s.contains("0xdead0000") && s.contains("write"), "{s}");
+    }
+}

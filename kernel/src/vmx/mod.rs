@@ -1,0 +1,81 @@
+//! VMX operation on this CPU: feature detection, VMXON, and the vCPU.
+
+pub mod instr;
+pub mod vcpu;
+
+use crate::cpu;
+use crate::mem::Frames;
+use hv_core::frames::FrameAllocator;
+use hv_core::vmx::caps::{msr, MissingFeature};
+use hv_core::vmx::VmxCaps;
+use instr::VmxFail;
+use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
+
+/// Why VMX could not be turned on.
+#[derive(Debug)]
+pub enum VmxError {
+    Missing(MissingFeature),
+    OutOfMemory,
+    Instruction(VmxFail),
+}
+
+impl core::fmt::Display for VmxError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Missing(m) => write!(f, "this CPU has no {m}"),
+            Self::OutOfMemory => write!(f, "no memory for the VMXON region"),
+            Self::Instruction(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// VMX root operation on this CPU, with what the CPU can do.
+#[derive(Debug)]
+pub struct Vmx {
+    pub caps: VmxCaps,
+}
+
+/// Reads an MSR only if CPUID and the VMX capability chain say it exists
+/// (callers follow the dependency order of SDM Appendix A).
+fn read_cap(m: u32) -> Option<u64> {
+    Some(cpu::rdmsr(m))
+}
+
+/// Detects VMX and its features, fixes CR0/CR4 and executes VMXON.
+pub fn enable() -> Result<Vmx, VmxError> {
+    if cpu::cpuid(1, 0)[2] & (1 << 5) == 0 {
+        return Err(VmxError::Missing(MissingFeature::Vmx));
+    }
+    // IA32_FEATURE_CONTROL: bit 0 lock, bit 2 VMX outside SMX.
+    let fc = cpu::rdmsr(msr::IA32_FEATURE_CONTROL);
+    if fc & 1 == 0 {
+        // SAFETY: unlocked feature control may be written once; enabling
+        // VMX outside SMX and locking is what firmware normally does.
+        unsafe { cpu::wrmsr(msr::IA32_FEATURE_CONTROL, fc | 1 | (1 << 2)) };
+    } else if fc & (1 << 2) == 0 {
+        return Err(VmxError::Missing(MissingFeature::DisabledByFirmware));
+    }
+    let caps = VmxCaps::read(read_cap).map_err(VmxError::Missing)?;
+    log::debug!("VMX caps: {caps:x?}");
+
+    // SAFETY: forcing CR0/CR4 into the VMX fixed bits (NE, and VMXE) keeps
+    // paging and protection as they are; the fixed-1 bits are architectural
+    // requirements for VMX operation.
+    unsafe {
+        let cr0 = caps.fix_cr0(Cr0::read_raw(), false);
+        Cr0::write_raw(cr0);
+        let cr4 = caps.fix_cr4(Cr4::read_raw() | Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits());
+        Cr4::write_raw(cr4);
+    }
+    debug_assert!(Cr0::read().contains(Cr0Flags::NUMERIC_ERROR));
+    let region = Frames.alloc_frame().ok_or(VmxError::OutOfMemory)?;
+    // SAFETY: a fresh zeroed frame owned by this module; the first dword is
+    // the revision identifier.
+    unsafe { crate::mem::phys_ptr::<u32>(region).write_volatile(caps.revision_id()) };
+    // SAFETY: CR0/CR4 satisfy the fixed bits, VMXE is set, and the region
+    // is ours, 4 KiB aligned, with the revision id.
+    unsafe { instr::vmxon(region.as_u64()) }.map_err(VmxError::Instruction)?;
+    // The VMXON region stays allocated while the CPU is in VMX operation,
+    // which is until Tern stops.
+    Ok(Vmx { caps })
+}

@@ -1,0 +1,728 @@
+//! One virtual CPU: its VMCS, the guest registers, the run loop and the
+//! exits the vCPU owns (CPUID, control registers, MSRs, XSETBV, the
+//! preemption timer, external interrupts). Everything else goes up to the
+//! VM as a [`VcpuExit`]; the VM answers with an [`ExitAction`] that the loop
+//! applies in one place.
+
+use super::instr::{self, EntryResult, GuestRegs, VmxFail};
+use super::Vmx;
+use crate::cpu;
+use crate::mem::Frames;
+use hv_core::addr::HostPhysAddr;
+use hv_core::frames::FrameAllocator;
+use hv_core::vcpu::{ExitAction, StopReason, VcpuExit};
+use hv_core::vmx::caps::{
+    ControlKind, EntryControls, ExitControls, PinControls, Proc2Controls, ProcControls,
+};
+use hv_core::vmx::exit::{Access, CrAccess, EptViolation, ExitReason, IoQualification, VmExitInfo};
+use hv_core::vmx::{ControlError, VmxCaps};
+use x86::vmx::vmcs::{control, guest, host, ro};
+
+/// Guest-physical state a vCPU starts in: 32-bit protected mode, paging off
+/// (the multiboot entry state).
+#[derive(Clone, Copy, Debug)]
+pub struct StartState {
+    pub rip: u64,
+    pub rax: u64,
+    pub rbx: u64,
+}
+
+/// Why a vCPU could not be created.
+#[derive(Debug)]
+pub enum VcpuError {
+    Control(ControlError),
+    Vmx(VmxFail),
+    OutOfMemory,
+}
+
+impl From<VmxFail> for VcpuError {
+    fn from(e: VmxFail) -> Self {
+        Self::Vmx(e)
+    }
+}
+
+impl core::fmt::Display for VcpuError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Control(e) => write!(f, "{e}"),
+            Self::Vmx(e) => write!(f, "{e}"),
+            Self::OutOfMemory => write!(f, "out of memory for VMCS or bitmaps"),
+        }
+    }
+}
+
+/// Counters of VM exits by basic reason.
+#[derive(Clone, Debug)]
+pub struct ExitCounters {
+    pub by_reason: [u64; 70],
+}
+
+impl Default for ExitCounters {
+    fn default() -> Self {
+        Self { by_reason: [0; 70] }
+    }
+}
+
+impl ExitCounters {
+    /// Total exits.
+    pub fn total(&self) -> u64 {
+        self.by_reason.iter().sum()
+    }
+}
+
+const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const CR4_VMXE: u64 = 1 << 13;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const MSR_EFER: u32 = 0xC000_0080;
+
+/// A virtual CPU and its VMCS.
+pub struct Vcpu {
+    vmcs: HostPhysAddr,
+    bitmaps: HostPhysAddr,
+    caps: VmxCaps,
+    launched: bool,
+    pub regs: GuestRegs,
+    pub exits: ExitCounters,
+    /// VMX-preemption timer slice, in timer ticks.
+    pub slice: u32,
+    /// Slices the VM may use before it is stopped (0: unlimited).
+    pub budget: u64,
+    slices_used: u64,
+    cr8: u64,
+    /// The last exit, for reports.
+    pub last_exit: VmExitInfo,
+}
+
+fn rw(field: u32, value: u64) -> Result<(), VmxFail> {
+    instr::vmwrite(field, value)
+}
+
+impl Vcpu {
+    /// Creates a vCPU: allocates and fills its VMCS with controls computed
+    /// from the capability MSRs, the host state of this CPU and the start
+    /// state.
+    pub fn new(vmx: &Vmx, vpid: u16, eptp: u64, start: StartState) -> Result<Self, VcpuError> {
+        let caps = vmx.caps;
+        let vmcs = Frames.alloc_frame().ok_or(VcpuError::OutOfMemory)?;
+        // Three bitmaps: I/O A (ports 0-0x7fff), I/O B, and MSRs: all ones,
+        // so every port and MSR access exits.
+        let bitmaps = Frames
+            .alloc_contiguous(3 * 4096, 4096)
+            .ok_or(VcpuError::OutOfMemory)?;
+        // SAFETY: fresh frames owned by this vCPU from now on; identity mapped.
+        unsafe {
+            crate::mem::phys_ptr::<u32>(vmcs).write_volatile(caps.revision_id());
+            core::ptr::write_bytes(crate::mem::phys_ptr::<u8>(bitmaps), 0xff, 3 * 4096);
+        }
+        let mut v = Self {
+            vmcs,
+            bitmaps,
+            caps,
+            launched: false,
+            regs: GuestRegs {
+                rax: start.rax,
+                rbx: start.rbx,
+                ..Default::default()
+            },
+            exits: ExitCounters::default(),
+            slice: 1_000_000,
+            budget: 0,
+            slices_used: 0,
+            cr8: 0,
+            last_exit: VmExitInfo::default(),
+        };
+        // SAFETY: the VMCS frame is ours and holds the revision id.
+        unsafe {
+            instr::vmclear(vmcs.as_u64())?;
+            instr::vmptrld(vmcs.as_u64())?;
+        }
+        v.setup_controls(vpid, eptp)?;
+        v.setup_host()?;
+        v.setup_guest(start)?;
+        Ok(v)
+    }
+
+    fn setup_controls(&mut self, vpid: u16, eptp: u64) -> Result<(), VcpuError> {
+        let c = &self.caps;
+        let ctl = |r: Result<u32, ControlError>| r.map_err(VcpuError::Control);
+        let pin = ctl(c.pin.adjust(
+            ControlKind::Pin,
+            (PinControls::EXTERNAL_INTERRUPT_EXITING
+                | PinControls::NMI_EXITING
+                | PinControls::PREEMPTION_TIMER)
+                .bits(),
+        ))?;
+        let proc = ctl(c.proc.adjust(
+            ControlKind::Proc,
+            (ProcControls::HLT_EXITING
+                | ProcControls::USE_IO_BITMAPS
+                | ProcControls::USE_MSR_BITMAPS
+                | ProcControls::SECONDARY_CONTROLS)
+                .bits(),
+        ))?;
+        let proc2 = ctl(c.proc2.adjust(
+            ControlKind::Proc2,
+            (Proc2Controls::ENABLE_EPT
+                | Proc2Controls::ENABLE_VPID
+                | Proc2Controls::UNRESTRICTED_GUEST)
+                .bits(),
+        ))?;
+        let exit = ctl(c.exit.adjust(
+            ControlKind::Exit,
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::SAVE_EFER
+                | ExitControls::LOAD_EFER
+                | ExitControls::SAVE_PAT
+                | ExitControls::LOAD_PAT)
+                .bits(),
+        ))?;
+        let entry = ctl(c.entry.adjust(
+            ControlKind::Entry,
+            (EntryControls::LOAD_EFER | EntryControls::LOAD_PAT).bits(),
+        ))?;
+        rw(control::PINBASED_EXEC_CONTROLS, pin.into())?;
+        rw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into())?;
+        rw(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into())?;
+        rw(control::VMEXIT_CONTROLS, exit.into())?;
+        rw(control::VMENTRY_CONTROLS, entry.into())?;
+        rw(control::EXCEPTION_BITMAP, 0)?;
+        rw(control::IO_BITMAP_A_ADDR_FULL, self.bitmaps.as_u64())?;
+        rw(control::IO_BITMAP_B_ADDR_FULL, self.bitmaps.as_u64() + 4096)?;
+        rw(control::MSR_BITMAPS_ADDR_FULL, self.bitmaps.as_u64() + 8192)?;
+        rw(control::VPID, vpid.into())?;
+        rw(control::EPTP_FULL, eptp)?;
+        rw(control::CR3_TARGET_COUNT, 0)?;
+        rw(control::VMEXIT_MSR_STORE_COUNT, 0)?;
+        rw(control::VMEXIT_MSR_LOAD_COUNT, 0)?;
+        rw(control::VMENTRY_MSR_LOAD_COUNT, 0)?;
+        // CR0.NE and CR4.VMXE are forced on by VMX: the guest sees its own
+        // values through the read shadows.
+        rw(control::CR0_GUEST_HOST_MASK, CR0_NE)?;
+        rw(control::CR4_GUEST_HOST_MASK, CR4_VMXE)?;
+        Ok(())
+    }
+
+    fn setup_host(&mut self) -> Result<(), VcpuError> {
+        use x86_64::instructions::tables::{sgdt, sidt};
+        use x86_64::registers::control::{Cr0, Cr3, Cr4};
+        let sel = cpu::selectors();
+        rw(host::CR0, Cr0::read_raw())?;
+        rw(host::CR3, Cr3::read_raw().0.start_address().as_u64())?;
+        rw(host::CR4, Cr4::read_raw())?;
+        rw(host::CS_SELECTOR, sel.code.0.into())?;
+        for f in [host::SS_SELECTOR, host::DS_SELECTOR, host::ES_SELECTOR] {
+            rw(f, sel.data.0.into())?;
+        }
+        rw(host::FS_SELECTOR, 0)?;
+        rw(host::GS_SELECTOR, 0)?;
+        rw(host::TR_SELECTOR, sel.tss.0.into())?;
+        rw(host::FS_BASE, 0)?;
+        rw(host::GS_BASE, 0)?;
+        rw(host::TR_BASE, cpu::tss_base())?;
+        rw(host::GDTR_BASE, sgdt().base.as_u64())?;
+        rw(host::IDTR_BASE, sidt().base.as_u64())?;
+        rw(host::IA32_SYSENTER_CS, 0)?;
+        rw(host::IA32_SYSENTER_ESP, 0)?;
+        rw(host::IA32_SYSENTER_EIP, 0)?;
+        rw(host::IA32_EFER_FULL, cpu::rdmsr(MSR_EFER))?;
+        rw(host::IA32_PAT_FULL, cpu::rdmsr(0x277))?;
+        Ok(())
+    }
+
+    fn setup_guest(&mut self, start: StartState) -> Result<(), VcpuError> {
+        // Flat 32-bit code and data segments (access rights: SDM 25.4.1).
+        let segs = [
+            (
+                guest::CS_SELECTOR,
+                guest::CS_BASE,
+                guest::CS_LIMIT,
+                guest::CS_ACCESS_RIGHTS,
+                0x08,
+                0xC09B,
+            ),
+            (
+                guest::DS_SELECTOR,
+                guest::DS_BASE,
+                guest::DS_LIMIT,
+                guest::DS_ACCESS_RIGHTS,
+                0x10,
+                0xC093,
+            ),
+            (
+                guest::ES_SELECTOR,
+                guest::ES_BASE,
+                guest::ES_LIMIT,
+                guest::ES_ACCESS_RIGHTS,
+                0x10,
+                0xC093,
+            ),
+            (
+                guest::FS_SELECTOR,
+                guest::FS_BASE,
+                guest::FS_LIMIT,
+                guest::FS_ACCESS_RIGHTS,
+                0x10,
+                0xC093,
+            ),
+            (
+                guest::GS_SELECTOR,
+                guest::GS_BASE,
+                guest::GS_LIMIT,
+                guest::GS_ACCESS_RIGHTS,
+                0x10,
+                0xC093,
+            ),
+            (
+                guest::SS_SELECTOR,
+                guest::SS_BASE,
+                guest::SS_LIMIT,
+                guest::SS_ACCESS_RIGHTS,
+                0x10,
+                0xC093,
+            ),
+        ];
+        for (sel, base, limit, ar, s, a) in segs {
+            rw(sel, s)?;
+            rw(base, 0)?;
+            rw(limit, 0xFFFF_FFFF)?;
+            rw(ar, a)?;
+        }
+        rw(guest::TR_SELECTOR, 0)?;
+        rw(guest::TR_BASE, 0)?;
+        rw(guest::TR_LIMIT, 0xFF)?;
+        rw(guest::TR_ACCESS_RIGHTS, 0x8B)?;
+        rw(guest::LDTR_SELECTOR, 0)?;
+        rw(guest::LDTR_BASE, 0)?;
+        rw(guest::LDTR_LIMIT, 0)?;
+        rw(guest::LDTR_ACCESS_RIGHTS, 0x1_0000)?;
+        rw(guest::GDTR_BASE, 0)?;
+        rw(guest::GDTR_LIMIT, 0)?;
+        rw(guest::IDTR_BASE, 0)?;
+        rw(guest::IDTR_LIMIT, 0)?;
+        let cr0 = 0x11; // PE | ET
+        rw(guest::CR0, self.caps.fix_cr0(cr0, true))?;
+        rw(control::CR0_READ_SHADOW, cr0)?;
+        rw(guest::CR3, 0)?;
+        rw(guest::CR4, self.caps.fix_cr4(0))?;
+        rw(control::CR4_READ_SHADOW, 0)?;
+        rw(guest::DR7, 0x400)?;
+        rw(guest::RSP, 0)?;
+        rw(guest::RIP, start.rip)?;
+        rw(guest::RFLAGS, 0x2)?;
+        rw(guest::IA32_EFER_FULL, 0)?;
+        rw(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406)?;
+        rw(guest::IA32_DEBUGCTL_FULL, 0)?;
+        rw(guest::IA32_SYSENTER_CS, 0)?;
+        rw(guest::IA32_SYSENTER_ESP, 0)?;
+        rw(guest::IA32_SYSENTER_EIP, 0)?;
+        rw(guest::LINK_PTR_FULL, u64::MAX)?;
+        rw(guest::INTERRUPTIBILITY_STATE, 0)?;
+        rw(guest::ACTIVITY_STATE, 0)?;
+        rw(guest::PENDING_DBG_EXCEPTIONS, 0)?;
+        rw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0)?;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the VM stops. `handle` is the VM's half of the
+    /// exit dispatch.
+    pub fn run(&mut self, mut handle: impl FnMut(VcpuExit, &mut Self) -> ExitAction) -> StopReason {
+        // SAFETY: the VMCS is this vCPU's own, cleared at creation.
+        if unsafe { instr::vmptrld(self.vmcs.as_u64()) }.is_err() {
+            return StopReason::VmxInstructionFailed;
+        }
+        loop {
+            if rw(guest::VMX_PREEMPTION_TIMER_VALUE, self.slice.into()).is_err() {
+                return StopReason::VmxInstructionFailed;
+            }
+            // SAFETY: the VMCS holds this CPU's host state and a guest whose
+            // memory is confined by EPT.
+            match unsafe { instr::enter(&mut self.regs, self.launched) } {
+                EntryResult::Exited => self.launched = true,
+                EntryResult::Failed(e) => {
+                    log::error!("VM entry failed: {e}");
+                    return StopReason::VmxInstructionFailed;
+                }
+            }
+            let info = match self.read_exit() {
+                Ok(i) => i,
+                Err(_) => return StopReason::VmxInstructionFailed,
+            };
+            self.last_exit = info;
+            let reason = info.basic();
+            if let Some(c) = self.exits.by_reason.get_mut(usize::from(reason.number())) {
+                *c += 1;
+            }
+            let action = if info.entry_failed() {
+                ExitAction::Stop(StopReason::EntryFailure {
+                    reason: reason.number(),
+                    qualification: info.qualification,
+                })
+            } else {
+                match self.handle_own(&info) {
+                    Ok(Own::Done(a)) => a,
+                    Ok(Own::Up(exit)) => handle(exit, self),
+                    Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+                }
+            };
+            match self.apply(action, &info) {
+                Ok(None) => {}
+                Ok(Some(stop)) => return stop,
+                Err(_) => return StopReason::VmxInstructionFailed,
+            }
+        }
+    }
+
+    fn read_exit(&self) -> Result<VmExitInfo, VmxFail> {
+        Ok(VmExitInfo {
+            reason: instr::vmread(ro::EXIT_REASON)? as u32,
+            qualification: instr::vmread(ro::EXIT_QUALIFICATION)?,
+            instruction_len: instr::vmread(ro::VMEXIT_INSTRUCTION_LEN)? as u32,
+            guest_rip: instr::vmread(guest::RIP)?,
+            guest_phys: instr::vmread(ro::GUEST_PHYSICAL_ADDR_FULL)?,
+            guest_linear: instr::vmread(ro::GUEST_LINEAR_ADDR)?,
+        })
+    }
+
+    fn apply(
+        &mut self,
+        action: ExitAction,
+        info: &VmExitInfo,
+    ) -> Result<Option<StopReason>, VmxFail> {
+        match action {
+            ExitAction::Advance(value) => {
+                if let Some(v) = value {
+                    self.regs.rax = v;
+                }
+                rw(
+                    guest::RIP,
+                    info.guest_rip.wrapping_add(info.instruction_len.into()),
+                )?;
+                // Skipping an instruction ends STI/MOV-SS blocking.
+                let intr = instr::vmread(guest::INTERRUPTIBILITY_STATE)?;
+                if intr & 3 != 0 {
+                    rw(guest::INTERRUPTIBILITY_STATE, intr & !3)?;
+                }
+                Ok(None)
+            }
+            ExitAction::Retry => Ok(None),
+            ExitAction::Stop(s) => Ok(Some(s)),
+        }
+    }
+
+    /// Injects #GP(0) at the next entry.
+    fn inject_gp(&mut self) -> Result<Own, VmxFail> {
+        rw(
+            control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            13 | (3 << 8) | (1 << 11) | (1 << 31),
+        )?;
+        rw(control::VMENTRY_EXCEPTION_ERR_CODE, 0)?;
+        Ok(Own::Done(ExitAction::Retry))
+    }
+
+    fn gpr(&self, n: u8) -> Result<u64, VmxFail> {
+        let r = &self.regs;
+        Ok(match n {
+            0 => r.rax,
+            1 => r.rcx,
+            2 => r.rdx,
+            3 => r.rbx,
+            4 => instr::vmread(guest::RSP)?,
+            5 => r.rbp,
+            6 => r.rsi,
+            7 => r.rdi,
+            8 => r.r8,
+            9 => r.r9,
+            10 => r.r10,
+            11 => r.r11,
+            12 => r.r12,
+            13 => r.r13,
+            14 => r.r14,
+            _ => r.r15,
+        })
+    }
+
+    fn set_gpr(&mut self, n: u8, v: u64) -> Result<(), VmxFail> {
+        let r = &mut self.regs;
+        match n {
+            0 => r.rax = v,
+            1 => r.rcx = v,
+            2 => r.rdx = v,
+            3 => r.rbx = v,
+            4 => rw(guest::RSP, v)?,
+            5 => r.rbp = v,
+            6 => r.rsi = v,
+            7 => r.rdi = v,
+            8 => r.r8 = v,
+            9 => r.r9 = v,
+            10 => r.r10 = v,
+            11 => r.r11 = v,
+            12 => r.r12 = v,
+            13 => r.r13 = v,
+            14 => r.r14 = v,
+            _ => r.r15 = v,
+        }
+        Ok(())
+    }
+
+    /// Level one of the exit dispatch: the exits the vCPU owns.
+    fn handle_own(&mut self, info: &VmExitInfo) -> Result<Own, VmxFail> {
+        let advance = Ok(Own::Done(ExitAction::Advance(None)));
+        match info.basic() {
+            ExitReason::Cpuid => {
+                self.cpuid();
+                advance
+            }
+            ExitReason::CrAccess => self.cr_access(CrAccess::decode(info.qualification)),
+            ExitReason::Rdmsr => self.rdmsr(),
+            ExitReason::Wrmsr => self.wrmsr(),
+            ExitReason::Xsetbv => self.inject_gp(),
+            ExitReason::PreemptionTimer => {
+                self.slices_used += 1;
+                if self.budget != 0 && self.slices_used >= self.budget {
+                    return Ok(Own::Done(ExitAction::Stop(StopReason::TimeBudget)));
+                }
+                Ok(Own::Done(ExitAction::Retry))
+            }
+            // The PIC is masked and the host never enables interrupts; an
+            // external interrupt (or NMI) is counted and the guest resumes.
+            ExitReason::ExternalInterrupt | ExitReason::ExceptionOrNmi => {
+                Ok(Own::Done(ExitAction::Retry))
+            }
+            ExitReason::IoInstruction => {
+                let Some(q) = IoQualification::decode(info.qualification) else {
+                    return Ok(Own::Done(ExitAction::Stop(StopReason::UnhandledExit {
+                        reason: 30,
+                    })));
+                };
+                if q.string || q.rep {
+                    return Ok(Own::Done(ExitAction::Stop(StopReason::UnsupportedIo {
+                        port: q.port,
+                    })));
+                }
+                let value = (self.regs.rax & (u64::MAX >> (64 - 8 * u32::from(q.size)))) as u32;
+                Ok(Own::Up(VcpuExit::Io {
+                    port: q.port,
+                    size: q.size,
+                    access: q.access,
+                    value,
+                }))
+            }
+            ExitReason::EptViolation => {
+                let v = EptViolation::decode(info.qualification);
+                let access = if v.write { Access::Write } else { Access::Read };
+                let linear = v.linear_valid.then_some(info.guest_linear);
+                Ok(Own::Up(VcpuExit::Mmio {
+                    gpa: info.guest_phys,
+                    access,
+                    linear,
+                }))
+            }
+            ExitReason::EptMisconfig => Ok(Own::Done(ExitAction::Stop(StopReason::EptMisconfig {
+                gpa: info.guest_phys,
+            }))),
+            ExitReason::Vmcall => {
+                let r = &self.regs;
+                Ok(Own::Up(VcpuExit::Hypercall {
+                    nr: r.rax,
+                    args: [r.rbx, r.rcx, r.rdx],
+                }))
+            }
+            ExitReason::Hlt => {
+                let rflags = instr::vmread(guest::RFLAGS)?;
+                Ok(Own::Up(VcpuExit::Halt {
+                    interrupts_enabled: rflags & (1 << 9) != 0,
+                }))
+            }
+            ExitReason::TripleFault => Ok(Own::Up(VcpuExit::Shutdown)),
+            other => Ok(Own::Done(ExitAction::Stop(StopReason::UnhandledExit {
+                reason: other.number(),
+            }))),
+        }
+    }
+
+    fn cpuid(&mut self) {
+        let (leaf, sub) = (self.regs.rax as u32, self.regs.rcx as u32);
+        let mut r = match leaf {
+            0x4000_0000 => {
+                // Hypervisor leaf: max leaf and "TernTernTern".
+                let sig = u32::from_le_bytes(*b"Tern");
+                [0x4000_0001, sig, sig, sig]
+            }
+            0x4000_0001 => [0; 4],
+            _ => cpu::cpuid(leaf, sub),
+        };
+        if leaf == 1 {
+            r[2] &= !(1 << 5); // VMX hidden
+            r[2] |= 1 << 31; // hypervisor present
+        }
+        self.regs.rax = r[0].into();
+        self.regs.rbx = r[1].into();
+        self.regs.rcx = r[2].into();
+        self.regs.rdx = r[3].into();
+    }
+
+    fn write_cr0(&mut self, value: u64) -> Result<Own, VmxFail> {
+        // Only NE is shadowed; PG and the rest are the guest's real bits.
+        let old = instr::vmread(guest::CR0)?;
+        let mut efer = instr::vmread(guest::IA32_EFER_FULL)?;
+        let mut entry = instr::vmread(control::VMENTRY_CONTROLS)?;
+        if value & CR0_PG != 0 && old & CR0_PG == 0 && efer & EFER_LME != 0 {
+            efer |= EFER_LMA;
+            entry |= u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+        } else if value & CR0_PG == 0 && old & CR0_PG != 0 {
+            efer &= !EFER_LMA;
+            entry &= !u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+        }
+        rw(guest::IA32_EFER_FULL, efer)?;
+        rw(control::VMENTRY_CONTROLS, entry)?;
+        rw(control::CR0_READ_SHADOW, value)?;
+        rw(guest::CR0, self.caps.fix_cr0(value, true))?;
+        Ok(Own::Done(ExitAction::Advance(None)))
+    }
+
+    fn cr_access(&mut self, a: CrAccess) -> Result<Own, VmxFail> {
+        match a {
+            CrAccess::MovTo { cr: 0, gpr } => {
+                let v = self.gpr(gpr)?;
+                self.write_cr0(v)
+            }
+            // The only CR4 bit that exits is VMXE, which CPUID hides.
+            CrAccess::MovTo { cr: 4, .. } => self.inject_gp(),
+            CrAccess::MovTo { cr: 3, gpr } => {
+                rw(guest::CR3, self.gpr(gpr)?)?;
+                Ok(Own::Done(ExitAction::Advance(None)))
+            }
+            CrAccess::MovFrom { cr: 3, gpr } => {
+                let v = instr::vmread(guest::CR3)?;
+                self.set_gpr(gpr, v)?;
+                Ok(Own::Done(ExitAction::Advance(None)))
+            }
+            CrAccess::MovTo { cr: 8, gpr } => {
+                self.cr8 = self.gpr(gpr)? & 0xf;
+                Ok(Own::Done(ExitAction::Advance(None)))
+            }
+            CrAccess::MovFrom { cr: 8, gpr } => {
+                self.set_gpr(gpr, self.cr8)?;
+                Ok(Own::Done(ExitAction::Advance(None)))
+            }
+            CrAccess::Clts => {
+                let v = instr::vmread(control::CR0_READ_SHADOW)? & !(1 << 3);
+                self.write_cr0(v)
+            }
+            CrAccess::Lmsw { value } => {
+                let old = instr::vmread(control::CR0_READ_SHADOW)?;
+                // LMSW sets PE but never clears it; it touches bits 3:0.
+                let v = (old & !0xe) | (u64::from(value) & 0xf) | (old & 1);
+                self.write_cr0(v)
+            }
+            _ => Ok(Own::Done(ExitAction::Stop(StopReason::UnhandledExit {
+                reason: 28,
+            }))),
+        }
+    }
+
+    /// The MSRs a guest may read; anything else gets #GP.
+    fn rdmsr(&mut self) -> Result<Own, VmxFail> {
+        let v = match self.regs.rcx as u32 {
+            0x10 => cpu::rdtsc(),
+            0x1B => 0xFEE0_0900, // APIC base: enabled, BSP
+            0x1A0 => 1,          // IA32_MISC_ENABLE: fast strings
+            0xFE => 0,           // MTRR capabilities: none
+            0x174 => instr::vmread(guest::IA32_SYSENTER_CS)?,
+            0x175 => instr::vmread(guest::IA32_SYSENTER_ESP)?,
+            0x176 => instr::vmread(guest::IA32_SYSENTER_EIP)?,
+            0x277 => instr::vmread(guest::IA32_PAT_FULL)?,
+            MSR_EFER => instr::vmread(guest::IA32_EFER_FULL)?,
+            0xC000_0100 => instr::vmread(guest::FS_BASE)?,
+            0xC000_0101 => instr::vmread(guest::GS_BASE)?,
+            _ => return self.inject_gp(),
+        };
+        self.regs.rax = v & 0xffff_ffff;
+        self.regs.rdx = v >> 32;
+        Ok(Own::Done(ExitAction::Advance(None)))
+    }
+
+    fn wrmsr(&mut self) -> Result<Own, VmxFail> {
+        let v = (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff);
+        let field = match self.regs.rcx as u32 {
+            0x174 => guest::IA32_SYSENTER_CS,
+            0x175 => guest::IA32_SYSENTER_ESP,
+            0x176 => guest::IA32_SYSENTER_EIP,
+            0x277 => guest::IA32_PAT_FULL,
+            0xC000_0100 => guest::FS_BASE,
+            0xC000_0101 => guest::GS_BASE,
+            MSR_EFER => {
+                // SCE, LME, NXE may change; LMA follows CR0.PG, not WRMSR.
+                const WRITABLE: u64 = 1 | EFER_LME | (1 << 11);
+                if v & !(WRITABLE | EFER_LMA) != 0 {
+                    return self.inject_gp();
+                }
+                let cur = instr::vmread(guest::IA32_EFER_FULL)?;
+                rw(guest::IA32_EFER_FULL, (v & WRITABLE) | (cur & EFER_LMA))?;
+                return Ok(Own::Done(ExitAction::Advance(None)));
+            }
+            _ => return self.inject_gp(),
+        };
+        rw(field, v)?;
+        Ok(Own::Done(ExitAction::Advance(None)))
+    }
+
+    /// Prints the guest state for a stop report.
+    pub fn dump(&self, name: &str) {
+        let rd = |f| instr::vmread(f).unwrap_or(u64::MAX);
+        let r = &self.regs;
+        let e = &self.last_exit;
+        crate::println!(
+            "[{name}] last exit: reason {} ({}) qualification {:#x} rip {:#x} gpa {:#x} gla {:#x}",
+            e.reason & 0xffff,
+            e.basic().name(),
+            e.qualification,
+            e.guest_rip,
+            e.guest_phys,
+            e.guest_linear
+        );
+        crate::println!(
+            "[{name}] rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} (shadow {:#x}) cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
+            rd(guest::RIP),
+            rd(guest::RSP),
+            rd(guest::RFLAGS),
+            rd(guest::CR0),
+            rd(control::CR0_READ_SHADOW),
+            rd(guest::CR3),
+            rd(guest::CR4),
+            rd(guest::IA32_EFER_FULL),
+            rd(guest::CS_SELECTOR)
+        );
+        crate::println!(
+            "[{name}] rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp
+        );
+        crate::println!(
+            "[{name}] r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}",
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+        );
+    }
+
+    /// Gives the VMCS and bitmaps back.
+    pub fn destroy(self) {
+        // SAFETY: the VMCS is ours; clearing it before freeing the frame is
+        // what the SDM requires.
+        let _ = unsafe { instr::vmclear(self.vmcs.as_u64()) };
+        Frames.free_frame(self.vmcs);
+        Frames.free_contiguous(self.bitmaps, 3 * 4096);
+    }
+}
+
+/// The outcome of level one: finished here, or handed up to the VM.
+enum Own {
+    Done(ExitAction),
+    Up(VcpuExit),
+}

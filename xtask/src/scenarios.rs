@@ -1,0 +1,313 @@
+//! `cargo xtask test`: the host unit tests, then every bare-metal scenario,
+//! each in a real emulator with a hard timeout. A scenario passes only if
+//! Tern's exit status and console say what the scenario expects; on failure
+//! the console is printed. Bochs (VMX) or QEMU missing is a failure, never a
+//! skip.
+
+use crate::build::{build_all, Images};
+use crate::emu::{run_bochs, run_qemu, GuestSpec, RunOutput};
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Machine {
+    Bochs,
+    QemuTcg,
+}
+
+/// An extra check on a console log.
+type Check = fn(&str) -> Result<(), String>;
+
+struct Case {
+    name: &'static str,
+    machine: Machine,
+    kernel_args: &'static str,
+    guests: &'static [&'static str],
+    status: u8,
+    /// Lines (or parts of lines) the console must contain.
+    expect: &'static [&'static str],
+    /// Text the console must not contain.
+    forbid: &'static [&'static str],
+    /// An extra check on the console.
+    check: Option<Check>,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "qemu-tcg-boot-no-vmx",
+            machine: Machine::QemuTcg,
+            kernel_args: "",
+            guests: &["name=g scenario=hello"],
+            status: 121,
+            expect: &[
+                "tern: booted via Pvh",
+                "tern: cannot run VMs: this CPU has no VMX",
+            ],
+            forbid: &["[g] starting"],
+            check: Some(one_line_no_vmx),
+        },
+        Case {
+            name: "bochs-hello",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=hello scenario=hello expect_ram_kib=32768"],
+            status: 0,
+            expect: &[
+                "tern: booted via Multiboot2",
+                "[hello] guest: PASS hello",
+                "host memory not returned: 0 bytes",
+            ],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-ram-size",
+            machine: Machine::Bochs,
+            kernel_args: "ram=64",
+            guests: &["name=big scenario=hello expect_ram_kib=65536"],
+            status: 0,
+            expect: &["[big] guest: PASS hello", "64 MiB RAM"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-cpuid",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=cpuid scenario=cpuid"],
+            status: 0,
+            expect: &["[cpuid] guest: PASS cpuid", "signature \"TernTernTern\""],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-hypercall",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=hc scenario=hypercall"],
+            status: 0,
+            expect: &[
+                "[hc] guest: ping -> 0x5445524e",
+                "[hc] guest: PASS hypercall",
+                "VMCALL 2",
+            ],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-unmapped-write",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=wild scenario=unmapped"],
+            status: 120,
+            expect: &[
+                "[wild] VM stopped: guest write at unmapped GPA 0xc0000000",
+                "[wild] last exit: reason 48 (EPT violation)",
+                "[wild] stopped: guest write at unmapped GPA 0xc0000000 (status 120)",
+                "host memory not returned: 0 bytes",
+            ],
+            forbid: &["write to unmapped memory returned", "PASS", "hypervisor"],
+            check: None,
+        },
+        Case {
+            name: "bochs-compute-preemption",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=calc scenario=compute n=3000000"],
+            status: 0,
+            expect: &[
+                "[calc] guest: sum of squares below 3000000 = ",
+                "[calc] guest: PASS compute",
+            ],
+            forbid: &["FAIL"],
+            check: Some(preempted_several_times),
+        },
+        Case {
+            name: "bochs-time-budget",
+            machine: Machine::Bochs,
+            kernel_args: "budget=3",
+            guests: &["name=slow scenario=compute n=100000000"],
+            status: 120,
+            expect: &[
+                "[slow] VM stopped: time budget used up",
+                "preemption timer 3",
+            ],
+            forbid: &["PASS"],
+            check: None,
+        },
+        Case {
+            name: "bochs-guest-failure",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=bad scenario=fail"],
+            status: 1,
+            expect: &[
+                "[bad] guest: FAIL fail: asked to fail",
+                "[bad] stopped: guest exited with status 1 (status 1)",
+            ],
+            forbid: &["PASS"],
+            check: None,
+        },
+        Case {
+            name: "bochs-two-vms",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &[
+                "name=first scenario=cpuid",
+                "name=second scenario=hello expect_ram_kib=32768",
+            ],
+            status: 0,
+            expect: &["[first] guest: PASS cpuid", "[second] guest: PASS hello"],
+            forbid: &["FAIL"],
+            check: Some(both_returned_memory),
+        },
+    ]
+}
+
+fn one_line_no_vmx(serial: &str) -> Result<(), String> {
+    let n = serial.lines().filter(|l| l.contains("VMX")).count();
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(format!(
+            "the missing VMX should be reported in one line, found {n} lines naming VMX"
+        ))
+    }
+}
+
+fn preempted_several_times(serial: &str) -> Result<(), String> {
+    let line = serial
+        .lines()
+        .find(|l| l.starts_with("[calc] exits:"))
+        .ok_or("no exit counters for calc")?;
+    let n: u64 = line
+        .split(", ")
+        .find_map(|p| p.strip_prefix("preemption timer "))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or("no preemption-timer exits counted")?;
+    if n >= 2 {
+        Ok(())
+    } else {
+        Err(format!("expected several preemption-timer exits, got {n}"))
+    }
+}
+
+fn both_returned_memory(serial: &str) -> Result<(), String> {
+    let n = serial
+        .lines()
+        .filter(|l| l.ends_with("host memory not returned: 0 bytes"))
+        .count();
+    if n == 2 {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected both VMs to give back all host memory, {n} did"
+        ))
+    }
+}
+
+fn judge(case: &Case, out: &RunOutput) -> Result<(), String> {
+    if out.timed_out {
+        return Err("hard timeout".into());
+    }
+    match out.tern_status {
+        Some(s) if s == case.status => {}
+        Some(s) => return Err(format!("Tern exit status {s}, expected {}", case.status)),
+        None => return Err("Tern never printed its exit status".into()),
+    }
+    for e in case.expect {
+        if !out.serial.contains(e) {
+            return Err(format!("console lacks {e:?}"));
+        }
+    }
+    for f in case.forbid {
+        if out.serial.contains(f) {
+            return Err(format!("console contains {f:?}"));
+        }
+    }
+    if let Some(check) = case.check {
+        check(&out.serial)?;
+    }
+    Ok(())
+}
+
+fn run_case(case: &Case, images: &Images) -> Result<RunOutput, String> {
+    let guests: Vec<GuestSpec> = case
+        .guests
+        .iter()
+        .map(|c| GuestSpec {
+            image: images.guest.clone(),
+            cmdline: (*c).to_string(),
+        })
+        .collect();
+    let timeout = Duration::from_secs(180);
+    match case.machine {
+        Machine::Bochs => run_bochs(case.name, images, case.kernel_args, &guests, timeout, false),
+        Machine::QemuTcg => run_qemu(
+            case.name,
+            images,
+            case.kernel_args,
+            &guests,
+            false,
+            timeout,
+            false,
+        ),
+    }
+}
+
+/// `cargo xtask test [--bare-metal-only] [FILTER]`.
+pub fn test_cmd(args: &[String]) -> Result<(), String> {
+    let bare_only = args.iter().any(|a| a == "--bare-metal-only");
+    let filter = args.iter().find(|a| !a.starts_with("--"));
+    if !bare_only {
+        println!("xtask: host unit tests");
+        let ok = Command::new(env!("CARGO"))
+            .current_dir(crate::root())
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "tern-kernel",
+                "--exclude",
+                "tern-guest",
+            ])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return Err("host unit tests failed".into());
+        }
+    }
+    let images = build_all()?;
+    let (mut passed, mut failed) = (0, 0);
+    for case in cases()
+        .iter()
+        .filter(|c| filter.is_none_or(|f| c.name.contains(f.as_str())))
+    {
+        let result = run_case(case, &images);
+        match result.and_then(|out| {
+            judge(case, &out)
+                .map(|()| out.wall)
+                .map_err(|e| format!("{e}\n--- console ---\n{}", out.serial))
+        }) {
+            Ok(wall) => {
+                passed += 1;
+                println!(
+                    "scenario {} ... ok ({:.1} s)",
+                    case.name,
+                    wall.as_secs_f64()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("scenario {} ... FAILED: {e}", case.name);
+            }
+        }
+    }
+    println!("bare-metal: {passed} passed, {failed} failed");
+    if failed > 0 {
+        return Err(format!("{failed} bare-metal scenario(s) failed"));
+    }
+    Ok(())
+}
