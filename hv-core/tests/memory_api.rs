@@ -116,7 +116,7 @@ fn priorities_and_equal_priority_last_added_wins() {
         ]
     );
     // Moving `a` re-adds it: now it is the last added and covers b.
-    m.set_address(a, 0x1000 + 0).unwrap();
+    m.set_address(a, 0x1000).unwrap(); // unchanged: no-op
     m.set_address(a, 0x1800).unwrap();
     assert_eq!(
         view(&mut m, sp),
