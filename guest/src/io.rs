@@ -47,8 +47,8 @@ pub fn cpuid(leaf: u32) -> [u32; 4] {
 /// VMCALL with the number in RAX and one argument in RBX; returns RAX.
 pub fn vmcall(nr: u64, arg: u64) -> u64 {
     let r: u64;
-    // SAFETY: VMCALL traps to the hypervisor; RBX is preserved by the
-    // asm block's own push/pop because LLVM reserves it.
+    // SAFETY: VMCALL traps to the hypervisor. RBX cannot be an asm operand
+    // (LLVM reserves it), so the argument is swapped in and out around it.
     unsafe {
         asm!("xchg rbx, {a}", "vmcall", "xchg rbx, {a}", a = inout(reg) arg => _, inout("rax") nr => r,
              options(nostack))
@@ -75,4 +75,20 @@ pub fn write_phys_u32(addr: u64, v: u32) {
     // SAFETY: the address is in the identity-mapped first 4 GiB; the
     // scenario that calls this expects the hypervisor to stop it.
     unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+}
+
+/// HLT with interrupts disabled.
+pub fn halt() {
+    // SAFETY: stops the CPU until an interrupt that cannot come; the
+    // scenario expects the hypervisor to end the VM here.
+    unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+}
+
+/// RDMSR.
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads an MSR; a refused one raises #GP, which the scenario
+    // expects to end the VM.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) }
+    (u64::from(hi) << 32) | u64::from(lo)
 }

@@ -11,6 +11,10 @@
 //!   must stop the VM, so getting past the write is a failure.
 //! - `compute`: a long loop whose result is checked against a closed form;
 //!   long enough for several preemption-timer slices.
+//! - `halt`: HLT with interrupts off; Tern must stop the VM.
+//! - `badmsr`: reads EFER (must show long mode active), then an MSR Tern
+//!   refuses: the injected #GP finds no IDT and the guest triple-faults,
+//!   which Tern must report.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
 #![no_std]
 #![no_main]
@@ -60,6 +64,12 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "unmapped" => unmapped(),
         "compute" => compute(&info),
         "fail" => Err("asked to fail"),
+        "halt" => {
+            say!("guest: halting with interrupts disabled");
+            io::halt();
+            Err("HLT returned")
+        }
+        "badmsr" => badmsr(),
         other => {
             say!("guest: unknown scenario {other}");
             Err("unknown scenario")
@@ -142,6 +152,18 @@ fn unmapped() -> Result<(), &'static str> {
     say!("guest: writing to unmapped GPA {gpa:#x}");
     io::write_phys_u32(gpa, 0x1234_5678);
     Err("the write to unmapped memory returned")
+}
+
+fn badmsr() -> Result<(), &'static str> {
+    let efer = io::rdmsr(0xC000_0080);
+    say!("guest: EFER = {efer:#x}");
+    if efer & 0x500 != 0x500 {
+        return Err("EFER does not show LME and LMA");
+    }
+    say!("guest: reading MSR 0xc0de");
+    let v = io::rdmsr(0xC0DE);
+    say!("guest: MSR 0xc0de = {v:#x}");
+    Err("reading a refused MSR returned")
 }
 
 fn compute(info: &BootInfo) -> Result<(), &'static str> {

@@ -71,6 +71,12 @@ pub fn mask_legacy_pic() {
     outb(0xA1, 0xff);
 }
 
+/// Executes UD2 (the `selftest=ud2` check of the exception path).
+pub fn undefined_instruction() {
+    // SAFETY: raises #UD, which the IDT reports before stopping Tern.
+    unsafe { asm!("ud2", options(nomem, nostack)) }
+}
+
 /// Halts forever with interrupts off.
 pub fn halt_forever() -> ! {
     loop {

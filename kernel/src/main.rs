@@ -74,6 +74,10 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
     };
     serial::init(level, info.option("e9").is_some());
     cpu::init_tables();
+    if info.option("selftest") == Some("ud2") {
+        // Proves the exception path: the report and status 123.
+        cpu::undefined_instruction();
+    }
     if let Err(e) = mem::init(&info) {
         println!("tern: cannot set up memory: {e}");
         exit::exit(Status::BOOT_ERROR)

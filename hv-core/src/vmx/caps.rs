@@ -330,26 +330,68 @@ impl VmxCaps {
     }
 }
 
+/// The five control words of a Tern VMCS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Controls {
+    pub pin: u32,
+    pub proc: u32,
+    pub proc2: u32,
+    pub exit: u32,
+    pub entry: u32,
+}
+
+impl Controls {
+    /// What Tern asks of every vCPU, adjusted to what `caps` allows: exits on
+    /// external interrupts, NMIs, the preemption timer, HLT, every port and
+    /// MSR (through the bitmaps); EPT, VPID and unrestricted guest; EFER and
+    /// PAT switched on entry and exit; a 64-bit host.
+    pub fn for_tern(caps: &VmxCaps) -> Result<Self, ControlError> {
+        let pin = PinControls::EXTERNAL_INTERRUPT_EXITING
+            | PinControls::NMI_EXITING
+            | PinControls::PREEMPTION_TIMER;
+        let proc = ProcControls::HLT_EXITING
+            | ProcControls::USE_IO_BITMAPS
+            | ProcControls::USE_MSR_BITMAPS
+            | ProcControls::SECONDARY_CONTROLS;
+        let proc2 = Proc2Controls::ENABLE_EPT
+            | Proc2Controls::ENABLE_VPID
+            | Proc2Controls::UNRESTRICTED_GUEST;
+        let exit = ExitControls::HOST_ADDRESS_SPACE_SIZE
+            | ExitControls::SAVE_EFER
+            | ExitControls::LOAD_EFER
+            | ExitControls::SAVE_PAT
+            | ExitControls::LOAD_PAT;
+        let entry = EntryControls::LOAD_EFER | EntryControls::LOAD_PAT;
+        Ok(Self {
+            pin: caps.pin.adjust(ControlKind::Pin, pin.bits())?,
+            proc: caps.proc.adjust(ControlKind::Proc, proc.bits())?,
+            proc2: caps.proc2.adjust(ControlKind::Proc2, proc2.bits())?,
+            exit: caps.exit.adjust(ControlKind::Exit, exit.bits())?,
+            entry: caps.entry.adjust(ControlKind::Entry, entry.bits())?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Capability MSRs as Bochs's corei7_skylake_x reports them (values
-    /// measured from inside Bochs, see shared/notes/bochs-vmx.md).
+    /// Capability MSRs as Bochs 2.7's corei7_skylake_x reports them, read
+    /// by Tern inside Bochs (`cargo xtask run --emulator bochs log=debug`).
     fn skylake(m: u32) -> Option<u64> {
         Some(match m {
             msr::IA32_VMX_BASIC => 0x00d8_1000_0000_002b,
             msr::IA32_VMX_TRUE_PINBASED_CTLS | msr::IA32_VMX_PINBASED_CTLS => 0x0000_007f_0000_0016,
-            msr::IA32_VMX_TRUE_PROCBASED_CTLS => 0xfff9_fffe_0400_6172,
+            msr::IA32_VMX_TRUE_PROCBASED_CTLS => 0xf7f9_fffe_0400_6172,
             msr::IA32_VMX_PROCBASED_CTLS2 => 0x0217_7fff_0000_0000,
-            msr::IA32_VMX_TRUE_EXIT_CTLS => 0x007f_efff_0003_6dfb,
-            msr::IA32_VMX_TRUE_ENTRY_CTLS => 0x0000_f3ff_0000_11fb,
+            msr::IA32_VMX_TRUE_EXIT_CTLS => 0x007f_ffff_0003_6dfb,
+            msr::IA32_VMX_TRUE_ENTRY_CTLS => 0x0000_ffff_0000_11fb,
             msr::IA32_VMX_MISC => 0x6004_01e0,
             msr::IA32_VMX_EPT_VPID_CAP => 0x0000_0f01_0633_4141,
             msr::IA32_VMX_CR0_FIXED0 => 0x8000_0021,
             msr::IA32_VMX_CR0_FIXED1 => 0xffff_ffff,
             msr::IA32_VMX_CR4_FIXED0 => 0x2000,
-            msr::IA32_VMX_CR4_FIXED1 => 0x003f_77ff,
+            msr::IA32_VMX_CR4_FIXED1 => 0x0037_27ff,
             _ => return None,
         })
     }
@@ -375,6 +417,36 @@ mod tests {
             ControlError {
                 kind: ControlKind::Pin,
                 impossible: 1 << 7
+            }
+        );
+    }
+
+    #[test]
+    fn tern_controls_on_skylake() {
+        let c = Controls::for_tern(&VmxCaps::read(skylake).unwrap()).unwrap();
+        // Forced bits kept, CR3 load/store exiting off, wanted bits on.
+        assert_eq!(c.pin, 0x16 | 0x1 | 0x8 | 0x40);
+        assert_eq!(c.proc & (1 << 15 | 1 << 16), 0);
+        assert_eq!(c.proc & 0x0400_6172, 0x0400_6172);
+        assert!(
+            c.proc & (1 << 7 | 1 << 25 | 1 << 28 | 1 << 31)
+                == (1 << 7 | 1 << 25 | 1 << 28 | 1 << 31)
+        );
+        assert_eq!(c.proc2, 0x2 | 0x20 | 0x80);
+        assert_eq!(c.entry & (1 << 9), 0, "starts outside IA-32e mode");
+        let no_pat = |m| {
+            if m == msr::IA32_VMX_TRUE_EXIT_CTLS {
+                Some(0x0003_ffff_0003_6dfb)
+            } else {
+                skylake(m)
+            }
+        };
+        let e = Controls::for_tern(&VmxCaps::read(no_pat).unwrap()).unwrap_err();
+        assert_eq!(
+            e,
+            ControlError {
+                kind: ControlKind::Exit,
+                impossible: (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21)
             }
         );
     }

@@ -11,9 +11,7 @@ use crate::mem::Frames;
 use hv_core::addr::HostPhysAddr;
 use hv_core::frames::FrameAllocator;
 use hv_core::vcpu::{ExitAction, StopReason, VcpuExit};
-use hv_core::vmx::caps::{
-    ControlKind, EntryControls, ExitControls, PinControls, Proc2Controls, ProcControls,
-};
+use hv_core::vmx::caps::{Controls, EntryControls};
 use hv_core::vmx::exit::{Access, CrAccess, EptViolation, ExitReason, IoQualification, VmExitInfo};
 use hv_core::vmx::{ControlError, VmxCaps};
 use x86::vmx::vmcs::{control, guest, host, ro};
@@ -145,43 +143,8 @@ impl Vcpu {
     }
 
     fn setup_controls(&mut self, vpid: u16, eptp: u64) -> Result<(), VcpuError> {
-        let c = &self.caps;
-        let ctl = |r: Result<u32, ControlError>| r.map_err(VcpuError::Control);
-        let pin = ctl(c.pin.adjust(
-            ControlKind::Pin,
-            (PinControls::EXTERNAL_INTERRUPT_EXITING
-                | PinControls::NMI_EXITING
-                | PinControls::PREEMPTION_TIMER)
-                .bits(),
-        ))?;
-        let proc = ctl(c.proc.adjust(
-            ControlKind::Proc,
-            (ProcControls::HLT_EXITING
-                | ProcControls::USE_IO_BITMAPS
-                | ProcControls::USE_MSR_BITMAPS
-                | ProcControls::SECONDARY_CONTROLS)
-                .bits(),
-        ))?;
-        let proc2 = ctl(c.proc2.adjust(
-            ControlKind::Proc2,
-            (Proc2Controls::ENABLE_EPT
-                | Proc2Controls::ENABLE_VPID
-                | Proc2Controls::UNRESTRICTED_GUEST)
-                .bits(),
-        ))?;
-        let exit = ctl(c.exit.adjust(
-            ControlKind::Exit,
-            (ExitControls::HOST_ADDRESS_SPACE_SIZE
-                | ExitControls::SAVE_EFER
-                | ExitControls::LOAD_EFER
-                | ExitControls::SAVE_PAT
-                | ExitControls::LOAD_PAT)
-                .bits(),
-        ))?;
-        let entry = ctl(c.entry.adjust(
-            ControlKind::Entry,
-            (EntryControls::LOAD_EFER | EntryControls::LOAD_PAT).bits(),
-        ))?;
+        let c = Controls::for_tern(&self.caps).map_err(VcpuError::Control)?;
+        let (pin, proc, proc2, exit, entry) = (c.pin, c.proc, c.proc2, c.exit, c.entry);
         rw(control::PINBASED_EXEC_CONTROLS, pin.into())?;
         rw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into())?;
         rw(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into())?;
