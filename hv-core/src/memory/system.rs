@@ -213,6 +213,8 @@ enum Undo {
     Attached {
         parent: RegionId,
         child: RegionId,
+        old_addr: u64,
+        old_priority: i32,
     },
     Detached {
         parent: RegionId,
@@ -416,7 +418,12 @@ impl MemorySystem {
             }
         };
         if let RegionKind::Alias { target, .. } = kind {
-            self.reg_mut(target)?.aliased_by.push(id);
+            let t = self.reg_mut(target)?;
+            t.aliased_by.push(id);
+            let bits = t.dirty;
+            if bits != 0 {
+                self.mark(id, bits);
+            }
         }
         self.log(Undo::Created(id));
         self.finish_mutation();
@@ -594,8 +601,8 @@ impl MemorySystem {
     ) -> Result<(), MemoryError> {
         let c = self.reg_mut(child)?;
         c.parent = Some(parent);
-        c.addr = addr;
-        c.priority = priority;
+        let old_addr = core::mem::replace(&mut c.addr, addr);
+        let old_priority = core::mem::replace(&mut c.priority, priority);
         let child_enabled = c.enabled;
         let slots = &self.slots;
         let prio_of = |id: RegionId| {
@@ -613,9 +620,25 @@ impl MemorySystem {
             .unwrap_or(p.subregions.len());
         let parent_enabled = p.enabled;
         self.reg_mut(parent)?.subregions.insert(pos, child);
-        self.log(Undo::Attached { parent, child });
+        self.log(Undo::Attached {
+            parent,
+            child,
+            old_addr,
+            old_priority,
+        });
         if parent_enabled && child_enabled {
             self.mark(parent, DIRTY_VIEW | DIRTY_NOTIFY);
+        }
+        // Keep the marking invariant (a marked region's containers and
+        // aliases carry its bits) across the new edge.
+        let child_bits = self.dirty_bits(child);
+        if child_bits != 0 {
+            self.mark(parent, child_bits);
+        }
+        if old_addr != addr {
+            // The child's own position changed: an address space rooted at
+            // the child (QEMU renders the root at its address) changes too.
+            self.mark(child, DIRTY_VIEW | DIRTY_NOTIFY);
         }
         Ok(())
     }
@@ -964,10 +987,22 @@ impl MemorySystem {
                         }
                     }
                 }
+                // Fully marking the restored region keeps the marking
+                // invariant for its restored edges.
                 self.mark(id, DIRTY_VIEW | DIRTY_NOTIFY);
             }
-            Undo::Attached { parent, child } => {
+            Undo::Attached {
+                parent,
+                child,
+                old_addr,
+                old_priority,
+            } => {
                 let _ = self.detach(parent, child);
+                if let Ok(c) = self.reg_mut(child) {
+                    c.addr = old_addr;
+                    c.priority = old_priority;
+                }
+                self.mark(child, DIRTY_VIEW | DIRTY_NOTIFY);
             }
             Undo::Detached {
                 parent,

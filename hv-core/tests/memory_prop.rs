@@ -1,0 +1,434 @@
+//! Property tests: random trees and random mutation sequences (inside and
+//! outside transactions, with abandon) checked against
+//! * the slow reference resolver (`resolve_slow`, a per-address tree walk),
+//! * structural invariants of flat views (sorted, disjoint, simplified),
+//! * a model map rebuilt purely from the listener event stream,
+//! * snapshots taken at `begin` (abandon restores them exactly).
+
+use hv_core::memory::{
+    mtree, AddressSpaceId, FlatRange, ListenerCtx, MemoryListener, MemorySystem, MmioHandle,
+    RamBacking, ReadPolicy, RegionId, RegionKind,
+};
+use proptest::prelude::*;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+const SPACE: u64 = 0x1_0000;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create {
+        kind: u8,
+        size: u64,
+        target: usize,
+        offset: u64,
+    },
+    Attach {
+        parent: usize,
+        child: usize,
+        addr: u64,
+        prio: i32,
+    },
+    Detach {
+        child: usize,
+    },
+    Enable {
+        r: usize,
+        on: bool,
+    },
+    Readonly {
+        r: usize,
+        on: bool,
+    },
+    Move {
+        r: usize,
+        addr: u64,
+    },
+    AliasOffset {
+        r: usize,
+        offset: u64,
+    },
+    Resize {
+        r: usize,
+        size: u64,
+    },
+    Destroy {
+        r: usize,
+    },
+    Begin,
+    Commit,
+    Abandon,
+    Read {
+        addr: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0u8..6, 1u64..0x4000, any::<usize>(), 0u64..0x2000)
+            .prop_map(|(kind, size, target, offset)| Op::Create { kind, size, target, offset }),
+        10 => (any::<usize>(), any::<usize>(), 0u64..SPACE, -2i32..3)
+            .prop_map(|(parent, child, addr, prio)| Op::Attach { parent, child, addr: addr & !0xff, prio }),
+        1 => any::<usize>().prop_map(|child| Op::Detach { child }),
+        2 => (any::<usize>(), any::<bool>()).prop_map(|(r, on)| Op::Enable { r, on }),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(r, on)| Op::Readonly { r, on }),
+        1 => (any::<usize>(), 0u64..SPACE).prop_map(|(r, addr)| Op::Move { r, addr: addr & !0xff }),
+        1 => (any::<usize>(), 0u64..0x2000).prop_map(|(r, offset)| Op::AliasOffset { r, offset }),
+        1 => (any::<usize>(), 1u64..0x4000).prop_map(|(r, size)| Op::Resize { r, size }),
+        1 => any::<usize>().prop_map(|r| Op::Destroy { r }),
+        1 => Just(Op::Begin),
+        1 => Just(Op::Commit),
+        1 => Just(Op::Abandon),
+        1 => (0u64..SPACE).prop_map(|addr| Op::Read { addr }),
+    ]
+}
+
+/// A listener that keeps a map of what it has been told and checks that the
+/// event stream is consistent (no double add, deletes match adds, begin/commit
+/// bracket every change).
+#[derive(Default)]
+struct MapListener {
+    map: BTreeMap<u64, FlatRange>,
+    in_bracket: bool,
+    errors: Vec<String>,
+}
+
+impl MemoryListener for MapListener {
+    fn begin(&mut self, _cx: &ListenerCtx<'_>) {
+        if self.in_bracket {
+            self.errors.push("nested begin".into());
+        }
+        self.in_bracket = true;
+    }
+    fn commit(&mut self, _cx: &ListenerCtx<'_>) {
+        if !self.in_bracket {
+            self.errors.push("commit without begin".into());
+        }
+        self.in_bracket = false;
+    }
+    fn region_add(&mut self, _cx: &ListenerCtx<'_>, r: &FlatRange) {
+        if !self.in_bracket {
+            self.errors.push("add outside bracket".into());
+        }
+        let end = r.end();
+        if self
+            .map
+            .values()
+            .any(|o| (o.start as u128) < end && o.end() > r.start as u128)
+        {
+            self.errors.push(format!("add overlaps: {r:?}"));
+        }
+        self.map.insert(r.start, *r);
+    }
+    fn region_del(&mut self, _cx: &ListenerCtx<'_>, r: &FlatRange) {
+        match self.map.remove(&r.start) {
+            Some(o) if o.same_mapping(r) => {}
+            other => self
+                .errors
+                .push(format!("del of unknown range {r:?}, had {other:?}")),
+        }
+    }
+    fn region_nop(&mut self, _cx: &ListenerCtx<'_>, r: &FlatRange) {
+        match self.map.get_mut(&r.start) {
+            Some(o) if o.same_mapping(r) => *o = *r,
+            other => self
+                .errors
+                .push(format!("nop of unknown range {r:?}, had {other:?}")),
+        }
+    }
+}
+
+struct World {
+    m: MemorySystem,
+    root: RegionId,
+    sp: AddressSpaceId,
+    ids: Vec<RegionId>,
+    listener: Rc<RefCell<MapListener>>,
+    snapshots: Vec<(String, usize, Vec<FlatRange>)>,
+    /// Independent record of insertion order: (priority, sequence) of each
+    /// attached region, as the test saw it happen.
+    seq: BTreeMap<RegionId, (i32, u64)>,
+    seq_stack: Vec<BTreeMap<RegionId, (i32, u64)>>,
+    counter: u64,
+}
+
+fn pick(ids: &[RegionId], i: usize) -> Option<RegionId> {
+    (!ids.is_empty()).then(|| ids[i % ids.len()])
+}
+
+impl World {
+    fn new(policy: ReadPolicy) -> World {
+        let mut m = MemorySystem::new();
+        m.set_read_policy(policy);
+        let root = m.create_container("root", SPACE as u128).unwrap();
+        let sp = m.create_address_space("as", root).unwrap();
+        let listener = Rc::new(RefCell::new(MapListener::default()));
+        m.add_listener(sp, 0, listener.clone()).unwrap();
+        World {
+            m,
+            root,
+            sp,
+            ids: vec![root],
+            listener,
+            snapshots: Vec::new(),
+            seq: BTreeMap::new(),
+            seq_stack: Vec::new(),
+            counter: 0,
+        }
+    }
+
+    fn snapshot(&mut self) -> (String, usize, Vec<FlatRange>) {
+        let tree = mtree::format_tree(&self.m, true).unwrap();
+        let view = self.m.render_region(self.root).unwrap().ranges().to_vec();
+        (tree, self.m.region_count(), view)
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let ids = self.ids.clone();
+        let m = &mut self.m;
+        // Errors are legitimate outcomes of random input; panics are not.
+        match *op {
+            Op::Create {
+                kind,
+                size,
+                target,
+                offset,
+            } => {
+                let k = match kind {
+                    0 => RegionKind::Container,
+                    1 | 2 => RegionKind::Ram(RamBacking {
+                        block: ids.len() as u32,
+                        offset: 0,
+                    }),
+                    3 => RegionKind::Mmio(MmioHandle(ids.len() as u32)),
+                    4 => RegionKind::Rom(RamBacking {
+                        block: ids.len() as u32,
+                        offset: 0,
+                    }),
+                    _ => match pick(&ids, target) {
+                        Some(t) => RegionKind::Alias { target: t, offset },
+                        None => RegionKind::Container,
+                    },
+                };
+                if let Ok(id) = m.create_region(&format!("r{}", ids.len()), size as u128, k) {
+                    self.ids.push(id);
+                }
+            }
+            Op::Attach {
+                parent,
+                child,
+                addr,
+                prio,
+            } => {
+                // Bias towards visible trees: half the time into the root,
+                // and the child is one of the most recently created regions.
+                let p = if parent % 2 == 0 {
+                    Some(self.root)
+                } else {
+                    pick(&ids, parent / 2)
+                };
+                let c = ids[ids.len() - 1 - child % ids.len().min(4)];
+                if let Some(p) = p.filter(|_| c != self.root) {
+                    if m.add_subregion_overlap(p, addr, c, prio).is_ok() {
+                        self.counter += 1;
+                        self.seq.insert(c, (prio, self.counter));
+                    }
+                }
+            }
+            Op::Detach { child } => {
+                if let Some(c) = pick(&ids, child) {
+                    if let Ok(Some(p)) = m.region(c).map(|i| i.parent) {
+                        m.del_subregion(p, c)
+                            .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+                    }
+                }
+            }
+            Op::Enable { r, on } => {
+                // Disabling the root hides everything; do it rarely.
+                let r = pick(&ids, r).filter(|&r| on || r != self.root || ids.len() % 8 == 0);
+                let _ = r.map(|r| m.set_enabled(r, on));
+            }
+            Op::Readonly { r, on } => {
+                let _ = pick(&ids, r).map(|r| m.set_readonly(r, on));
+            }
+            Op::Move { r, addr } => {
+                if let Some(r) = pick(&ids, r) {
+                    let before = m.region(r).map(|i| (i.parent, i.addr));
+                    if m.set_address(r, addr).is_ok() {
+                        if let Ok((Some(_), old)) = before {
+                            if old != addr {
+                                // QEMU re-adds a moved region: newest of its priority.
+                                self.counter += 1;
+                                let prio = self.seq.get(&r).map_or(0, |s| s.0);
+                                self.seq.insert(r, (prio, self.counter));
+                            }
+                        }
+                    }
+                }
+            }
+            Op::AliasOffset { r, offset } => {
+                let _ = pick(&ids, r).map(|r| m.set_alias_offset(r, offset));
+            }
+            Op::Resize { r, size } => {
+                if let Some(r) = pick(&ids, r).filter(|&r| r != self.root) {
+                    let _ = m.set_size(r, size as u128);
+                }
+            }
+            Op::Destroy { r } => {
+                let _ = pick(&ids, r).map(|r| m.destroy_region(r));
+            }
+            Op::Begin => {
+                let snap = self.snapshot();
+                self.snapshots.push(snap);
+                self.seq_stack.push(self.seq.clone());
+                self.m.begin();
+            }
+            Op::Commit => {
+                if self.m.commit().is_ok() {
+                    self.snapshots.pop();
+                    self.seq_stack.pop();
+                }
+            }
+            Op::Abandon => {
+                if self.m.abandon().is_ok() {
+                    self.seq = self.seq_stack.pop().unwrap();
+                    let before = self.snapshots.pop().unwrap();
+                    let after = self.snapshot();
+                    prop_assert_eq!(&before.0, &after.0, "abandon must restore the tree");
+                    prop_assert_eq!(before.1, after.1, "abandon must restore the arena");
+                    prop_assert_eq!(&before.2, &after.2, "abandon must restore the view");
+                }
+            }
+            Op::Read { addr } => {
+                // Reads mid-transaction see the tree as it is now.
+                let got = self.m.lookup(self.sp, addr).unwrap();
+                let want = self.m.resolve_slow(self.root, addr).unwrap();
+                prop_assert_eq!(
+                    got.map(|l| (l.region, l.offset, l.readonly)),
+                    want.map(|h| (h.region, h.offset, h.readonly))
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Subregion lists are ordered as QEMU orders them: priority descending,
+    /// most recently added first (checked against the test's own record).
+    fn check_order(&self) -> Result<(), TestCaseError> {
+        for id in self.m.regions() {
+            let subs = self.m.subregions(id).unwrap();
+            let keys: Vec<(i32, u64)> = subs.iter().map(|s| self.seq[s]).collect();
+            for w in keys.windows(2) {
+                prop_assert!(w[0] > w[1], "subregion order of {:?}: {:?}", id, keys);
+            }
+        }
+        Ok(())
+    }
+
+    /// The current view against the model resolver and the invariants.
+    fn check_view(&mut self) -> Result<(), TestCaseError> {
+        self.check_order()?;
+        let view = self.m.flat_view(self.sp).unwrap();
+        let r = view.ranges();
+        for w in r.windows(2) {
+            prop_assert!(w[0].end() <= w[1].start as u128, "sorted and disjoint");
+            let mergeable = w[0].end() == w[1].start as u128
+                && w[0].region == w[1].region
+                && w[0].offset_in_region as u128 + w[0].size == w[1].offset_in_region as u128
+                && w[0].readonly == w[1].readonly
+                && w[0].romd_mode == w[1].romd_mode
+                && w[0].dirty_log_mask == w[1].dirty_log_mask;
+            prop_assert!(!mergeable, "simplified: {:?} {:?}", w[0], w[1]);
+        }
+        let mut points: Vec<u64> = (0..SPACE).step_by(0x80).collect();
+        for fr in r {
+            points.push(fr.start);
+            points.push((fr.end() - 1) as u64);
+            points.push(fr.end() as u64);
+        }
+        for &a in &points {
+            let got = view
+                .lookup(a)
+                .map(|fr| (fr.region, fr.offset_in_region + (a - fr.start), fr.readonly));
+            let want = self
+                .m
+                .resolve_slow(self.root, a)
+                .unwrap()
+                .map(|h| (h.region, h.offset, h.readonly));
+            prop_assert_eq!(got, want, "address {:#x}", a);
+        }
+        Ok(())
+    }
+
+    /// Outside transactions the listener's map equals the committed view.
+    fn check_listener(&mut self) -> Result<(), TestCaseError> {
+        let l = self.listener.borrow();
+        prop_assert!(l.errors.is_empty(), "{:?}", l.errors);
+        let committed = self.m.committed_view(self.sp).unwrap();
+        let mine: Vec<FlatRange> = l.map.values().copied().collect();
+        prop_assert_eq!(&mine[..], committed.ranges());
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_trees_match_the_model(ops in prop::collection::vec(op(), 1..120), force in any::<bool>()) {
+        let policy = if force { ReadPolicy::ForceCommit } else { ReadPolicy::RenderOnDemand };
+        let mut w = World::new(policy);
+        for op in &ops {
+            w.apply(op)?;
+            if w.m.transaction_depth() == 0 {
+                w.check_listener()?;
+            }
+        }
+        w.check_view()?;
+        while w.m.transaction_depth() > 0 {
+            w.m.commit().unwrap();
+        }
+        w.check_view()?;
+        w.check_listener()?;
+        // A late listener is replayed exactly the committed view.
+        let late = Rc::new(RefCell::new(MapListener::default()));
+        w.m.add_listener(w.sp, 5, late.clone()).unwrap();
+        let committed = w.m.committed_view(w.sp).unwrap();
+        prop_assert_eq!(&late.borrow().map.values().copied().collect::<Vec<_>>()[..], committed.ranges());
+    }
+
+    #[test]
+    fn transactions_notify_once_and_abandon_is_silent(ops in prop::collection::vec(op(), 1..40)) {
+        let mut w = World::new(ReadPolicy::RenderOnDemand);
+        // Build something first, outside transactions.
+        for op in ops.iter().filter(|o| !matches!(o, Op::Begin | Op::Commit | Op::Abandon)) {
+            w.apply(op)?;
+        }
+        w.check_listener()?;
+        let s0 = w.m.stats();
+        let before = w.snapshot();
+        w.apply(&Op::Begin)?;
+        for op in ops.iter().filter(|o| !matches!(o, Op::Begin | Op::Commit | Op::Abandon)) {
+            w.apply(op)?;
+        }
+        prop_assert_eq!(w.m.transaction_depth(), 1);
+        w.apply(&Op::Abandon)?;
+        prop_assert_eq!(w.m.stats().listener_commits, s0.listener_commits, "abandon reaches no listener");
+        prop_assert_eq!(w.snapshot().0, before.0);
+        w.check_listener()?;
+        // The same mutations committed in one transaction: at most one
+        // bracket and at most one render.
+        let s1 = w.m.stats();
+        w.apply(&Op::Begin)?;
+        for op in ops.iter().filter(|o| !matches!(o, Op::Begin | Op::Commit | Op::Abandon | Op::Read { .. })) {
+            w.apply(op)?;
+        }
+        w.apply(&Op::Commit)?;
+        let s2 = w.m.stats();
+        prop_assert!(s2.listener_commits - s1.listener_commits <= 1);
+        prop_assert!(s2.renders - s1.renders <= 1);
+        w.check_view()?;
+        w.check_listener()?;
+    }
+}
