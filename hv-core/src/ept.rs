@@ -8,6 +8,7 @@
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::FrameAllocator;
 use crate::phys::PhysAccess;
+use alloc::vec::Vec;
 use bitflags::bitflags;
 
 bitflags! {
@@ -72,6 +73,19 @@ pub struct EptStats {
     pub tables_freed: u64,
 }
 
+/// One leaf mapping of the tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    pub gpa: u64,
+    pub hpa: u64,
+    pub size: u64,
+    pub writable: bool,
+    pub dirty: bool,
+}
+
+/// The guest-physical space EPT can map (4-level walk: 48 bits).
+pub const MAX_GPA: u64 = 1 << 48;
+
 /// Which page sizes the CPU allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageSizes {
@@ -115,7 +129,32 @@ impl Ept {
         self.root.as_u64() | 6 | (3 << 3) | if accessed_dirty { 1 << 6 } else { 0 }
     }
 
-    /// Maps `[gpa, gpa + size)` to `[hpa, hpa + size)`.
+    fn check_range(gpa: u64, size: u64, hpa: u64) -> Result<(), EptError> {
+        if !gpa.is_multiple_of(PAGE_SIZE)
+            || !hpa.is_multiple_of(PAGE_SIZE)
+            || !size.is_multiple_of(PAGE_SIZE)
+        {
+            return Err(EptError::Unaligned);
+        }
+        if gpa.checked_add(size).is_none_or(|e| e > MAX_GPA) {
+            return Err(EptError::OutOfRange);
+        }
+        Ok(())
+    }
+
+    fn large_ok(&self, level: u32) -> bool {
+        match level {
+            0 => true,
+            1 => self.sizes.two_mib,
+            2 => self.sizes.one_gib,
+            _ => false,
+        }
+    }
+
+    /// Maps `[gpa, gpa + size)` to `[hpa, hpa + size)` with the largest
+    /// pages that the alignment of both addresses allows. Whatever was mapped
+    /// there before is replaced; larger leaves that only partly overlap are
+    /// split so that the rest of their mapping survives.
     pub fn map(
         &mut self,
         host: &mut (impl PhysAccess + FrameAllocator),
@@ -125,73 +164,256 @@ impl Ept {
         perm: EptPerm,
     ) -> Result<InveptRequired, EptError> {
         let (g, h) = (gpa.as_u64(), hpa.as_u64());
-        if !g.is_multiple_of(PAGE_SIZE)
-            || !h.is_multiple_of(PAGE_SIZE)
-            || !size.is_multiple_of(PAGE_SIZE)
-        {
-            return Err(EptError::Unaligned);
-        }
-        if g.checked_add(size).is_none_or(|e| e > 1 << 48) {
-            return Err(EptError::OutOfRange);
-        }
-        let mut off = 0;
-        while off < size {
-            let (ga, ha, left) = (g + off, h + off, size - off);
-            let level = [2u32, 1]
-                .into_iter()
-                .find(|&l| {
-                    let page = 1u64 << (12 + 9 * l);
-                    let ok = if l == 2 {
-                        self.sizes.one_gib
-                    } else {
-                        self.sizes.two_mib
-                    };
-                    ok && ga % page == 0 && ha % page == 0 && left >= page
-                })
-                .unwrap_or(0);
-            self.set_leaf(host, ga, ha, level, perm.flags())?;
-            off += 1 << (12 + 9 * level);
+        Self::check_range(g, size, h)?;
+        if size > 0 {
+            let root = self.root;
+            self.map_level(
+                host,
+                root,
+                3,
+                0,
+                g,
+                g + size,
+                h.wrapping_sub(g),
+                perm.flags(),
+            )?;
         }
         Ok(InveptRequired)
     }
 
-    fn set_leaf(
+    /// `delta` is `hpa - gpa` (wrapping) for the whole range.
+    #[allow(clippy::too_many_arguments)]
+    fn map_level(
         &mut self,
         host: &mut (impl PhysAccess + FrameAllocator),
-        gpa: u64,
-        hpa: u64,
+        table: HostPhysAddr,
         level: u32,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        delta: u64,
         flags: EptFlags,
     ) -> Result<(), EptError> {
-        let mut table = self.root;
-        for l in (level + 1..=3).rev() {
-            let e = entry_addr(table, index(gpa, l));
-            let v = host.read_u64(e);
-            if v & RWX != 0 && v & EptFlags::LARGE.bits() == 0 {
-                table = HostPhysAddr::new(v & ADDR_MASK);
+        let span = 1u64 << (12 + 9 * level);
+        let first = (start - table_base) / span;
+        let last = (end - 1 - table_base) / span;
+        for i in first..=last {
+            let e = entry_addr(table, i);
+            let e_start = table_base + i * span;
+            let (s, en) = (start.max(e_start), end.min(e_start + span));
+            let old = host.read_u64(e);
+            let old_is_table = level > 0 && old & RWX != 0 && old & EptFlags::LARGE.bits() == 0;
+            let hpa = s.wrapping_add(delta);
+            if s == e_start && en - s == span && hpa.is_multiple_of(span) && self.large_ok(level) {
+                if old_is_table {
+                    self.free_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1);
+                }
+                let large = if level > 0 {
+                    EptFlags::LARGE
+                } else {
+                    EptFlags::empty()
+                };
+                host.write_u64(e, hpa | (flags | EptFlags::MEMTYPE_WB | large).bits());
+                self.stats.entries_written += 1;
                 continue;
             }
-            // Empty, or a larger leaf that the new mapping splits: a fresh
-            // table replaces it (the old large leaf is dropped; callers map
-            // whole ranges, so nothing of it survives).
-            let t = host.alloc_frame().ok_or(EptError::OutOfFrames)?;
-            self.stats.tables_allocated += 1;
-            host.write_u64(e, t.as_u64() | RWX);
-            self.stats.entries_written += 1;
-            table = t;
+            let child = if old_is_table {
+                HostPhysAddr::new(old & ADDR_MASK)
+            } else if old & RWX != 0 {
+                self.split(host, e, old, level)?
+            } else {
+                let t = host.alloc_frame().ok_or(EptError::OutOfFrames)?;
+                self.stats.tables_allocated += 1;
+                host.write_u64(e, t.as_u64() | RWX);
+                self.stats.entries_written += 1;
+                t
+            };
+            self.map_level(host, child, level - 1, e_start, s, en, delta, flags)?;
         }
-        let mut leaf = hpa | (flags | EptFlags::MEMTYPE_WB).bits();
-        if level > 0 {
-            leaf |= EptFlags::LARGE.bits();
-        }
-        let e = entry_addr(table, index(gpa, level));
-        let old = host.read_u64(e);
-        if level > 0 && old & RWX != 0 && old & EptFlags::LARGE.bits() == 0 {
-            self.free_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1);
-        }
-        host.write_u64(e, leaf);
-        self.stats.entries_written += 1;
         Ok(())
+    }
+
+    /// Replaces the large leaf `v` at entry `e` (of a table at `level`) by a
+    /// table of 512 leaves of the next size down with the same mapping.
+    fn split(
+        &mut self,
+        host: &mut (impl PhysAccess + FrameAllocator),
+        e: HostPhysAddr,
+        v: u64,
+        level: u32,
+    ) -> Result<HostPhysAddr, EptError> {
+        let t = host.alloc_frame().ok_or(EptError::OutOfFrames)?;
+        self.stats.tables_allocated += 1;
+        let child_span = 1u64 << (12 + 9 * (level - 1));
+        let keep = v & !ADDR_MASK & !EptFlags::LARGE.bits();
+        let large = if level - 1 > 0 {
+            EptFlags::LARGE.bits()
+        } else {
+            0
+        };
+        let base = v & ADDR_MASK & !((child_span << 9) - 1);
+        for j in 0..512 {
+            host.write_u64(entry_addr(t, j), (base + j * child_span) | keep | large);
+        }
+        host.write_u64(e, t.as_u64() | RWX);
+        self.stats.entries_written += 513;
+        Ok(t)
+    }
+
+    /// Removes every mapping in `[gpa, gpa + size)`, splitting larger leaves
+    /// that only partly overlap and freeing tables that become empty.
+    pub fn unmap(
+        &mut self,
+        host: &mut (impl PhysAccess + FrameAllocator),
+        gpa: GuestPhysAddr,
+        size: u64,
+    ) -> Result<InveptRequired, EptError> {
+        let g = gpa.as_u64();
+        Self::check_range(g, size, 0)?;
+        if size > 0 {
+            let root = self.root;
+            self.unmap_level(host, root, 3, 0, g, g + size)?;
+        }
+        Ok(InveptRequired)
+    }
+
+    /// Returns whether the table is empty afterwards.
+    fn unmap_level(
+        &mut self,
+        host: &mut (impl PhysAccess + FrameAllocator),
+        table: HostPhysAddr,
+        level: u32,
+        table_base: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<bool, EptError> {
+        let span = 1u64 << (12 + 9 * level);
+        let first = (start - table_base) / span;
+        let last = (end - 1 - table_base) / span;
+        for i in first..=last {
+            let e = entry_addr(table, i);
+            let old = host.read_u64(e);
+            if old & RWX == 0 {
+                continue;
+            }
+            let e_start = table_base + i * span;
+            let (s, en) = (start.max(e_start), end.min(e_start + span));
+            let is_table = level > 0 && old & EptFlags::LARGE.bits() == 0;
+            if s == e_start && en - s == span {
+                if is_table {
+                    self.free_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1);
+                }
+                host.write_u64(e, 0);
+                self.stats.entries_written += 1;
+                continue;
+            }
+            let child = if is_table {
+                HostPhysAddr::new(old & ADDR_MASK)
+            } else {
+                self.split(host, e, old, level)?
+            };
+            if self.unmap_level(host, child, level - 1, e_start, s, en)? {
+                host.free_frame(child);
+                self.stats.tables_freed += 1;
+                host.write_u64(e, 0);
+                self.stats.entries_written += 1;
+            }
+        }
+        Ok((0..512).all(|i| host.read_u64(entry_addr(table, i)) & RWX == 0))
+    }
+
+    /// Every leaf of the tree in address order: (GPA, HPA, size, writable).
+    pub fn leaves(&self, mem: &impl PhysAccess) -> Vec<Leaf> {
+        let mut out = Vec::new();
+        self.leaves_in(mem, self.root, 3, 0, &mut out);
+        out
+    }
+
+    fn leaves_in(
+        &self,
+        mem: &impl PhysAccess,
+        table: HostPhysAddr,
+        level: u32,
+        base: u64,
+        out: &mut Vec<Leaf>,
+    ) {
+        let span = 1u64 << (12 + 9 * level);
+        for i in 0..512 {
+            let v = mem.read_u64(entry_addr(table, i));
+            if v & RWX == 0 {
+                continue;
+            }
+            let gpa = base + i * span;
+            if level == 0 || v & EptFlags::LARGE.bits() != 0 {
+                out.push(Leaf {
+                    gpa,
+                    hpa: v & ADDR_MASK,
+                    size: span,
+                    writable: v & 2 != 0,
+                    dirty: v & EptFlags::DIRTY.bits() != 0,
+                });
+            } else {
+                self.leaves_in(mem, HostPhysAddr::new(v & ADDR_MASK), level - 1, gpa, out);
+            }
+        }
+    }
+
+    /// Guest-physical pages (of leaf size) in `[gpa, gpa + size)` whose EPT
+    /// dirty flag is set, clearing the flags it reports. Needs EPT A/D
+    /// enabled in the EPTP; the caller must INVEPT before relying on the
+    /// cleared flags.
+    pub fn take_dirty(
+        &mut self,
+        mem: &mut impl PhysAccess,
+        gpa: GuestPhysAddr,
+        size: u64,
+    ) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let (start, end) = (gpa.as_u64(), gpa.as_u64().saturating_add(size));
+        self.dirty_in(mem, self.root, 3, 0, start, end, &mut out);
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dirty_in(
+        &mut self,
+        mem: &mut impl PhysAccess,
+        table: HostPhysAddr,
+        level: u32,
+        base: u64,
+        start: u64,
+        end: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) {
+        let span = 1u64 << (12 + 9 * level);
+        for i in 0..512 {
+            let e_start = base + i * span;
+            if e_start >= end || e_start.saturating_add(span) <= start {
+                continue;
+            }
+            let e = entry_addr(table, i);
+            let v = mem.read_u64(e);
+            if v & RWX == 0 {
+                continue;
+            }
+            if level == 0 || v & EptFlags::LARGE.bits() != 0 {
+                if v & EptFlags::DIRTY.bits() != 0 {
+                    out.push((e_start, span));
+                    mem.write_u64(e, v & !EptFlags::DIRTY.bits());
+                    self.stats.entries_written += 1;
+                }
+            } else {
+                self.dirty_in(
+                    mem,
+                    HostPhysAddr::new(v & ADDR_MASK),
+                    level - 1,
+                    e_start,
+                    start,
+                    end,
+                    out,
+                );
+            }
+        }
     }
 
     /// Translates a guest-physical address: host address, writable, and the
@@ -354,5 +576,152 @@ mod tests {
             ),
             Err(EptError::OutOfRange)
         );
+    }
+
+    #[test]
+    fn split_keeps_the_rest_of_a_large_page() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let rwx = EptPerm::ReadWriteExecute;
+        let _ = ept
+            .map(
+                &mut host,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(0x4000_0000),
+                1 << 30,
+                rwx,
+            )
+            .unwrap();
+        let _ = ept
+            .unmap(&mut host, GuestPhysAddr::new(0x20_1000), 0x1000)
+            .unwrap();
+        let t = |g: u64| ept.translate(&host, GuestPhysAddr::new(g));
+        assert_eq!(t(0x20_1000), None);
+        assert_eq!(
+            t(0x20_0000),
+            Some((HostPhysAddr::new(0x4020_0000), true, 4096))
+        );
+        assert_eq!(
+            t(0x20_2000),
+            Some((HostPhysAddr::new(0x4020_2000), true, 4096))
+        );
+        assert_eq!(
+            t(0x40_0000),
+            Some((HostPhysAddr::new(0x4040_0000), true, 2 << 20))
+        );
+        assert_eq!(
+            t(0x3fff_f000),
+            Some((HostPhysAddr::new(0x7fff_f000), true, 2 << 20))
+        );
+        // Mapping the page back and the whole gigabyte again coalesces.
+        let _ = ept
+            .map(
+                &mut host,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(0x4000_0000),
+                1 << 30,
+                rwx,
+            )
+            .unwrap();
+        assert_eq!(ept.leaves(&host).len(), 1);
+        assert_eq!(
+            host.outstanding(),
+            2,
+            "PML4 and the PDPT that holds the 1 GiB leaf"
+        );
+    }
+
+    #[test]
+    fn unmap_frees_empty_tables() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let _ = ept
+            .map(
+                &mut host,
+                GuestPhysAddr::new(0x1234_5000),
+                HostPhysAddr::new(0x10_0000),
+                0x3000,
+                EptPerm::ReadExecute,
+            )
+            .unwrap();
+        assert_eq!(host.outstanding(), 4);
+        let _ = ept
+            .unmap(&mut host, GuestPhysAddr::new(0x1234_5000), 0x3000)
+            .unwrap();
+        assert_eq!(host.outstanding(), 1, "only the PML4 is left");
+        assert!(ept.leaves(&host).is_empty());
+    }
+
+    #[test]
+    fn dirty_flags_are_reported_and_cleared() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let _ = ept
+            .map(
+                &mut host,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(0),
+                4 << 20,
+                EptPerm::ReadWriteExecute,
+            )
+            .unwrap();
+        assert!(ept
+            .take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20)
+            .is_empty());
+        // Play the CPU: set the dirty flag on the second 2 MiB leaf.
+        let pdpt = HostPhysAddr::new(host.read_u64(ept.root) & ADDR_MASK);
+        let pd = HostPhysAddr::new(host.read_u64(pdpt) & ADDR_MASK);
+        let e = entry_addr(pd, 1);
+        let v = host.read_u64(e);
+        host.write_u64(e, v | EptFlags::DIRTY.bits());
+        assert_eq!(
+            ept.take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20),
+            vec![(2 << 20, 2 << 20)]
+        );
+        assert!(ept
+            .take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20)
+            .is_empty());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Random maps and unmaps agree page for page with a model map, and
+        /// unmapping everything gives every table back.
+        #[test]
+        fn map_unmap_matches_a_page_model(ops in proptest::collection::vec((0u64..1024, 1u64..600, 0u64..64, proptest::bool::ANY, proptest::bool::ANY), 1..40)) {
+            let mut host = MockPhys::new(32 << 20);
+            let mut ept = Ept::new(&mut host, ALL).unwrap();
+            let mut model = std::collections::BTreeMap::new();
+            for (page, pages, hpage, ro, is_map) in ops {
+                // Guest pages in the first 4 GiB in 2 MiB-friendly strides.
+                let gpa = page * 512 * 4096 / 8;
+                let size = pages * 4096;
+                if is_map {
+                    let hpa = hpage * (2 << 20);
+                    let perm = if ro { EptPerm::ReadExecute } else { EptPerm::ReadWriteExecute };
+                    let _ = ept.map(&mut host, GuestPhysAddr::new(gpa), HostPhysAddr::new(hpa), size, perm).unwrap();
+                    for p in 0..pages {
+                        model.insert(gpa + p * 4096, (hpa + p * 4096, !ro));
+                    }
+                } else {
+                    let _ = ept.unmap(&mut host, GuestPhysAddr::new(gpa), size).unwrap();
+                    for p in 0..pages {
+                        model.remove(&(gpa + p * 4096));
+                    }
+                }
+            }
+            let mut pages = std::collections::BTreeMap::new();
+            for l in ept.leaves(&host) {
+                for p in 0..l.size / 4096 {
+                    pages.insert(l.gpa + p * 4096, (l.hpa + p * 4096, l.writable));
+                }
+            }
+            proptest::prop_assert_eq!(&pages, &model);
+            let all: Vec<u64> = model.keys().copied().collect();
+            for g in all {
+                let _ = ept.unmap(&mut host, GuestPhysAddr::new(g), 4096).unwrap();
+            }
+            proptest::prop_assert_eq!(host.outstanding(), 1);
+        }
     }
 }

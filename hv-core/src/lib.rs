@@ -12,6 +12,7 @@ extern crate alloc;
 pub mod addr;
 pub mod devices;
 pub mod ept;
+pub mod ept_listener;
 pub mod frames;
 pub mod guest_mem;
 pub mod loader;
