@@ -6,8 +6,8 @@
 //! * snapshots taken at `begin` (abandon restores them exactly).
 
 use hv_core::memory::{
-    mtree, AddressSpaceId, FlatRange, ListenerCtx, MemoryListener, MemorySystem, MmioHandle,
-    RamBacking, ReadPolicy, RegionId, RegionKind,
+    mtree, AddressSpaceId, AsNotifier, FlatRange, ListenerCtx, MemoryListener, MemorySystem,
+    MmioHandle, RamBacking, ReadPolicy, RegionId, RegionKind, WriteNotifier,
 };
 use proptest::prelude::*;
 use std::cell::RefCell;
@@ -62,6 +62,13 @@ enum Op {
     Read {
         addr: u64,
     },
+    Notify {
+        r: usize,
+        addr: u64,
+        size: u64,
+        data: Option<u64>,
+        add: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -81,6 +88,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Commit),
         1 => Just(Op::Abandon),
         1 => (0u64..SPACE).prop_map(|addr| Op::Read { addr }),
+        2 => (any::<usize>(), 0u64..0x2000, 0u64..5, prop::option::of(0u64..3), any::<bool>())
+            .prop_map(|(r, addr, size, data, add)| Op::Notify { r, addr, size, data, add }),
     ]
 }
 
@@ -90,6 +99,7 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct MapListener {
     map: BTreeMap<u64, FlatRange>,
+    notifiers: std::collections::BTreeSet<AsNotifier>,
     in_bracket: bool,
     errors: Vec<String>,
 }
@@ -127,6 +137,16 @@ impl MemoryListener for MapListener {
             other => self
                 .errors
                 .push(format!("del of unknown range {r:?}, had {other:?}")),
+        }
+    }
+    fn notifier_add(&mut self, _cx: &ListenerCtx<'_>, n: &AsNotifier) {
+        if !self.notifiers.insert(*n) {
+            self.errors.push(format!("double notifier add {n:?}"));
+        }
+    }
+    fn notifier_del(&mut self, _cx: &ListenerCtx<'_>, n: &AsNotifier) {
+        if !self.notifiers.remove(n) {
+            self.errors.push(format!("del of unknown notifier {n:?}"));
         }
     }
     fn region_nop(&mut self, _cx: &ListenerCtx<'_>, r: &FlatRange) {
@@ -300,6 +320,27 @@ impl World {
                     prop_assert_eq!(&before.2, &after.2, "abandon must restore the view");
                 }
             }
+            Op::Notify {
+                r,
+                addr,
+                size,
+                data,
+                add,
+            } => {
+                if let Some(r) = pick(&ids, r) {
+                    let n = WriteNotifier {
+                        addr,
+                        size,
+                        data,
+                        token: r.index() as u64,
+                    };
+                    let _ = if add {
+                        self.m.add_write_notifier(r, n)
+                    } else {
+                        self.m.del_write_notifier(r, n)
+                    };
+                }
+            }
             Op::Read { addr } => {
                 // Reads mid-transaction see the tree as it is now.
                 let got = self.m.lookup(self.sp, addr).unwrap();
@@ -368,6 +409,41 @@ impl World {
         let committed = self.m.committed_view(self.sp).unwrap();
         let mine: Vec<FlatRange> = l.map.values().copied().collect();
         prop_assert_eq!(&mine[..], committed.ranges());
+        let notifiers = self.m.committed_notifiers(self.sp).unwrap();
+        let mine: Vec<AsNotifier> = l.notifiers.iter().copied().collect();
+        prop_assert_eq!(&mine[..], &notifiers[..]);
+        Ok(())
+    }
+
+    /// Each committed notifier lies (at least partly) on a piece of its
+    /// region at the right offset, and the fast path finds a match for it.
+    fn check_notifiers(&mut self) -> Result<(), TestCaseError> {
+        let notifiers = self.m.committed_notifiers(self.sp).unwrap();
+        let view = self.m.committed_view(self.sp).unwrap();
+        for n in notifiers.iter() {
+            let info = self.m.region(n.region).unwrap();
+            let on_region = view.ranges().iter().any(|fr| {
+                fr.region == n.region
+                    && info.notifiers.iter().any(|wn| {
+                        let s = fr.start as i128 - fr.offset_in_region as i128 + wn.addr as i128;
+                        s == n.start as i128
+                            && wn.size == n.size
+                            && wn.data == n.data
+                            && (s + wn.size.max(1) as i128) > fr.start as i128
+                            && s < fr.end() as i128
+                    })
+            });
+            prop_assert!(on_region, "notifier {:?} not on its region", n);
+            let hit = self
+                .m
+                .find_write_notifier(self.sp, n.start, n.size, n.data.unwrap_or(0))
+                .unwrap();
+            prop_assert!(
+                hit.is_some_and(|h| h.start == n.start),
+                "fast path misses {:?}",
+                n
+            );
+        }
         Ok(())
     }
 }
@@ -391,11 +467,14 @@ proptest! {
         }
         w.check_view()?;
         w.check_listener()?;
+        w.check_notifiers()?;
         // A late listener is replayed exactly the committed view.
         let late = Rc::new(RefCell::new(MapListener::default()));
         w.m.add_listener(w.sp, 5, late.clone()).unwrap();
         let committed = w.m.committed_view(w.sp).unwrap();
         prop_assert_eq!(&late.borrow().map.values().copied().collect::<Vec<_>>()[..], committed.ranges());
+        let notifiers = w.m.committed_notifiers(w.sp).unwrap();
+        prop_assert_eq!(&late.borrow().notifiers.iter().copied().collect::<Vec<_>>()[..], &notifiers[..]);
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl MemorySystem {
             path.pop();
             return Ok(hit);
         }
-        for &sub in &r.subregions {
+        for &sub in r.subregions.iter().rev() {
             if let Some(hit) = self.walk(sub, start, addr, readonly, path)? {
                 return Ok(Some(hit));
             }

@@ -142,7 +142,7 @@ fn print_mr(
     // QEMU orders the printout by address, then priority (descending),
     // keeping list order otherwise.
     let mut subs: Vec<(u64, i32, RegionId)> = Vec::with_capacity(r.subregions.len());
-    for &s in &r.subregions {
+    for &s in r.subregions.iter().rev() {
         let sr = mem.get(s)?;
         subs.push((sr.addr, sr.priority, s));
     }

@@ -230,7 +230,7 @@ impl<A: Arena> Renderer<'_, A> {
             base -= offset as i128;
             return self.render(target, base, clip, inh);
         }
-        for &sub in &r.subregions {
+        for &sub in r.subregions.iter().rev() {
             self.render(sub, base, clip, inh)?;
         }
         if !r.kind.terminates() {

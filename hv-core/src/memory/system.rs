@@ -60,8 +60,10 @@ pub(crate) struct Region {
     pub(crate) nonvolatile: bool,
     pub(crate) unmergeable: bool,
     pub(crate) dirty_log_mask: u8,
-    /// Ordered as QEMU's `subregions` list: priority descending, later-added
-    /// first among equal priority.
+    /// QEMU's `subregions` list (priority descending, later-added first among
+    /// equal priority) stored *reversed*, so that the common case (adding a
+    /// region of the highest priority so far, e.g. all priority 0) is a push.
+    /// Iterate with `.iter().rev()` for render order.
     pub(crate) subregions: Vec<RegionId>,
     /// Aliases whose target is this region.
     pub(crate) aliased_by: Vec<RegionId>,
@@ -315,7 +317,7 @@ impl MemorySystem {
             nonvolatile: r.nonvolatile,
             unmergeable: r.unmergeable,
             dirty_log_mask: r.dirty_log_mask,
-            subregions: r.subregions.clone(),
+            subregions: r.subregions.iter().rev().copied().collect(),
             notifiers: r.notifiers.clone(),
         })
     }
@@ -326,8 +328,8 @@ impl MemorySystem {
     }
 
     /// Subregions in priority (render) order.
-    pub fn subregions(&self, id: RegionId) -> Result<&[RegionId], MemoryError> {
-        Ok(&self.get(id)?.subregions)
+    pub fn subregions(&self, id: RegionId) -> Result<Vec<RegionId>, MemoryError> {
+        Ok(self.get(id)?.subregions.iter().rev().copied().collect())
     }
 
     /// Number of live regions.
@@ -612,12 +614,10 @@ impl MemorySystem {
                 .map_or(i32::MIN, |r| r.priority)
         };
         let p = self.get(parent)?;
-        // QEMU: insert before the first subregion with priority <= ours.
-        let pos = p
-            .subregions
-            .iter()
-            .position(|&o| priority >= prio_of(o))
-            .unwrap_or(p.subregions.len());
+        // QEMU: insert before the first subregion with priority <= ours; in
+        // the reversed storage that is after the last one with priority <=
+        // ours (the storage is sorted by ascending priority).
+        let pos = p.subregions.partition_point(|&o| prio_of(o) <= priority);
         let parent_enabled = p.enabled;
         self.reg_mut(parent)?.subregions.insert(pos, child);
         self.log(Undo::Attached {
@@ -651,7 +651,7 @@ impl MemorySystem {
         let index = p
             .subregions
             .iter()
-            .position(|&o| o == child)
+            .rposition(|&o| o == child)
             .ok_or(MemoryError::NotASubregion { parent, child })?;
         p.subregions.remove(index);
         let parent_enabled = p.enabled;
