@@ -4,7 +4,7 @@
 //! multiboot (v1 and v2) at the ELF entry point with the magic in EAX and the
 //! information structure's physical address in EBX, PVH at the address named
 //! by the PVH ELF note with the start-info address in EBX. The trampoline
-//! zeroes its page tables, identity-maps the first 4 GiB with 2 MiB pages,
+//! zeroes its page tables, identity-maps the first 8 GiB with 2 MiB pages,
 //! enables PAE, long mode and paging, loads a 64-bit GDT and calls
 //! `tern_entry64(protocol: u32, info: u32)`, which the binary defines.
 //!
@@ -40,12 +40,12 @@ boot_entry_pvh:
 3:  mov %ebx, %esi
     mov $boot_stack_top, %esp
 
-    /* Zero the page tables (PML4, PDPT, 4 PDs). */
+    /* Zero the page tables (PML4, PDPT, 8 PDs). */
     mov $boot_page_tables, %ebp
     push %edi
     mov %ebp, %edi
     xor %eax, %eax
-    mov $(6 * 4096 / 4), %ecx
+    mov $(10 * 4096 / 4), %ecx
     rep stosl
     pop %edi
 
@@ -53,16 +53,15 @@ boot_entry_pvh:
     lea 0x1000(%ebp), %eax
     or $0x3, %eax
     mov %eax, 0(%ebp)
-    /* PDPT[0..4] -> PD0..PD3 */
+    /* PDPT[0..8] -> PD0..PD7 */
     lea 0x2003(%ebp), %eax
-    mov %eax, 0x1000(%ebp)
+    xor %ecx, %ecx
+7:  mov %eax, 0x1000(%ebp, %ecx, 8)
     add $0x1000, %eax
-    mov %eax, 0x1008(%ebp)
-    add $0x1000, %eax
-    mov %eax, 0x1010(%ebp)
-    add $0x1000, %eax
-    mov %eax, 0x1018(%ebp)
-    /* 2048 PD entries of 2 MiB each: present, writable, large. */
+    inc %ecx
+    cmp $8, %ecx
+    jne 7b
+    /* 4096 PD entries of 2 MiB each: present, writable, large. */
     lea 0x2000(%ebp), %ebx
     xor %ecx, %ecx
 4:  mov %ecx, %eax
@@ -73,7 +72,7 @@ boot_entry_pvh:
     shr $11, %eax
     mov %eax, 4(%ebx, %ecx, 8)
     inc %ecx
-    cmp $2048, %ecx
+    cmp $4096, %ecx
     jne 4b
 
     /* CR4.PAE */
@@ -127,7 +126,7 @@ boot_gdt_ptr:
     .balign 4096
     .global boot_page_tables
 boot_page_tables:
-    .skip 6 * 4096
+    .skip 10 * 4096
     .balign 16
     .global boot_stack_bottom
 boot_stack_bottom:

@@ -15,11 +15,24 @@
 //! - `badmsr`: reads EFER (must show long mode active), then an MSR Tern
 //!   refuses: the injected #GP finds no IDT and the guest triple-faults,
 //!   which Tern must report.
+//! - `mmio`: every MMIO instruction form and size against the test
+//!   device's scratch registers, results checked bit for bit.
+//! - `rom`: the firmware ROM reads the same through both of its addresses,
+//!   and writes to it change nothing.
+//! - `highram`: RAM below and above 4 GiB (run with `ram=64 lowmem=32`),
+//!   the multiboot memory map shows both.
+//! - `remap`: the test device moves itself and enables a RAM window alias
+//!   in one register write; data written through one alias reads back
+//!   through the other.
+//! - `badmmio`: a read-modify-write on MMIO; Tern must stop the VM.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
 #![no_std]
 #![no_main]
 
 mod io;
+mod mmio;
+
+use mmio::{Load, Store};
 
 use boot::{BootInfo, BootProtocol};
 use core::fmt::Write;
@@ -70,6 +83,15 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
             Err("HLT returned")
         }
         "badmsr" => badmsr(),
+        "mmio" => mmio_forms(),
+        "rom" => rom(),
+        "highram" => highram(&info),
+        "remap" => remap(),
+        "badmmio" => {
+            say!("guest: read-modify-write on MMIO");
+            mmio::add_one(TEST_BASE + 0x100);
+            Err("add to MMIO returned")
+        }
         other => {
             say!("guest: unknown scenario {other}");
             Err("unknown scenario")
@@ -164,6 +186,100 @@ fn badmsr() -> Result<(), &'static str> {
     let v = io::rdmsr(0xC0DE);
     say!("guest: MSR 0xc0de = {v:#x}");
     Err("reading a refused MSR returned")
+}
+
+const TEST_BASE: u64 = 0xFEB0_0000;
+const TEST_ID: u64 = 0x5445_524E;
+
+fn check(what: &'static str, got: u64, want: u64) -> Result<(), &'static str> {
+    if got == want {
+        Ok(())
+    } else {
+        say!("guest: {what}: got {got:#x}, want {want:#x}");
+        Err(what)
+    }
+}
+
+fn mmio_forms() -> Result<(), &'static str> {
+    let s = TEST_BASE + 0x100;
+    let pre = 0x1111_1111_1111_1111;
+    check("ID register", mmio::load(TEST_BASE, Load::Plain32, pre), TEST_ID)?;
+    mmio::store(s, Store::Reg64(0x1122_3344_5566_7788));
+    check("mov r64 store/load", mmio::load(s, Load::Plain64, pre), 0x1122_3344_5566_7788)?;
+    check("mov al keeps the rest", mmio::load(s + 1, Load::Plain8, pre), 0x1111_1111_1111_1177)?;
+    mmio::store(s + 8, Store::Imm8);
+    check("mov byte imm", mmio::load(s + 8, Load::Plain8, pre), 0x1111_1111_1111_11A5)?;
+    mmio::store(s + 10, Store::Imm16);
+    check("mov word imm", mmio::load(s + 10, Load::Plain16, pre), 0x1111_1111_1111_BEEF)?;
+    mmio::store(s + 12, Store::Imm32);
+    check("mov dword imm, eax zero-extends", mmio::load(s + 12, Load::Plain32, pre), 0xDEAD_BEEF)?;
+    mmio::store(s + 16, Store::Imm64);
+    check("mov qword imm32 sign-extends", mmio::load(s + 16, Load::Plain64, pre), 0xFFFF_FFFF_FFFF_FFFE)?;
+    mmio::store(s + 24, Store::Reg8(0x80));
+    check("movsx byte", mmio::load(s + 24, Load::Sx8, pre), 0xFFFF_FFFF_FFFF_FF80)?;
+    check("movzx byte", mmio::load(s + 24, Load::Zx8, pre), 0x80)?;
+    mmio::store(s + 26, Store::Reg16(0x8001));
+    check("movsx word", mmio::load(s + 26, Load::Sx16, pre), 0xFFFF_FFFF_FFFF_8001)?;
+    check("movzx word", mmio::load(s + 26, Load::Zx16, pre), 0x8001)?;
+    mmio::store(s + 28, Store::Reg32(0x8000_0002));
+    check("movsxd", mmio::load(s + 28, Load::Sx32, pre), 0xFFFF_FFFF_8000_0002)?;
+    mmio::store(s + 32, Store::HighByte(0x42));
+    check("mov from ah", mmio::load(s + 32, Load::Zx8, pre), 0x42)?;
+    check("device counted the writes", mmio::load(TEST_BASE + 0x10, Load::Plain64, pre), 9)?;
+    say!("guest: 23 MMIO accesses checked");
+    Ok(())
+}
+
+const BIOS_SIZE: u64 = 128 * 1024;
+
+fn bios_byte(i: u64) -> u8 {
+    (i.wrapping_mul(7) ^ 0x5A) as u8
+}
+
+fn rom() -> Result<(), &'static str> {
+    let (high, low) = ((1u64 << 32) - BIOS_SIZE, 0xE0000u64);
+    let mut i = 0;
+    while i < BIOS_SIZE {
+        let want = u64::from(bios_byte(i));
+        check("ROM at the top of 4 GiB", mmio::load(high + i, Load::Zx8, 0), want)?;
+        check("ROM through isa-bios", mmio::load(low + i, Load::Zx8, 0), want)?;
+        i += 997;
+    }
+    mmio::store(high + 0x100, Store::Imm32);
+    mmio::store(low + 0x200, Store::Reg8(0));
+    check("ROM after a write", mmio::load(high + 0x100, Load::Zx8, 0), u64::from(bios_byte(0x100)))?;
+    check("isa-bios after a write", mmio::load(low + 0x200, Load::Zx8, 0), u64::from(bios_byte(0x200)))?;
+    say!("guest: ROM checked at {} offsets, writes dropped", BIOS_SIZE / 997 + 1);
+    Ok(())
+}
+
+fn highram(info: &BootInfo) -> Result<(), &'static str> {
+    let above = info.memory.iter().find(|r| r.start == 1 << 32).ok_or("no RAM at 4 GiB in the memory map")?;
+    say!("guest: {} KiB of RAM at 4 GiB", above.len / 1024);
+    let spots = [0x10_0000 + 0x7_0000u64, (16 << 20) - 8, 1 << 32, (1 << 32) + (8 << 20) + 8, (1 << 32) + above.len - 8];
+    for (n, &a) in spots.iter().enumerate() {
+        mmio::store(a, Store::Reg64(0xC0DE_0000_0000_0000 | (n as u64) << 32 | a));
+    }
+    for (n, &a) in spots.iter().enumerate() {
+        check("RAM pattern", mmio::load(a, Load::Plain64, 0), 0xC0DE_0000_0000_0000 | (n as u64) << 32 | a)?;
+    }
+    Ok(())
+}
+
+fn remap() -> Result<(), &'static str> {
+    let new_base = 0xFEB4_0000u64;
+    let window = 0xC000_0000u64;
+    mmio::store(0x2000, Store::Reg64(0x5555_AAAA_1234_5678));
+    say!("guest: moving the test device to {new_base:#x} and enabling the RAM window");
+    mmio::store(TEST_BASE + 8, Store::Reg64(new_base | 1));
+    check("ID at the new base", mmio::load(new_base, Load::Plain32, 0), TEST_ID)?;
+    check("RAM through the window", mmio::load(window + 0x2000, Load::Plain64, 0), 0x5555_AAAA_1234_5678)?;
+    mmio::store(window + 0x3000, Store::Reg64(0x0F0F_0F0F));
+    check("window writes reach RAM", mmio::load(0x3000, Load::Plain64, 0), 0x0F0F_0F0F)?;
+    io::vmcall(2, 0);
+    mmio::store(new_base + 8, Store::Reg64(TEST_BASE | 2));
+    check("ID back at the old base", mmio::load(TEST_BASE, Load::Plain32, 0), TEST_ID)?;
+    Ok(())
 }
 
 fn compute(info: &BootInfo) -> Result<(), &'static str> {

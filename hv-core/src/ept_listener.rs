@@ -271,6 +271,14 @@ impl<H: EptHost> EptListener<H> {
         self.changed = true;
     }
 
+    /// Gives every table back; the listener maps nothing afterwards (the VM
+    /// is being torn down).
+    pub fn release(&mut self) {
+        if let Some(e) = self.ept.take() {
+            e.destroy(&mut self.host);
+        }
+    }
+
     /// Gives every table back.
     pub fn destroy(mut self) -> H {
         if let Some(e) = self.ept.take() {

@@ -64,6 +64,10 @@ pub enum StopReason {
     EptMisconfig { gpa: u64 },
     /// The VM used up its time budget (preemption-timer slices).
     TimeBudget,
+    /// A write to ROM, with ROM writes configured to stop the VM.
+    RomWrite { gpa: u64 },
+    /// An MMIO access Tern cannot emulate (reported in detail before).
+    EmulationFailed { gpa: u64 },
 }
 
 impl StopReason {
@@ -118,6 +122,8 @@ impl core::fmt::Display for StopReason {
                 write!(f, "EPT misconfiguration at GPA {gpa:#x} (Tern bug)")
             }
             Self::TimeBudget => write!(f, "time budget used up"),
+            Self::RomWrite { gpa } => write!(f, "guest write to ROM at GPA {gpa:#x}"),
+            Self::EmulationFailed { gpa } => write!(f, "MMIO access at GPA {gpa:#x} could not be emulated"),
         }
     }
 }

@@ -129,6 +129,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         .option("budget")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let lowmem_mib: u64 = info.option("lowmem").and_then(|v| v.parse().ok()).unwrap_or(3072);
     let mut status = Status::OK;
     for (i, m) in info.modules.iter().enumerate() {
         let cmdline = if m.cmdline.is_empty() {
@@ -141,9 +142,16 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             .unwrap_or_else(|| alloc::format!("vm{i}"));
         let cfg = vm::VmConfig {
             name: name.clone(),
-            ram_bytes: ram_mib << 20,
+            machine: hv_core::machine::MachineConfig { ram_bytes: ram_mib << 20, lowmem: lowmem_mib << 20 },
             cmdline: cmdline.into(),
             budget,
+            rom_writes: if info.option("rom_writes") == Some("stop") { vm::RomWrites::Stop } else { vm::RomWrites::Drop },
+            ept_mode: if info.option("ept") == Some("rebuild") {
+                hv_core::ept_listener::EptMode::Rebuild
+            } else {
+                hv_core::ept_listener::EptMode::Incremental
+            },
+            print_mtree: info.option("mtree").is_some(),
         };
         let Some(image) = mem::module_bytes(m) else {
             println!("[{name}] module {i} has an empty or invalid range");
@@ -183,9 +191,19 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         }
         println!();
         println!(
-            "[{name}] EPT: {} tables allocated, {} freed, {} entries written; unclaimed port I/O: {}; host memory not returned: {} bytes",
-            report.ept.tables_allocated, report.ept.tables_freed, report.ept.entries_written, report.unclaimed_io, leaked
+            "[{name}] memory: {} commits, {} device remaps, {} MMIO exits, {} ROM writes dropped, {} unclaimed port accesses",
+            report.memory_commits, report.remaps, report.mmio_exits, report.rom_writes_dropped, report.unclaimed_io
         );
+        println!(
+            "[{name}] EPT: {} updates, {} INVEPTs, {} rebuilds, {} tables allocated, {} freed, {} entries written",
+            report.ept_counters.updates,
+            report.ept_counters.invepts,
+            report.ept_counters.rebuilds,
+            report.ept.tables_allocated,
+            report.ept.tables_freed,
+            report.ept.entries_written
+        );
+        println!("[{name}] host memory not returned: {leaked} bytes");
         status = merge(status, Status(report.stop.status()));
     }
     status

@@ -1,20 +1,30 @@
-//! A VM: its guest RAM, EPT, devices and vCPU, and the VM's half of the
-//! exit dispatch (port I/O, unmapped accesses, hypercalls, halts).
+//! A VM: a PC-like [`Machine`] (memory and I/O maps built with the memory
+//! API, devices), its EPT kept by an [`EptListener`], its host memory, and
+//! its vCPU; plus the VM's half of the exit dispatch (port I/O, MMIO and
+//! unmapped accesses, hypercalls, halts).
 
 use crate::mem::{Frames, HostMem};
-use crate::vmx::vcpu::{StartState, Vcpu, VcpuError};
-use crate::vmx::{instr, Vmx};
+use crate::vmx::instr;
+use crate::vmx::vcpu::{ExitCounters, StartState, Vcpu, VcpuError};
+use crate::vmx::Vmx;
 use alloc::boxed::Box;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use hv_core::addr::{GuestPhysAddr, HostPhysAddr};
 use hv_core::devices::debug_exit::DebugExit;
+use hv_core::devices::test_device::TestDevice;
 use hv_core::devices::uart::Uart16550;
-use hv_core::devices::{PioBus, PioOutcome};
-use hv_core::ept::{Ept, EptPerm, EptStats, PageSizes};
+use hv_core::emulate::{self, AccessKind, GuestPhysRead, MmioExit};
+use hv_core::ept::{EptStats, PageSizes};
+use hv_core::ept_listener::{EptCounters, EptHost, EptListener, EptMode, RamBlock};
 use hv_core::frames::FrameAllocator;
 use hv_core::guest_mem::{GuestRam, RamChunk};
 use hv_core::loader::{self, LoadError, MULTIBOOT_BOOTLOADER_MAGIC};
+use hv_core::machine::{Machine, MachineConfig, MachineError, MemTarget, BIOS_BLOCK, TEST_DEVICE_BASE, TEST_WINDOW_BASE, TEST_WINDOW_SIZE};
+use hv_core::memory::{FlatView, RangeTarget};
+use hv_core::phys::PhysAccess;
 use hv_core::vcpu::{hypercall, ExitAction, StopReason, VcpuExit};
 use hv_core::vmx::exit::Access;
 
@@ -22,136 +32,268 @@ use hv_core::vmx::exit::Access;
 #[derive(Debug)]
 pub enum VmError {
     OutOfMemory(&'static str),
+    Machine(MachineError),
     Load(LoadError),
-    Ept(hv_core::ept::EptError),
+    Ept(String),
     Vcpu(VcpuError),
-    Vmx(instr::VmxFail),
 }
 
 impl core::fmt::Display for VmError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::OutOfMemory(what) => write!(f, "out of host memory for {what}"),
+            Self::Machine(e) => write!(f, "{e}"),
             Self::Load(e) => write!(f, "cannot load the guest image: {e}"),
-            Self::Ept(e) => write!(f, "EPT: {e:?}"),
+            Self::Ept(e) => write!(f, "EPT: {e}"),
             Self::Vcpu(e) => write!(f, "vCPU: {e}"),
-            Self::Vmx(e) => write!(f, "{e}"),
         }
     }
+}
+
+impl From<MachineError> for VmError {
+    fn from(e: MachineError) -> Self {
+        Self::Machine(e)
+    }
+}
+
+/// What guest writes to ROM do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RomWrites {
+    /// Dropped, as on real hardware (the default).
+    Drop,
+    /// The VM is stopped with a report.
+    Stop,
 }
 
 /// How a VM is configured.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     pub name: String,
-    pub ram_bytes: u64,
+    pub machine: MachineConfig,
     /// Guest command line (multiboot).
     pub cmdline: String,
     /// Preemption-timer slices before the VM is stopped (0: unlimited).
     pub budget: u64,
+    pub rom_writes: RomWrites,
+    pub ept_mode: EptMode,
+    /// Print the memory map at start.
+    pub print_mtree: bool,
+}
+
+/// The kernel side of the EPT listener: tables in host frames, real INVEPT.
+pub struct KernelEptHost;
+
+impl PhysAccess for KernelEptHost {
+    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
+        HostMem.read(addr, buf)
+    }
+    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
+        HostMem.write(addr, data)
+    }
+}
+
+impl FrameAllocator for KernelEptHost {
+    fn alloc_contiguous(&mut self, size: u64, align: u64) -> Option<HostPhysAddr> {
+        Frames.alloc_contiguous(size, align)
+    }
+    fn free_contiguous(&mut self, addr: HostPhysAddr, size: u64) {
+        Frames.free_contiguous(addr, size)
+    }
+}
+
+impl EptHost for KernelEptHost {
+    fn invept(&mut self, eptp: u64) {
+        if let Err(e) = instr::invept_single(eptp) {
+            log::error!("INVEPT {eptp:#x}: {e}");
+        }
+    }
+}
+
+/// Guest-physical reads for the instruction emulator, through the
+/// committed flat view (RAM and ROM only).
+struct GuestReader<'a> {
+    view: &'a FlatView,
+    blocks: &'a [(HostPhysAddr, u64)],
+}
+
+impl GuestPhysRead for GuestReader<'_> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gpa.checked_add(done as u64).ok_or(())?;
+            let r = self.view.lookup(at).ok_or(())?;
+            let b = match r.target {
+                RangeTarget::Ram(b) | RangeTarget::RamDevice(b) => b,
+                RangeTarget::RomDevice { backing, .. } if r.romd_mode => backing,
+                _ => return Err(()),
+            };
+            let &(hpa, size) = self.blocks.get(b.block as usize).ok_or(())?;
+            let off = b.offset + r.offset_in_region + (at - r.start);
+            let in_range = (r.end() - at as u128).min(u64::MAX as u128) as u64;
+            let n = (buf.len() - done).min(in_range as usize).min(size.saturating_sub(off) as usize);
+            if n == 0 {
+                return Err(());
+            }
+            HostMem.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// A virtual machine.
 pub struct Vm {
     pub name: String,
-    ram: GuestRam,
-    ram_hpa: HostPhysAddr,
-    ram_bytes: u64,
-    ept: Option<Ept>,
-    pio: PioBus,
+    machine: Machine,
+    ept: Rc<RefCell<EptListener<KernelEptHost>>>,
+    blocks: Vec<(HostPhysAddr, u64)>,
     vcpu: Option<Vcpu>,
     console_line: Vec<u8>,
+    rom_writes: RomWrites,
+    pub mmio_exits: u64,
+    pub rom_writes_dropped: u64,
 }
 
 /// What a VM did, for the exit summary.
 pub struct VmReport {
     pub stop: StopReason,
-    pub exits: crate::vmx::vcpu::ExitCounters,
+    pub exits: ExitCounters,
     pub ept: EptStats,
+    pub ept_counters: EptCounters,
     pub unclaimed_io: u64,
+    pub memory_commits: u64,
+    pub remaps: u64,
+    pub mmio_exits: u64,
+    pub rom_writes_dropped: u64,
+}
+
+/// Bytes of the firmware ROM: a pattern the guest can check through both
+/// of its addresses.
+pub fn bios_byte(i: u64) -> u8 {
+    (i.wrapping_mul(7) ^ 0x5A) as u8
 }
 
 impl Vm {
     /// Builds a VM from a multiboot guest image.
     pub fn create(vmx: &Vmx, vpid: u16, image: &[u8], cfg: &VmConfig) -> Result<Self, VmError> {
-        let mut host = HostMem;
-        let ram_bytes = cfg.ram_bytes.div_ceil(2 << 20) * (2 << 20);
-        let ram_hpa = Frames
-            .alloc_contiguous(ram_bytes, 2 << 20)
-            .ok_or(VmError::OutOfMemory("guest RAM"))?;
+        let mut machine = Machine::new_pc(&cfg.machine)?;
+        machine.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new()))?;
+        machine.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit))?;
+        let pci = machine.regions.pci;
+        let test = machine.map_mmio("tern-test", pci, TEST_DEVICE_BASE, 0x1000, Box::new(TestDevice::default()))?;
+        let ram = machine.regions.ram;
+        let window = machine.mem.create_alias("tern-test-window", TEST_WINDOW_SIZE.into(), ram, 0).map_err(MachineError::from)?;
+        machine.mem.set_enabled(window, false).map_err(MachineError::from)?;
+        let system = machine.regions.system;
+        machine.mem.add_subregion(system, TEST_WINDOW_BASE, window).map_err(MachineError::from)?;
+        if let Some(d) = machine.device::<TestDevice>("tern-test") {
+            d.region = Some(test);
+            d.window = Some(window);
+        }
+
+        // Host memory for each block, 2 MiB aligned so EPT can use large
+        // pages. From here on `vm` owns it (its Drop gives it back).
+        let mut blocks = Vec::new();
+        for &size in &machine.blocks {
+            let size = size.div_ceil(4096) * 4096;
+            match Frames.alloc_contiguous(size, 2 << 20) {
+                Some(h) => blocks.push((h, size)),
+                None => {
+                    for (h, s) in blocks {
+                        Frames.free_contiguous(h, s);
+                    }
+                    return Err(VmError::OutOfMemory("guest RAM"));
+                }
+            }
+        }
+        let sizes = PageSizes { two_mib: vmx.caps.ept_2m_pages(), one_gib: vmx.caps.ept_1g_pages() };
+        let ram_blocks = blocks.iter().map(|&(hpa, size)| RamBlock { hpa, size }).collect();
+        let listener = EptListener::new(KernelEptHost, sizes, ram_blocks, vmx.caps.ept_ad_bits(), cfg.ept_mode);
+        let listener = match listener {
+            Ok(l) => Rc::new(RefCell::new(l)),
+            Err(e) => {
+                for (h, s) in blocks {
+                    Frames.free_contiguous(h, s);
+                }
+                return Err(VmError::Ept(alloc::format!("{e:?}")));
+            }
+        };
         let mut vm = Self {
             name: cfg.name.clone(),
-            ram: GuestRam::new(),
-            ram_hpa,
-            ram_bytes,
-            ept: None,
-            pio: PioBus::default(),
+            machine,
+            ept: listener.clone(),
+            blocks,
             vcpu: None,
             console_line: Vec::new(),
+            rom_writes: cfg.rom_writes,
+            mmio_exits: 0,
+            rom_writes_dropped: 0,
         };
-        // From here on, `vm` owns what it holds: dropping it on an error
-        // gives everything back (see `Drop`).
-        let chunk = RamChunk {
-            gpa: GuestPhysAddr::new(0),
-            hpa: ram_hpa,
-            size: ram_bytes,
-        };
-        vm.ram
-            .add(chunk)
-            .map_err(|_| VmError::OutOfMemory("RAM map"))?;
-        let sizes = PageSizes {
-            two_mib: vmx.caps.ept_2m_pages(),
-            one_gib: vmx.caps.ept_1g_pages(),
-        };
-        let mut ept = Ept::new(&mut host, sizes).map_err(VmError::Ept)?;
-        let mapped = ept.map(
-            &mut host,
-            chunk.gpa,
-            chunk.hpa,
-            chunk.size,
-            EptPerm::ReadWriteExecute,
-        );
-        let eptp = ept.eptp(vmx.caps.ept_ad_bits());
-        vm.ept = Some(ept);
-        let hv_core::ept::InveptRequired = mapped.map_err(VmError::Ept)?;
-        // Register the devices before anything can run.
-        // A fresh bus cannot have conflicts; the error case is unreachable
-        // but still not a panic.
-        let _ = vm
-            .pio
-            .register(0x3F8, 8, "com1", Box::new(Uart16550::new()));
-        let _ = vm.pio.register(0xF4, 4, "debug-exit", Box::new(DebugExit));
-        let loaded = loader::load_multiboot(image, &cfg.cmdline, &vm.ram, &mut host)
-            .map_err(VmError::Load)?;
+        let space = vm.machine.memory;
+        vm.machine.mem.add_listener(space, 0, listener).map_err(MachineError::from)?;
+        if let Some(e) = vm.ept.borrow_mut().take_error() {
+            return Err(VmError::Ept(alloc::format!("{e:?}")));
+        }
+
+        // Firmware contents, then the guest image through the RAM map.
+        let (bios_hpa, bios_size) = vm.blocks[BIOS_BLOCK as usize];
+        let rom: Vec<u8> = (0..bios_size).map(bios_byte).collect();
+        HostMem.write(bios_hpa, &rom);
+        let ram_map = vm.guest_ram();
+        let loaded = loader::load_multiboot(image, &cfg.cmdline, &ram_map, &mut HostMem).map_err(VmError::Load)?;
         log::info!(
             "[{}] loaded image {:#x}-{:#x}, entry {:#x}, {} MiB RAM",
             vm.name,
             loaded.image.0,
             loaded.image.1,
             loaded.entry,
-            ram_bytes >> 20
+            cfg.machine.ram_bytes >> 20
         );
-        let start = StartState {
-            rip: loaded.entry.into(),
-            rax: MULTIBOOT_BOOTLOADER_MAGIC.into(),
-            rbx: loaded.info.into(),
-        };
+        if cfg.print_mtree {
+            vm.print_mtree();
+        }
+        let start = StartState { rip: loaded.entry.into(), rax: MULTIBOOT_BOOTLOADER_MAGIC.into(), rbx: loaded.info.into() };
+        let eptp = vm.ept.borrow().eptp();
         let mut vcpu = Vcpu::new(vmx, vpid, eptp, start).map_err(VmError::Vcpu)?;
         vcpu.budget = cfg.budget;
         vm.vcpu = Some(vcpu);
-        instr::invept_single(eptp).map_err(VmError::Vmx)?;
         Ok(vm)
+    }
+
+    /// Guest RAM (writable RAM ranges of the current memory map).
+    fn guest_ram(&mut self) -> GuestRam {
+        let mut ram = GuestRam::new();
+        if let Ok(view) = self.machine.mem.flat_view(self.machine.memory) {
+            for r in view.ranges() {
+                if let (RangeTarget::Ram(b), false) = (r.target, r.readonly) {
+                    if let Some(&(hpa, _)) = self.blocks.get(b.block as usize) {
+                        let size = r.size.min(u64::MAX as u128) as u64;
+                        let hpa = HostPhysAddr::new(hpa.as_u64() + b.offset + r.offset_in_region);
+                        let _ = ram.add(RamChunk { gpa: GuestPhysAddr::new(r.start), hpa, size });
+                    }
+                }
+            }
+        }
+        ram
+    }
+
+    /// Prints `info mtree` and `info mtree -f` of the VM.
+    pub fn print_mtree(&mut self) {
+        match self.machine.mtree() {
+            Ok((tree, flat)) => {
+                crate::println!("[{}] memory map (info mtree):", self.name);
+                crate::print!("{tree}");
+                crate::println!("[{}] flat views (info mtree -f):", self.name);
+                crate::print!("{flat}");
+            }
+            Err(e) => crate::println!("[{}] cannot print the memory map: {e}", self.name),
+        }
     }
 
     /// Runs the VM until it stops.
     pub fn run(&mut self) -> VmReport {
         let Some(mut vcpu) = self.vcpu.take() else {
-            return VmReport {
-                stop: StopReason::VmxInstructionFailed,
-                exits: Default::default(),
-                ept: EptStats::default(),
-                unclaimed_io: 0,
-            };
+            return self.report(StopReason::VmxInstructionFailed, ExitCounters::default());
         };
         let stop = vcpu.run(|exit, vcpu| self.handle(exit, vcpu));
         self.flush_console(true);
@@ -159,41 +301,58 @@ impl Vm {
             crate::println!("[{}] VM stopped: {stop}", self.name);
             vcpu.dump(&self.name);
         }
-        let report = VmReport {
-            stop,
-            exits: vcpu.exits.clone(),
-            ept: self.ept.as_ref().map(|e| e.stats).unwrap_or_default(),
-            unclaimed_io: self.pio.unclaimed,
-        };
+        let exits = vcpu.exits.clone();
         self.vcpu = Some(vcpu);
-        report
+        self.report(stop, exits)
+    }
+
+    fn report(&self, stop: StopReason, exits: ExitCounters) -> VmReport {
+        let ept = self.ept.borrow();
+        VmReport {
+            stop,
+            exits,
+            ept: ept.ept_stats(),
+            ept_counters: ept.counters,
+            unclaimed_io: self.machine.stats.unclaimed_pio,
+            memory_commits: self.machine.mem.stats().commits,
+            remaps: self.machine.stats.remaps,
+            mmio_exits: self.mmio_exits,
+            rom_writes_dropped: self.rom_writes_dropped,
+        }
+    }
+
+    /// After a memory-map change: the EPT must have followed it.
+    fn after_remap(&mut self, vcpu: &mut Vcpu) -> Option<StopReason> {
+        let mut l = self.ept.borrow_mut();
+        if let Some(e) = l.take_error() {
+            crate::println!("[{}] EPT could not follow the memory map: {e:?}", self.name);
+            return Some(StopReason::VmxInstructionFailed);
+        }
+        if vcpu.set_eptp(l.eptp()).is_err() {
+            return Some(StopReason::VmxInstructionFailed);
+        }
+        None
     }
 
     /// Level two of the exit dispatch.
     fn handle(&mut self, exit: VcpuExit, vcpu: &mut Vcpu) -> ExitAction {
         match exit {
-            VcpuExit::Io {
-                port,
-                size,
-                access: Access::Write,
-                value,
-            } => {
-                let out = self.pio.write(port, size, value);
+            VcpuExit::Io { port, size, access: Access::Write, value } => {
+                let out = self.machine.pio_write(port, size, value.into());
                 if port == 0x3F8 {
                     self.flush_console(false);
                 }
                 match out {
-                    PioOutcome::Done => ExitAction::Advance(None),
-                    PioOutcome::Exit(status) => ExitAction::Stop(StopReason::Exited(status)),
+                    Ok(None) => ExitAction::Advance(None),
+                    Ok(Some(status)) => ExitAction::Stop(StopReason::Exited(status)),
+                    Err(e) => self.machine_error(e),
                 }
             }
-            VcpuExit::Io {
-                port,
-                size,
-                access: Access::Read,
-                ..
-            } => {
-                let v = u64::from(self.pio.read(port, size));
+            VcpuExit::Io { port, size, access: Access::Read, .. } => {
+                let v = match self.machine.pio_read(port, size) {
+                    Ok(v) => v,
+                    Err(e) => return self.machine_error(e),
+                };
                 let rax = vcpu.regs.rax;
                 let merged = match size {
                     1 => (rax & !0xff) | v,
@@ -202,12 +361,14 @@ impl Vm {
                 };
                 ExitAction::Advance(Some(merged))
             }
-            VcpuExit::Mmio { gpa, access, .. } => {
-                ExitAction::Stop(StopReason::UnmappedAccess { gpa, access })
-            }
+            VcpuExit::Mmio { gpa, access, linear } => self.mmio(vcpu, gpa, access, linear),
             VcpuExit::Hypercall { nr, args } => match nr {
                 hypercall::PING => ExitAction::Advance(Some(hypercall::PING_REPLY)),
                 hypercall::EXIT => ExitAction::Stop(StopReason::Exited(args[0] as u32)),
+                hypercall::DUMP_MEMORY_MAP => {
+                    self.print_mtree();
+                    ExitAction::Advance(Some(0))
+                }
                 _ => ExitAction::Advance(Some(u64::MAX)),
             },
             VcpuExit::Halt { .. } => ExitAction::Stop(StopReason::Halted),
@@ -215,17 +376,96 @@ impl Vm {
         }
     }
 
+    fn machine_error(&self, e: MachineError) -> ExitAction {
+        crate::println!("[{}] memory map error: {e}", self.name);
+        ExitAction::Stop(StopReason::VmxInstructionFailed)
+    }
+
+    /// An access EPT did not map: a device, a ROM write, or nothing.
+    fn mmio(&mut self, vcpu: &mut Vcpu, gpa: u64, access: Access, linear: Option<u64>) -> ExitAction {
+        self.mmio_exits += 1;
+        let target = match self.machine.memory_target(gpa) {
+            Ok(t) => t,
+            Err(e) => return self.machine_error(e),
+        };
+        let (device, rom) = match target {
+            MemTarget::Unmapped => return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access }),
+            MemTarget::Device { handle, offset, left } => (Some((handle, offset, left)), false),
+            MemTarget::Ram { readonly: true, .. } if access == Access::Write => {
+                if self.rom_writes == RomWrites::Stop {
+                    return ExitAction::Stop(StopReason::RomWrite { gpa });
+                }
+                (None, true)
+            }
+            // RAM that EPT should have mapped (a partial page at a range
+            // edge): not emulated.
+            MemTarget::Ram { .. } => return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access }),
+        };
+        let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
+            (Ok(m), Ok(r)) => (m, r),
+            _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
+        };
+        let kind = if access == Access::Write { AccessKind::Write } else { AccessKind::Read };
+        let mut exit = MmioExit::new(gpa, kind);
+        if let Some(l) = linear {
+            exit = exit.with_linear(l);
+        }
+        let decoded = {
+            let Ok(view) = self.machine.mem.committed_view(self.machine.memory) else {
+                return ExitAction::Stop(StopReason::VmxInstructionFailed);
+            };
+            let reader = GuestReader { view: &view, blocks: &self.blocks };
+            emulate::emulate(&mode, &reader, &regs, &exit)
+        };
+        let acc = match decoded {
+            Ok(a) => a,
+            Err(e) => {
+                crate::println!("[{}] cannot emulate the access at GPA {gpa:#x}: {e}", self.name);
+                return ExitAction::Stop(StopReason::EmulationFailed { gpa });
+            }
+        };
+        let size = acc.size();
+        let mut read_value = 0;
+        if rom {
+            self.rom_writes_dropped += 1;
+        } else if let Some((handle, offset, left)) = device {
+            if u64::from(size) > left {
+                crate::println!("[{}] a {size}-byte access at GPA {gpa:#x} crosses the end of its region", self.name);
+                return ExitAction::Stop(StopReason::EmulationFailed { gpa });
+            }
+            match acc.write_value() {
+                Some(v) => match self.machine.device_write(handle, offset, size, v) {
+                    Ok(None) => {
+                        if let Some(stop) = self.after_remap(vcpu) {
+                            return ExitAction::Stop(stop);
+                        }
+                    }
+                    Ok(Some(status)) => return ExitAction::Stop(StopReason::Exited(status)),
+                    Err(e) => return self.machine_error(e),
+                },
+                None => read_value = self.machine.device_read(handle, offset, size),
+            }
+        }
+        acc.finish(read_value, &mut regs);
+        match vcpu.set_emu_regs(&regs) {
+            Ok(()) => ExitAction::Retry,
+            Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+        }
+    }
+
     /// Prints the guest's complete console lines, prefixed by the VM name.
     fn flush_console(&mut self, all: bool) {
-        if let Some(u) = self.pio.device::<Uart16550>("com1") {
+        if let Some(u) = self.machine.device::<Uart16550>("serial") {
             self.console_line.extend(u.take_output());
         }
+        // A guest that never sends a newline still gets printed.
+        let force = self.console_line.len() >= 4096;
         while let Some(i) = self.console_line.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.console_line.drain(..=i).collect();
             let text = String::from_utf8_lossy(&line[..line.len() - 1]);
             crate::println!("[{}] {}", self.name, text.trim_end_matches('\r'));
         }
-        if all && !self.console_line.is_empty() {
+        if (all || force) && !self.console_line.is_empty() {
             let text = String::from_utf8_lossy(&self.console_line);
             crate::println!("[{}] {}", self.name, text);
             self.console_line.clear();
@@ -238,9 +478,9 @@ impl Drop for Vm {
         if let Some(v) = self.vcpu.take() {
             v.destroy();
         }
-        if let Some(e) = self.ept.take() {
-            e.destroy(&mut HostMem);
+        self.ept.borrow_mut().release();
+        for &(h, s) in &self.blocks {
+            Frames.free_contiguous(h, s);
         }
-        Frames.free_contiguous(self.ram_hpa, self.ram_bytes);
     }
 }

@@ -3,7 +3,7 @@
 //! line-control and modem-control registers hold what is written.
 //! Transmitted bytes are collected for the VM to print.
 
-use super::pio::{PioDevice, PioOutcome};
+use super::{Device, DeviceOutcome};
 use alloc::vec::Vec;
 
 const LSR_THRE: u8 = 1 << 5;
@@ -37,10 +37,10 @@ impl Uart16550 {
     }
 }
 
-impl PioDevice for Uart16550 {
-    fn read(&mut self, offset: u16, _size: u8) -> u32 {
+impl Device for Uart16550 {
+    fn read(&mut self, offset: u64, _size: u8) -> u64 {
         let dlab = self.lcr & LCR_DLAB != 0;
-        u32::from(match offset {
+        u64::from(match offset {
             0 if dlab => self.divisor as u8,
             1 if dlab => (self.divisor >> 8) as u8,
             0 => 0, // receive buffer: never anything
@@ -55,7 +55,7 @@ impl PioDevice for Uart16550 {
         })
     }
 
-    fn write(&mut self, offset: u16, _size: u8, value: u32) -> PioOutcome {
+    fn write(&mut self, offset: u64, _size: u8, value: u64) -> DeviceOutcome {
         let v = value as u8;
         let dlab = self.lcr & LCR_DLAB != 0;
         match offset {
@@ -74,7 +74,7 @@ impl PioDevice for Uart16550 {
             7 => self.scr = v,
             _ => {}
         }
-        PioOutcome::Done
+        DeviceOutcome::Done
     }
 
     fn as_any(&mut self) -> &mut dyn core::any::Any {
@@ -95,8 +95,8 @@ mod tests {
         assert_eq!(u.divisor, 1);
         assert_eq!(u.read(0, 1), 1, "DLAB reads the divisor");
         u.write(3, 1, 0x03);
-        u.write(0, 1, u32::from(b'o'));
-        u.write(0, 1, u32::from(b'k'));
+        u.write(0, 1, u64::from(b'o'));
+        u.write(0, 1, u64::from(b'k'));
         assert_eq!(u.read(5, 1) & 0x20, 0x20, "transmit holding register empty");
         assert_eq!(u.take_output(), b"ok");
         assert!(u.take_output().is_empty());

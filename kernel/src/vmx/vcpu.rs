@@ -632,6 +632,49 @@ impl Vcpu {
         Ok(Own::Done(ExitAction::Advance(None)))
     }
 
+    /// The paging and code-size state the instruction emulator needs.
+    pub fn cpu_mode(&self) -> Result<hv_core::emulate::CpuMode, VmxFail> {
+        let ar = instr::vmread(guest::CS_ACCESS_RIGHTS)?;
+        Ok(hv_core::emulate::CpuMode {
+            cr0: instr::vmread(guest::CR0)?,
+            cr3: instr::vmread(guest::CR3)?,
+            cr4: instr::vmread(guest::CR4)?,
+            efer: instr::vmread(guest::IA32_EFER_FULL)?,
+            cs_base: instr::vmread(guest::CS_BASE)?,
+            cs_l: ar & (1 << 13) != 0,
+            cs_db: ar & (1 << 14) != 0,
+        })
+    }
+
+    /// The guest's registers in the emulator's layout.
+    pub fn emu_regs(&self) -> Result<hv_core::emulate::Regs, VmxFail> {
+        let mut gpr = [0u64; 16];
+        for (i, g) in gpr.iter_mut().enumerate() {
+            *g = self.gpr(i as u8)?;
+        }
+        Ok(hv_core::emulate::Regs { gpr, rip: instr::vmread(guest::RIP)?, rflags: instr::vmread(guest::RFLAGS)? })
+    }
+
+    /// Writes back what the emulator changed.
+    pub fn set_emu_regs(&mut self, r: &hv_core::emulate::Regs) -> Result<(), VmxFail> {
+        for (i, v) in r.gpr.iter().enumerate() {
+            self.set_gpr(i as u8, *v)?;
+        }
+        rw(guest::RIP, r.rip)?;
+        rw(guest::RFLAGS, r.rflags)?;
+        // The instruction completed: STI/MOV-SS blocking ends.
+        let intr = instr::vmread(guest::INTERRUPTIBILITY_STATE)?;
+        if intr & 3 != 0 {
+            rw(guest::INTERRUPTIBILITY_STATE, intr & !3)?;
+        }
+        Ok(())
+    }
+
+    /// Points the VMCS at a new EPT root (after a rebuild).
+    pub fn set_eptp(&mut self, eptp: u64) -> Result<(), VmxFail> {
+        rw(control::EPTP_FULL, eptp)
+    }
+
     /// Prints the guest state for a stop report.
     pub fn dump(&self, name: &str) {
         let rd = |f| instr::vmread(f).unwrap_or(u64::MAX);
