@@ -410,7 +410,16 @@ fn reads_mid_transaction_render_on_demand_or_force_commit() {
         let s0 = m.stats();
         m.begin();
         m.add_subregion(root, 0, a).unwrap();
-        // The read sees the mutation.
+        // The read sees the mutation; translate walks instead of rendering.
+        let r0 = m.stats().renders;
+        assert_eq!(
+            m.translate(sp, 0x10).unwrap().map(|t| (t.region, t.offset)),
+            Some((a, 0x10))
+        );
+        if policy == ReadPolicy::RenderOnDemand {
+            assert_eq!(m.stats().renders, r0);
+            assert_eq!(m.stats().walk_lookups, 1);
+        }
         assert_eq!(m.lookup(sp, 0x10).unwrap().unwrap().region, a);
         assert_eq!(m.lookup(sp, 0x10).unwrap().unwrap().region, a); // cached
         m.add_subregion(root, 0x1000, b).unwrap();

@@ -343,6 +343,12 @@ impl World {
             }
             Op::Read { addr } => {
                 // Reads mid-transaction see the tree as it is now.
+                let t = self.m.translate(self.sp, addr).unwrap();
+                let want = self.m.resolve_slow(self.root, addr).unwrap();
+                prop_assert_eq!(
+                    t.map(|t| (t.region, t.offset, t.readonly)),
+                    want.map(|h| (h.region, h.offset, h.readonly))
+                );
                 let got = self.m.lookup(self.sp, addr).unwrap();
                 let want = self.m.resolve_slow(self.root, addr).unwrap();
                 prop_assert_eq!(
