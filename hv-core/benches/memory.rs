@@ -5,9 +5,10 @@
 //!   regions and an EPT-like listener;
 //! * `mutations_1000/{each,one_txn}`: the same 1,000 mutations committed one
 //!   by one vs in one transaction;
-//! * `txn_reads/{force_commit,render_on_demand}`: a transaction of 100
-//!   mutations, each followed by a lookup (QEMU-like forced commit vs
-//!   on-demand rendering).
+//! * `txn_reads/{force_commit,render_on_demand,render_on_demand_translate}`:
+//!   a transaction of 100 mutations, each followed by a read (QEMU-like
+//!   forced commit vs on-demand rendering for `lookup` vs tree walk for
+//!   `translate`).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use hv_core::memory::{
@@ -149,9 +150,14 @@ fn bench_txn(c: &mut Criterion) {
 fn bench_reads(c: &mut Criterion) {
     let mut g = c.benchmark_group("txn_reads");
     g.sample_size(10);
-    for (name, policy) in [
-        ("force_commit", ReadPolicy::ForceCommit),
-        ("render_on_demand", ReadPolicy::RenderOnDemand),
+    for (name, policy, translate) in [
+        ("force_commit", ReadPolicy::ForceCommit, false),
+        ("render_on_demand", ReadPolicy::RenderOnDemand, false),
+        (
+            "render_on_demand_translate",
+            ReadPolicy::RenderOnDemand,
+            true,
+        ),
     ] {
         let mut mach = machine(1_000);
         mach.m.set_read_policy(policy);
@@ -163,15 +169,20 @@ fn bench_reads(c: &mut Criterion) {
                 for i in 0..100 {
                     let r = mach.leaves[i * 7 % mach.leaves.len()];
                     mach.m.set_enabled(r, !flip).unwrap();
-                    black_box(mach.m.lookup(mach.sp, i as u64 * 0x2000).unwrap());
+                    let addr = i as u64 * 0x2000;
+                    if translate {
+                        black_box(mach.m.translate(mach.sp, addr).unwrap());
+                    } else {
+                        black_box(mach.m.lookup(mach.sp, addr).unwrap());
+                    }
                 }
                 mach.m.commit().unwrap();
             })
         });
         let s = mach.m.stats();
         eprintln!(
-            "txn_reads/{name}: renders={} on_demand={} forced_commits={} listener_commits={}",
-            s.renders, s.on_demand_renders, s.forced_commits, s.listener_commits
+            "txn_reads/{name}: renders={} on_demand={} walks={} forced_commits={} listener_commits={}",
+            s.renders, s.on_demand_renders, s.walk_lookups, s.forced_commits, s.listener_commits
         );
     }
     g.finish();

@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod addr;
 pub mod devices;
+pub mod emulate;
 pub mod ept;
 pub mod ept_listener;
 pub mod frames;

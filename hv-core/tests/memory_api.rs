@@ -410,7 +410,16 @@ fn reads_mid_transaction_render_on_demand_or_force_commit() {
         let s0 = m.stats();
         m.begin();
         m.add_subregion(root, 0, a).unwrap();
-        // The read sees the mutation.
+        // The read sees the mutation; translate walks instead of rendering.
+        let r0 = m.stats().renders;
+        assert_eq!(
+            m.translate(sp, 0x10).unwrap().map(|t| (t.region, t.offset)),
+            Some((a, 0x10))
+        );
+        if policy == ReadPolicy::RenderOnDemand {
+            assert_eq!(m.stats().renders, r0);
+            assert_eq!(m.stats().walk_lookups, 1);
+        }
         assert_eq!(m.lookup(sp, 0x10).unwrap().unwrap().region, a);
         assert_eq!(m.lookup(sp, 0x10).unwrap().unwrap().region, a); // cached
         m.add_subregion(root, 0x1000, b).unwrap();
@@ -679,4 +688,134 @@ fn address_spaces_with_the_same_root_share_a_view() {
     m.commit().unwrap();
     m.destroy_address_space(other).unwrap();
     assert!(m.flat_view(other).is_err());
+}
+
+/// The shape the kernel will use: an EPT-like listener mapping RAM pages on
+/// region_add/region_del, MMIO dispatch through lookup, and an incoming
+/// migration that loads device state in one transaction, abandoned on error.
+#[test]
+fn ept_listener_and_migration_transaction() {
+    use hv_core::memory::RangeTarget;
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    struct Ept {
+        pages: BTreeMap<u64, (u32, u64, bool)>,
+        brackets: usize,
+    }
+    impl MemoryListener for Ept {
+        fn commit(&mut self, _cx: &ListenerCtx<'_>) {
+            self.brackets += 1;
+        }
+        fn region_add(&mut self, _cx: &ListenerCtx<'_>, r: &FlatRange) {
+            if let RangeTarget::Ram(b) = r.target {
+                for p in (0..r.size as u64).step_by(0x1000) {
+                    let host = b.offset + r.offset_in_region + p;
+                    self.pages
+                        .insert((r.start + p) >> 12, (b.block, host, r.readonly));
+                }
+            }
+        }
+        fn region_del(&mut self, _cx: &ListenerCtx<'_>, r: &FlatRange) {
+            if let RangeTarget::Ram(_) = r.target {
+                for p in (0..r.size as u64).step_by(0x1000) {
+                    self.pages.remove(&((r.start + p) >> 12));
+                }
+            }
+        }
+    }
+
+    let mut m = MemorySystem::new();
+    let system = m.create_container("system", 1 << 64).unwrap();
+    let sp = m.create_address_space("memory", system).unwrap();
+    let ram = m
+        .create_ram(
+            "pc.ram",
+            0x10_0000,
+            RamBacking {
+                block: 0,
+                offset: 0,
+            },
+        )
+        .unwrap();
+    let below = m.create_alias("ram-below-4g", 0x10_0000, ram, 0).unwrap();
+    m.add_subregion(system, 0, below).unwrap();
+    let bios = m
+        .create_rom(
+            "pc.bios",
+            0x4000,
+            RamBacking {
+                block: 1,
+                offset: 0,
+            },
+        )
+        .unwrap();
+    m.add_subregion(system, 0xffff_c000, bios).unwrap();
+    let pci = m.create_container("pci", 1 << 32).unwrap();
+    m.add_subregion_overlap(system, 0, pci, -1).unwrap();
+    let bar = m.create_mmio("bar0", 0x1000, MmioHandle(5)).unwrap();
+    m.add_subregion_overlap(pci, 0xfeb0_0000, bar, 1).unwrap();
+    let shadow = m.create_alias("shadow", 0x1000, ram, 0xf_0000).unwrap();
+    m.set_readonly(shadow, true).unwrap();
+    m.add_subregion_overlap(system, 0xf_0000, shadow, 1)
+        .unwrap();
+
+    let ept = Rc::new(RefCell::new(Ept::default()));
+    m.add_listener(sp, 0, ept.clone()).unwrap();
+    let check = |m: &mut MemorySystem, ept: &Ept| {
+        let view = m.flat_view(sp).unwrap();
+        let ram_pages: u64 = view
+            .ranges()
+            .iter()
+            .filter(|r| matches!(r.target, RangeTarget::Ram(_)))
+            .map(|r| (r.size as u64).div_ceil(0x1000))
+            .sum();
+        assert_eq!(ept.pages.len() as u64, ram_pages);
+        for (&gfn, &(block, host, ro)) in &ept.pages {
+            let l = m.lookup(sp, gfn << 12).unwrap().unwrap();
+            assert_eq!(l.readonly, ro);
+            match l.range.target {
+                RangeTarget::Ram(b) => assert_eq!((b.block, b.offset + l.offset), (block, host)),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    check(&mut m, &ept.borrow());
+    assert_eq!(ept.borrow().pages.len(), 0x100 + 4);
+    assert!(
+        ept.borrow().pages[&0xf0].2,
+        "shadowed BIOS page is read-only"
+    );
+    // MMIO dispatch: the BAR is found with its handle and offset.
+    let l = m.lookup(sp, 0xfeb0_0010).unwrap().unwrap();
+    assert_eq!(
+        (l.region, l.offset, l.range.target),
+        (bar, 0x10, RangeTarget::Mmio(MmioHandle(5)))
+    );
+
+    // Incoming migration, first attempt fails half-way: abandon.
+    let before = ept.borrow().pages.clone();
+    let brackets = ept.borrow().brackets;
+    m.begin();
+    m.set_address(bar, 0xfeb1_0000).unwrap();
+    m.set_enabled(shadow, false).unwrap();
+    m.set_size(ram, 0x20_0000).unwrap();
+    m.set_size(below, 0x20_0000).unwrap();
+    // A device load reads guest memory mid-transaction: sees the new layout.
+    assert!(m.lookup(sp, 0x18_0000).unwrap().is_some());
+    m.abandon().unwrap(); // load error
+    assert_eq!(ept.borrow().pages, before);
+    assert_eq!(ept.borrow().brackets, brackets);
+    assert!(m.lookup(sp, 0x18_0000).unwrap().is_none());
+    // Second attempt succeeds: one bracket for all loads.
+    m.begin();
+    m.set_address(bar, 0xfeb1_0000).unwrap();
+    m.set_enabled(shadow, false).unwrap();
+    m.set_size(ram, 0x20_0000).unwrap();
+    m.set_size(below, 0x20_0000).unwrap();
+    m.commit().unwrap();
+    assert_eq!(ept.borrow().brackets, brackets + 1);
+    assert_eq!(ept.borrow().pages.len(), 0x200 + 4);
+    assert!(!ept.borrow().pages[&0xf0].2);
+    check(&mut m, &ept.borrow());
 }

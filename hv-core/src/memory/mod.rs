@@ -24,7 +24,7 @@ pub use model::SlowHit;
 pub use render::{FlatRange, FlatView, RangeTarget};
 pub use system::{
     AddressSpaceId, AsNotifier, ListenerCtx, ListenerId, Lookup, MemoryListener, MemorySystem,
-    ReadPolicy, RegionInfo, Stats, WriteNotifier,
+    ReadPolicy, RegionInfo, Stats, Translation, WriteNotifier,
 };
 
 use alloc::string::String;

@@ -497,13 +497,16 @@ pub fn parse_tree(text: &str) -> Result<ParsedTree, MemoryError> {
             collect(&nodes, r, &mut tree_nodes);
         }
     }
-    // Memory-region sections: identify with an identical subtree printed
-    // elsewhere, or keep as a separate (detached) tree.
-    let mut region_sections: BTreeMap<String, usize> = BTreeMap::new();
+    // Memory-region sections: identify with an identical subtree printed in
+    // an address-space section, or keep as a separate (detached) tree. Two
+    // memory-region sections are always distinct regions (QEMU queues alias
+    // targets by identity), even when they have the same name.
+    let as_nodes = tree_nodes.clone();
+    let mut region_sections: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for s in sections.iter().filter(|s| s.region.is_some()) {
         let Some(root) = s.root else { continue };
         let name = s.region.clone().unwrap_or_default();
-        let found = tree_nodes
+        let found = as_nodes
             .iter()
             .copied()
             .find(|&c| nodes[c].l.name == nodes[root].l.name && same_shape(&nodes, c, root));
@@ -511,7 +514,7 @@ pub fn parse_tree(text: &str) -> Result<ParsedTree, MemoryError> {
             Some(c) => map_canon(&nodes, &mut canon, root, c),
             None => collect(&nodes, root, &mut tree_nodes),
         }
-        region_sections.entry(name).or_insert(canon[root]);
+        region_sections.entry(name).or_default().push(canon[root]);
     }
 
     let mut mem = MemorySystem::new();
@@ -526,9 +529,17 @@ pub fn parse_tree(text: &str) -> Result<ParsedTree, MemoryError> {
             ids.insert(n, id);
         }
     }
-    let mut busy = BTreeSet::new();
+    let (mut busy, mut used) = (BTreeSet::new(), BTreeSet::new());
     for &n in &tree_nodes {
-        create_alias(&nodes, n, &region_sections, &mut mem, &mut ids, &mut busy)?;
+        create_alias(
+            &nodes,
+            n,
+            &region_sections,
+            &mut mem,
+            &mut ids,
+            &mut busy,
+            &mut used,
+        )?;
     }
     // Attach children: desired list order is priority-descending, stable
     // over print order; adding in reverse yields that order.
@@ -593,10 +604,11 @@ fn map_canon(nodes: &[Node], canon: &mut [usize], from: usize, to: usize) {
 fn create_alias(
     nodes: &[Node],
     n: usize,
-    sections: &BTreeMap<String, usize>,
+    sections: &BTreeMap<String, Vec<usize>>,
     mem: &mut MemorySystem,
     ids: &mut BTreeMap<usize, RegionId>,
     busy: &mut BTreeSet<usize>,
+    used: &mut BTreeSet<usize>,
 ) -> Result<RegionId, MemoryError> {
     if let Some(&id) = ids.get(&n) {
         return Ok(id);
@@ -608,15 +620,44 @@ fn create_alias(
     if !busy.insert(n) {
         return Err(perr(l.line, "alias cycle"));
     }
-    let t = match sections.get(target) {
-        Some(&t) => t,
-        None => nodes
+    let size = l.end.wrapping_sub(l.start) as u128 + 1;
+    let t = match sections.get(target).map(Vec::as_slice) {
+        Some([t]) => *t,
+        // Several distinct regions share the name (e.g. one `pci_bridge_pci`
+        // per PCI bridge): pick the one with the most subregions inside the
+        // alias window (bridge windows are computed from the BARs behind
+        // the bridge); ties go to the first.
+        Some(cands) if !cands.is_empty() => {
+            let window = (*offset as u128, *offset as u128 + size);
+            let score = |&c: &usize| {
+                nodes[c]
+                    .children
+                    .iter()
+                    .filter(|&&k| {
+                        let s = addr_of(nodes, k) as u128;
+                        let e = s + nodes[k].l.end.wrapping_sub(nodes[k].l.start) as u128 + 1;
+                        s < window.1 && e > window.0
+                    })
+                    .count()
+            };
+            // Aliases are visited in print order, which is the order QEMU
+            // queued their targets: on a tie prefer a section no alias has
+            // claimed yet.
+            let best = cands.iter().map(score).max().unwrap_or(0);
+            let mut tied = cands.iter().filter(|c| score(c) == best);
+            let first = *tied
+                .clone()
+                .next()
+                .ok_or_else(|| perr(l.line, "alias target not found"))?;
+            tied.find(|c| !used.contains(*c)).copied().unwrap_or(first)
+        }
+        _ => nodes
             .iter()
             .position(|x| &x.l.name == target)
             .ok_or_else(|| perr(l.line, "alias target not found"))?,
     };
-    let tid = create_alias(nodes, t, sections, mem, ids, busy)?;
-    let size = l.end.wrapping_sub(l.start) as u128 + 1;
+    used.insert(t);
+    let tid = create_alias(nodes, t, sections, mem, ids, busy, used)?;
     let id = mem.create_alias(&l.name, size, tid, *offset)?;
     ids.insert(n, id);
     busy.remove(&n);

@@ -181,6 +181,16 @@ pub struct Stats {
     pub forced_commits: u64,
     /// Abandoned transactions (any nesting level).
     pub abandons: u64,
+    /// `translate` calls answered by a tree walk inside a transaction.
+    pub walk_lookups: u64,
+}
+
+/// Result of [`MemorySystem::translate`].
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+pub struct Translation {
+    pub region: RegionId,
+    pub offset: u64,
+    pub readonly: bool,
 }
 
 /// Result of an address lookup.
@@ -1546,6 +1556,49 @@ impl MemorySystem {
             readonly: fr.readonly,
             range: *fr,
         }))
+    }
+
+    /// Address translation for dispatch (MMIO exits, guest-memory access by
+    /// device models): terminal region, offset in it, read-only. Uses the
+    /// committed view or a cached on-demand render when valid (binary
+    /// search); inside a transaction with pending changes and no cached render
+    /// it walks the tree for this one address instead of rendering the whole
+    /// view (`ReadPolicy::RenderOnDemand`, counted in `Stats::walk_lookups`),
+    /// or commits first (`ReadPolicy::ForceCommit`). The walk is the
+    /// reference resolver the renderer is property-tested against.
+    pub fn translate(
+        &mut self,
+        space: AddressSpaceId,
+        addr: u64,
+    ) -> Result<Option<Translation>, MemoryError> {
+        let sp = self.space(space)?;
+        let root = sp.root;
+        let hit = |fr: &FlatRange| Translation {
+            region: fr.region,
+            offset: fr.offset_in_region + (addr - fr.start),
+            readonly: fr.readonly,
+        };
+        if self.dirty_bits(root) & DIRTY_VIEW == 0 {
+            return Ok(sp.view.lookup(addr).map(hit));
+        }
+        if let Some((v, _)) = self.cache.get(&space.index) {
+            return Ok(v.lookup(addr).map(hit));
+        }
+        match self.policy {
+            ReadPolicy::ForceCommit => Ok(self.lookup(space, addr)?.map(|l| Translation {
+                region: l.region,
+                offset: l.offset,
+                readonly: l.readonly,
+            })),
+            ReadPolicy::RenderOnDemand => {
+                self.stats.walk_lookups += 1;
+                Ok(self.resolve_slow(root, addr)?.map(|h| Translation {
+                    region: h.region,
+                    offset: h.offset,
+                    readonly: h.readonly,
+                }))
+            }
+        }
     }
 
     /// Write-notifier fast path: the notifier of `space` that a write of
