@@ -203,29 +203,73 @@ fn check(what: &'static str, got: u64, want: u64) -> Result<(), &'static str> {
 fn mmio_forms() -> Result<(), &'static str> {
     let s = TEST_BASE + 0x100;
     let pre = 0x1111_1111_1111_1111;
-    check("ID register", mmio::load(TEST_BASE, Load::Plain32, pre), TEST_ID)?;
+    check(
+        "ID register",
+        mmio::load(TEST_BASE, Load::Plain32, pre),
+        TEST_ID,
+    )?;
     mmio::store(s, Store::Reg64(0x1122_3344_5566_7788));
-    check("mov r64 store/load", mmio::load(s, Load::Plain64, pre), 0x1122_3344_5566_7788)?;
-    check("mov al keeps the rest", mmio::load(s + 1, Load::Plain8, pre), 0x1111_1111_1111_1177)?;
+    check(
+        "mov r64 store/load",
+        mmio::load(s, Load::Plain64, pre),
+        0x1122_3344_5566_7788,
+    )?;
+    check(
+        "mov al keeps the rest",
+        mmio::load(s + 1, Load::Plain8, pre),
+        0x1111_1111_1111_1177,
+    )?;
     mmio::store(s + 8, Store::Imm8);
-    check("mov byte imm", mmio::load(s + 8, Load::Plain8, pre), 0x1111_1111_1111_11A5)?;
+    check(
+        "mov byte imm",
+        mmio::load(s + 8, Load::Plain8, pre),
+        0x1111_1111_1111_11A5,
+    )?;
     mmio::store(s + 10, Store::Imm16);
-    check("mov word imm", mmio::load(s + 10, Load::Plain16, pre), 0x1111_1111_1111_BEEF)?;
+    check(
+        "mov word imm",
+        mmio::load(s + 10, Load::Plain16, pre),
+        0x1111_1111_1111_BEEF,
+    )?;
     mmio::store(s + 12, Store::Imm32);
-    check("mov dword imm, eax zero-extends", mmio::load(s + 12, Load::Plain32, pre), 0xDEAD_BEEF)?;
+    check(
+        "mov dword imm, eax zero-extends",
+        mmio::load(s + 12, Load::Plain32, pre),
+        0xDEAD_BEEF,
+    )?;
     mmio::store(s + 16, Store::Imm64);
-    check("mov qword imm32 sign-extends", mmio::load(s + 16, Load::Plain64, pre), 0xFFFF_FFFF_FFFF_FFFE)?;
+    check(
+        "mov qword imm32 sign-extends",
+        mmio::load(s + 16, Load::Plain64, pre),
+        0xFFFF_FFFF_FFFF_FFFE,
+    )?;
     mmio::store(s + 24, Store::Reg8(0x80));
-    check("movsx byte", mmio::load(s + 24, Load::Sx8, pre), 0xFFFF_FFFF_FFFF_FF80)?;
+    check(
+        "movsx byte",
+        mmio::load(s + 24, Load::Sx8, pre),
+        0xFFFF_FFFF_FFFF_FF80,
+    )?;
     check("movzx byte", mmio::load(s + 24, Load::Zx8, pre), 0x80)?;
     mmio::store(s + 26, Store::Reg16(0x8001));
-    check("movsx word", mmio::load(s + 26, Load::Sx16, pre), 0xFFFF_FFFF_FFFF_8001)?;
+    check(
+        "movsx word",
+        mmio::load(s + 26, Load::Sx16, pre),
+        0xFFFF_FFFF_FFFF_8001,
+    )?;
     check("movzx word", mmio::load(s + 26, Load::Zx16, pre), 0x8001)?;
     mmio::store(s + 28, Store::Reg32(0x8000_0002));
-    check("movsxd", mmio::load(s + 28, Load::Sx32, pre), 0xFFFF_FFFF_8000_0002)?;
+    check(
+        "movsxd",
+        mmio::load(s + 28, Load::Sx32, pre),
+        0xFFFF_FFFF_8000_0002,
+    )?;
     mmio::store(s + 32, Store::HighByte(0x42));
     check("mov from ah", mmio::load(s + 32, Load::Zx8, pre), 0x42)?;
-    check("device counted the writes", mmio::load(TEST_BASE + 0x10, Load::Plain64, pre), 9)?;
+    check(
+        "device counted the writes",
+        mmio::load(TEST_BASE + 0x10, Load::Plain64, pre),
+        9,
+    )?;
     say!("guest: 23 MMIO accesses checked");
     Ok(())
 }
@@ -241,27 +285,63 @@ fn rom() -> Result<(), &'static str> {
     let mut i = 0;
     while i < BIOS_SIZE {
         let want = u64::from(bios_byte(i));
-        check("ROM at the top of 4 GiB", mmio::load(high + i, Load::Zx8, 0), want)?;
-        check("ROM through isa-bios", mmio::load(low + i, Load::Zx8, 0), want)?;
+        check(
+            "ROM at the top of 4 GiB",
+            mmio::load(high + i, Load::Zx8, 0),
+            want,
+        )?;
+        check(
+            "ROM through isa-bios",
+            mmio::load(low + i, Load::Zx8, 0),
+            want,
+        )?;
         i += 997;
     }
     mmio::store(high + 0x100, Store::Imm32);
     mmio::store(low + 0x200, Store::Reg8(0));
-    check("ROM after a write", mmio::load(high + 0x100, Load::Zx8, 0), u64::from(bios_byte(0x100)))?;
-    check("isa-bios after a write", mmio::load(low + 0x200, Load::Zx8, 0), u64::from(bios_byte(0x200)))?;
-    say!("guest: ROM checked at {} offsets, writes dropped", BIOS_SIZE / 997 + 1);
+    check(
+        "ROM after a write",
+        mmio::load(high + 0x100, Load::Zx8, 0),
+        u64::from(bios_byte(0x100)),
+    )?;
+    check(
+        "isa-bios after a write",
+        mmio::load(low + 0x200, Load::Zx8, 0),
+        u64::from(bios_byte(0x200)),
+    )?;
+    say!(
+        "guest: ROM checked at {} offsets, writes dropped",
+        BIOS_SIZE / 997 + 1
+    );
     Ok(())
 }
 
 fn highram(info: &BootInfo) -> Result<(), &'static str> {
-    let above = info.memory.iter().find(|r| r.start == 1 << 32).ok_or("no RAM at 4 GiB in the memory map")?;
+    let above = info
+        .memory
+        .iter()
+        .find(|r| r.start == 1 << 32)
+        .ok_or("no RAM at 4 GiB in the memory map")?;
     say!("guest: {} KiB of RAM at 4 GiB", above.len / 1024);
-    let spots = [0x10_0000 + 0x7_0000u64, (16 << 20) - 8, 1 << 32, (1 << 32) + (8 << 20) + 8, (1 << 32) + above.len - 8];
+    let spots = [
+        0x10_0000 + 0x7_0000u64,
+        (16 << 20) - 8,
+        1 << 32,
+        (1 << 32) + (8 << 20) + 8,
+        (1 << 32) + above.len - 8,
+    ];
     for (n, &a) in spots.iter().enumerate() {
-        mmio::store(a, Store::Reg64(0xC0DE_0000_0000_0000 | (n as u64) << 32 | a));
+        mmio::store(
+            a,
+            Store::Reg64(0xC0DE_0000_0000_0000 | (n as u64) << 32 | a),
+        );
     }
     for (n, &a) in spots.iter().enumerate() {
-        check("RAM pattern", mmio::load(a, Load::Plain64, 0), 0xC0DE_0000_0000_0000 | (n as u64) << 32 | a)?;
+        check(
+            "RAM pattern",
+            mmio::load(a, Load::Plain64, 0),
+            0xC0DE_0000_0000_0000 | (n as u64) << 32 | a,
+        )?;
     }
     Ok(())
 }
@@ -272,13 +352,29 @@ fn remap() -> Result<(), &'static str> {
     mmio::store(0x2000, Store::Reg64(0x5555_AAAA_1234_5678));
     say!("guest: moving the test device to {new_base:#x} and enabling the RAM window");
     mmio::store(TEST_BASE + 8, Store::Reg64(new_base | 1));
-    check("ID at the new base", mmio::load(new_base, Load::Plain32, 0), TEST_ID)?;
-    check("RAM through the window", mmio::load(window + 0x2000, Load::Plain64, 0), 0x5555_AAAA_1234_5678)?;
+    check(
+        "ID at the new base",
+        mmio::load(new_base, Load::Plain32, 0),
+        TEST_ID,
+    )?;
+    check(
+        "RAM through the window",
+        mmio::load(window + 0x2000, Load::Plain64, 0),
+        0x5555_AAAA_1234_5678,
+    )?;
     mmio::store(window + 0x3000, Store::Reg64(0x0F0F_0F0F));
-    check("window writes reach RAM", mmio::load(0x3000, Load::Plain64, 0), 0x0F0F_0F0F)?;
+    check(
+        "window writes reach RAM",
+        mmio::load(0x3000, Load::Plain64, 0),
+        0x0F0F_0F0F,
+    )?;
     io::vmcall(2, 0);
     mmio::store(new_base + 8, Store::Reg64(TEST_BASE | 2));
-    check("ID back at the old base", mmio::load(TEST_BASE, Load::Plain32, 0), TEST_ID)?;
+    check(
+        "ID back at the old base",
+        mmio::load(TEST_BASE, Load::Plain32, 0),
+        TEST_ID,
+    )?;
     Ok(())
 }
 

@@ -29,12 +29,22 @@ pub fn store(p: u64, s: Store) {
         match s {
             Store::Imm8 => asm!("mov byte ptr [{p}], 0xA5", p = in(reg) p, options(nostack)),
             Store::Imm16 => asm!("mov word ptr [{p}], 0xBEEF", p = in(reg) p, options(nostack)),
-            Store::Imm32 => asm!("mov dword ptr [{p}], 0xDEADBEEF", p = in(reg) p, options(nostack)),
+            Store::Imm32 => {
+                asm!("mov dword ptr [{p}], 0xDEADBEEF", p = in(reg) p, options(nostack))
+            }
             Store::Imm64 => asm!("mov qword ptr [{p}], -2", p = in(reg) p, options(nostack)),
-            Store::Reg8(v) => asm!("mov byte ptr [{p}], {v}", p = in(reg) p, v = in(reg_byte) v, options(nostack)),
-            Store::Reg16(v) => asm!("mov word ptr [{p}], {v:x}", p = in(reg) p, v = in(reg) v, options(nostack)),
-            Store::Reg32(v) => asm!("mov dword ptr [{p}], {v:e}", p = in(reg) p, v = in(reg) v, options(nostack)),
-            Store::Reg64(v) => asm!("mov qword ptr [{p}], {v}", p = in(reg) p, v = in(reg) v, options(nostack)),
+            Store::Reg8(v) => {
+                asm!("mov byte ptr [{p}], {v}", p = in(reg) p, v = in(reg_byte) v, options(nostack))
+            }
+            Store::Reg16(v) => {
+                asm!("mov word ptr [{p}], {v:x}", p = in(reg) p, v = in(reg) v, options(nostack))
+            }
+            Store::Reg32(v) => {
+                asm!("mov dword ptr [{p}], {v:e}", p = in(reg) p, v = in(reg) v, options(nostack))
+            }
+            Store::Reg64(v) => {
+                asm!("mov qword ptr [{p}], {v}", p = in(reg) p, v = in(reg) v, options(nostack))
+            }
             Store::HighByte(v) => {
                 asm!("mov byte ptr [{p}], ah", p = in(reg) p, in("rax") u64::from(v) << 8, options(nostack))
             }
@@ -72,15 +82,33 @@ pub fn load(p: u64, l: Load, preset: u64) -> u64 {
     // only RAX.
     unsafe {
         match l {
-            Load::Plain8 => asm!("mov al, byte ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Plain16 => asm!("mov ax, word ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Plain32 => asm!("mov eax, dword ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Plain64 => asm!("mov rax, qword ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Zx8 => asm!("movzx eax, byte ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Zx16 => asm!("movzx eax, word ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Sx8 => asm!("movsx rax, byte ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Sx16 => asm!("movsx rax, word ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
-            Load::Sx32 => asm!("movsxd rax, dword ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack)),
+            Load::Plain8 => {
+                asm!("mov al, byte ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Plain16 => {
+                asm!("mov ax, word ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Plain32 => {
+                asm!("mov eax, dword ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Plain64 => {
+                asm!("mov rax, qword ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Zx8 => {
+                asm!("movzx eax, byte ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Zx16 => {
+                asm!("movzx eax, word ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Sx8 => {
+                asm!("movsx rax, byte ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Sx16 => {
+                asm!("movsx rax, word ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
+            Load::Sx32 => {
+                asm!("movsxd rax, dword ptr [{p}]", p = in(reg) p, inout("rax") rax, options(nostack))
+            }
         }
     }
     rax

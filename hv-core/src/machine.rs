@@ -10,7 +10,9 @@
 //! Every change goes through the memory API, so listeners (EPT) see it.
 
 use crate::devices::{all_ones, Device, DeviceOutcome, MemoryRequest};
-use crate::memory::{AddressSpaceId, MemoryError, MemorySystem, MmioHandle, RamBacking, RangeTarget, RegionId};
+use crate::memory::{
+    AddressSpaceId, MemoryError, MemorySystem, MmioHandle, RamBacking, RangeTarget, RegionId,
+};
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -39,7 +41,10 @@ pub struct MachineConfig {
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        Self { ram_bytes: 32 << 20, lowmem: 3 << 30 }
+        Self {
+            ram_bytes: 32 << 20,
+            lowmem: 3 << 30,
+        }
     }
 }
 
@@ -83,9 +88,18 @@ impl core::fmt::Display for MachineError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemTarget {
     /// A device: handle, offset in its region, bytes left in the range.
-    Device { handle: MmioHandle, offset: u64, left: u64 },
+    Device {
+        handle: MmioHandle,
+        offset: u64,
+        left: u64,
+    },
     /// RAM or ROM of a block.
-    Ram { block: u32, offset: u64, readonly: bool, left: u64 },
+    Ram {
+        block: u32,
+        offset: u64,
+        readonly: bool,
+        left: u64,
+    },
     /// Nothing.
     Unmapped,
 }
@@ -122,14 +136,25 @@ impl Machine {
     /// Builds the PC memory and I/O maps (no devices yet).
     pub fn new_pc(cfg: &MachineConfig) -> Result<Self, MachineError> {
         if cfg.ram_bytes == 0 || !cfg.ram_bytes.is_multiple_of(4096) {
-            return Err(MachineError::Config("RAM size must be a non-zero multiple of 4 KiB"));
+            return Err(MachineError::Config(
+                "RAM size must be a non-zero multiple of 4 KiB",
+            ));
         }
         if cfg.lowmem == 0 || cfg.lowmem > 0xE000_0000 || !cfg.lowmem.is_multiple_of(4096) {
-            return Err(MachineError::Config("lowmem must be a page multiple in (0, 3.5 GiB]"));
+            return Err(MachineError::Config(
+                "lowmem must be a page multiple in (0, 3.5 GiB]",
+            ));
         }
         let mut mem = MemorySystem::new();
         let system = mem.create_container("system", 1 << 64)?;
-        let ram = mem.create_ram("pc.ram", cfg.ram_bytes.into(), RamBacking { block: RAM_BLOCK, offset: 0 })?;
+        let ram = mem.create_ram(
+            "pc.ram",
+            cfg.ram_bytes.into(),
+            RamBacking {
+                block: RAM_BLOCK,
+                offset: 0,
+            },
+        )?;
         let below = cfg.ram_bytes.min(cfg.lowmem);
         let ram_below_4g = mem.create_alias("ram-below-4g", below.into(), ram, 0)?;
         mem.add_subregion(system, 0, ram_below_4g)?;
@@ -142,7 +167,14 @@ impl Machine {
         };
         let pci = mem.create_container("pci", 1 << 64)?;
         mem.add_subregion_overlap(system, 0, pci, -1)?;
-        let bios = mem.create_rom("pc.bios", BIOS_SIZE.into(), RamBacking { block: BIOS_BLOCK, offset: 0 })?;
+        let bios = mem.create_rom(
+            "pc.bios",
+            BIOS_SIZE.into(),
+            RamBacking {
+                block: BIOS_BLOCK,
+                offset: 0,
+            },
+        )?;
         mem.add_subregion_overlap(pci, (1 << 32) - BIOS_SIZE, bios, 0)?;
         let isa_bios = mem.create_alias("isa-bios", BIOS_SIZE.into(), bios, 0)?;
         mem.set_readonly(isa_bios, true)?;
@@ -154,7 +186,16 @@ impl Machine {
             mem,
             memory,
             io_space,
-            regions: PcRegions { system, ram, ram_below_4g, ram_above_4g, bios, isa_bios, pci, io },
+            regions: PcRegions {
+                system,
+                ram,
+                ram_below_4g,
+                ram_above_4g,
+                bios,
+                isa_bios,
+                pci,
+                io,
+            },
             blocks: alloc::vec![cfg.ram_bytes, BIOS_SIZE],
             devices: Vec::new(),
             stats: MachineStats::default(),
@@ -163,12 +204,21 @@ impl Machine {
 
     /// Adds a device and returns its dispatch handle.
     pub fn add_device(&mut self, name: &str, dev: Box<dyn Device>) -> MmioHandle {
-        self.devices.push(DeviceSlot { name: name.into(), dev });
+        self.devices.push(DeviceSlot {
+            name: name.into(),
+            dev,
+        });
         MmioHandle(self.devices.len() as u32 - 1)
     }
 
     /// Maps a device at `port` in the I/O space.
-    pub fn map_pio(&mut self, name: &str, port: u16, len: u16, dev: Box<dyn Device>) -> Result<RegionId, MachineError> {
+    pub fn map_pio(
+        &mut self,
+        name: &str,
+        port: u16,
+        len: u16,
+        dev: Box<dyn Device>,
+    ) -> Result<RegionId, MachineError> {
         let h = self.add_device(name, dev);
         let r = self.mem.create_mmio(name, len.into(), h)?;
         self.mem.add_subregion(self.regions.io, port.into(), r)?;
@@ -176,7 +226,14 @@ impl Machine {
     }
 
     /// Maps a device at `addr` in `container` of the memory space.
-    pub fn map_mmio(&mut self, name: &str, container: RegionId, addr: u64, len: u64, dev: Box<dyn Device>) -> Result<RegionId, MachineError> {
+    pub fn map_mmio(
+        &mut self,
+        name: &str,
+        container: RegionId,
+        addr: u64,
+        len: u64,
+        dev: Box<dyn Device>,
+    ) -> Result<RegionId, MachineError> {
         let h = self.add_device(name, dev);
         let r = self.mem.create_mmio(name, len.into(), h)?;
         self.mem.add_subregion(container, addr, r)?;
@@ -185,18 +242,33 @@ impl Machine {
 
     /// The device registered under `name`, downcast to `T`.
     pub fn device<T: 'static>(&mut self, name: &str) -> Option<&mut T> {
-        self.devices.iter_mut().find(|s| s.name == name)?.dev.as_any().downcast_mut::<T>()
+        self.devices
+            .iter_mut()
+            .find(|s| s.name == name)?
+            .dev
+            .as_any()
+            .downcast_mut::<T>()
     }
 
     fn target(&mut self, space: AddressSpaceId, addr: u64) -> Result<MemTarget, MachineError> {
-        let Some(l) = self.mem.lookup(space, addr)? else { return Ok(MemTarget::Unmapped) };
+        let Some(l) = self.mem.lookup(space, addr)? else {
+            return Ok(MemTarget::Unmapped);
+        };
         let left = (l.range.end() - addr as u128).min(u64::MAX as u128) as u64;
         Ok(match l.range.target {
-            RangeTarget::Mmio(handle) => MemTarget::Device { handle, offset: l.offset, left },
-            RangeTarget::RomDevice { ops, .. } if !l.range.romd_mode => {
-                MemTarget::Device { handle: ops, offset: l.offset, left }
-            }
-            RangeTarget::Ram(b) | RangeTarget::RamDevice(b) | RangeTarget::RomDevice { backing: b, .. } => MemTarget::Ram {
+            RangeTarget::Mmio(handle) => MemTarget::Device {
+                handle,
+                offset: l.offset,
+                left,
+            },
+            RangeTarget::RomDevice { ops, .. } if !l.range.romd_mode => MemTarget::Device {
+                handle: ops,
+                offset: l.offset,
+                left,
+            },
+            RangeTarget::Ram(b)
+            | RangeTarget::RamDevice(b)
+            | RangeTarget::RomDevice { backing: b, .. } => MemTarget::Ram {
                 block: b.block,
                 offset: b.offset + l.offset,
                 readonly: l.readonly || matches!(l.range.target, RangeTarget::RomDevice { .. }),
@@ -222,8 +294,16 @@ impl Machine {
     /// A device write through its handle; memory-map requests are applied
     /// here, all in one transaction. Returns an exit status if the device
     /// asks the VM to stop.
-    pub fn device_write(&mut self, h: MmioHandle, offset: u64, size: u8, value: u64) -> Result<Option<u32>, MachineError> {
-        let Some(slot) = self.devices.get_mut(h.0 as usize) else { return Ok(None) };
+    pub fn device_write(
+        &mut self,
+        h: MmioHandle,
+        offset: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<Option<u32>, MachineError> {
+        let Some(slot) = self.devices.get_mut(h.0 as usize) else {
+            return Ok(None);
+        };
         match slot.dev.write(offset, size, value & all_ones(size)) {
             DeviceOutcome::Done => Ok(None),
             DeviceOutcome::Exit(s) => Ok(Some(s)),
@@ -257,7 +337,11 @@ impl Machine {
     pub fn pio_read(&mut self, port: u16, size: u8) -> Result<u64, MachineError> {
         self.stats.pio_accesses += 1;
         match self.target(self.io_space, port.into())? {
-            MemTarget::Device { handle, offset, left } if left >= u64::from(size) => Ok(self.device_read(handle, offset, size)),
+            MemTarget::Device {
+                handle,
+                offset,
+                left,
+            } if left >= u64::from(size) => Ok(self.device_read(handle, offset, size)),
             _ => {
                 self.stats.unclaimed_pio += 1;
                 Ok(all_ones(size))
@@ -266,10 +350,19 @@ impl Machine {
     }
 
     /// A guest `out`; returns an exit status if a device stops the VM.
-    pub fn pio_write(&mut self, port: u16, size: u8, value: u64) -> Result<Option<u32>, MachineError> {
+    pub fn pio_write(
+        &mut self,
+        port: u16,
+        size: u8,
+        value: u64,
+    ) -> Result<Option<u32>, MachineError> {
         self.stats.pio_accesses += 1;
         match self.target(self.io_space, port.into())? {
-            MemTarget::Device { handle, offset, left } if left >= u64::from(size) => self.device_write(handle, offset, size, value),
+            MemTarget::Device {
+                handle,
+                offset,
+                left,
+            } if left >= u64::from(size) => self.device_write(handle, offset, size, value),
             _ => {
                 self.stats.unclaimed_pio += 1;
                 Ok(None)
@@ -293,25 +386,77 @@ mod tests {
     use crate::devices::uart::Uart16550;
 
     fn pc(ram: u64, lowmem: u64) -> Machine {
-        let mut m = Machine::new_pc(&MachineConfig { ram_bytes: ram, lowmem }).unwrap();
-        m.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new())).unwrap();
-        m.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit)).unwrap();
+        let mut m = Machine::new_pc(&MachineConfig {
+            ram_bytes: ram,
+            lowmem,
+        })
+        .unwrap();
+        m.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new()))
+            .unwrap();
+        m.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit))
+            .unwrap();
         m
     }
 
     #[test]
     fn ram_splits_around_4g_and_firmware_is_read_only() {
         let mut m = pc(64 << 20, 16 << 20);
-        assert_eq!(m.memory_target(0x1000).unwrap(), MemTarget::Ram { block: 0, offset: 0x1000, readonly: false, left: 0xE0000 - 0x1000 });
-        assert_eq!(m.memory_target(0x10_0000).unwrap(), MemTarget::Ram { block: 0, offset: 0x10_0000, readonly: false, left: (15 << 20) });
-        assert_eq!(m.memory_target((1 << 32) + 5).unwrap(), MemTarget::Ram { block: 0, offset: (16 << 20) + 5, readonly: false, left: (48 << 20) - 5 });
+        assert_eq!(
+            m.memory_target(0x1000).unwrap(),
+            MemTarget::Ram {
+                block: 0,
+                offset: 0x1000,
+                readonly: false,
+                left: 0xE0000 - 0x1000
+            }
+        );
+        assert_eq!(
+            m.memory_target(0x10_0000).unwrap(),
+            MemTarget::Ram {
+                block: 0,
+                offset: 0x10_0000,
+                readonly: false,
+                left: (15 << 20)
+            }
+        );
+        assert_eq!(
+            m.memory_target((1 << 32) + 5).unwrap(),
+            MemTarget::Ram {
+                block: 0,
+                offset: (16 << 20) + 5,
+                readonly: false,
+                left: (48 << 20) - 5
+            }
+        );
         assert_eq!(m.memory_target(16 << 20).unwrap(), MemTarget::Unmapped);
-        assert_eq!(m.memory_target(0xFFFF_FFF0).unwrap(), MemTarget::Ram { block: 1, offset: BIOS_SIZE - 16, readonly: true, left: 16 });
-        assert_eq!(m.memory_target(0xF_FFF0).unwrap(), MemTarget::Ram { block: 1, offset: BIOS_SIZE - 16, readonly: true, left: 16 });
+        assert_eq!(
+            m.memory_target(0xFFFF_FFF0).unwrap(),
+            MemTarget::Ram {
+                block: 1,
+                offset: BIOS_SIZE - 16,
+                readonly: true,
+                left: 16
+            }
+        );
+        assert_eq!(
+            m.memory_target(0xF_FFF0).unwrap(),
+            MemTarget::Ram {
+                block: 1,
+                offset: BIOS_SIZE - 16,
+                readonly: true,
+                left: 16
+            }
+        );
         assert_eq!(m.memory_target(1 << 40).unwrap(), MemTarget::Unmapped);
         let (tree, flat) = m.mtree().unwrap();
-        assert!(tree.contains("alias ram-above-4g @pc.ram 0000000001000000-0000000003ffffff"), "{tree}");
-        assert!(flat.contains("00000000000e0000-00000000000fffff (prio 0, rom): pc.bios"), "{flat}");
+        assert!(
+            tree.contains("alias ram-above-4g @pc.ram 0000000001000000-0000000003ffffff"),
+            "{tree}"
+        );
+        assert!(
+            flat.contains("00000000000e0000-00000000000fffff (prio 0, rom): pc.bios"),
+            "{flat}"
+        );
     }
 
     #[test]
@@ -328,29 +473,72 @@ mod tests {
     #[test]
     fn device_remap_is_one_transaction() {
         let mut m = pc(32 << 20, 3 << 30);
-        let window = m.mem.create_alias("tern-test-window", TEST_WINDOW_SIZE.into(), m.regions.ram, 0).unwrap();
+        let window = m
+            .mem
+            .create_alias(
+                "tern-test-window",
+                TEST_WINDOW_SIZE.into(),
+                m.regions.ram,
+                0,
+            )
+            .unwrap();
         m.mem.set_enabled(window, false).unwrap();
         let sys = m.regions.system;
         m.mem.add_subregion(sys, TEST_WINDOW_BASE, window).unwrap();
         let pci = m.regions.pci;
-        let r = m.map_mmio("tern-test", pci, TEST_DEVICE_BASE, 0x1000, Box::new(TestDevice::default())).unwrap();
+        let r = m
+            .map_mmio(
+                "tern-test",
+                pci,
+                TEST_DEVICE_BASE,
+                0x1000,
+                Box::new(TestDevice::default()),
+            )
+            .unwrap();
         let dev = m.device::<TestDevice>("tern-test").unwrap();
         dev.region = Some(r);
         dev.window = Some(window);
-        let MemTarget::Device { handle, .. } = m.memory_target(TEST_DEVICE_BASE).unwrap() else { panic!("no device") };
+        let MemTarget::Device { handle, .. } = m.memory_target(TEST_DEVICE_BASE).unwrap() else {
+            panic!("no device")
+        };
         assert_eq!(m.device_read(handle, 0, 4), TEST_DEVICE_ID);
         let commits = m.mem.stats().commits;
         m.device_write(handle, 8, 8, 0xFEB4_0000 | 1).unwrap();
-        assert_eq!(m.mem.stats().commits, commits + 1, "one commit for both changes");
-        assert_eq!(m.memory_target(TEST_DEVICE_BASE).unwrap(), MemTarget::Unmapped);
-        assert!(matches!(m.memory_target(0xFEB4_0000).unwrap(), MemTarget::Device { .. }));
-        assert!(matches!(m.memory_target(TEST_WINDOW_BASE + 8).unwrap(), MemTarget::Ram { block: 0, offset: 8, .. }));
+        assert_eq!(
+            m.mem.stats().commits,
+            commits + 1,
+            "one commit for both changes"
+        );
+        assert_eq!(
+            m.memory_target(TEST_DEVICE_BASE).unwrap(),
+            MemTarget::Unmapped
+        );
+        assert!(matches!(
+            m.memory_target(0xFEB4_0000).unwrap(),
+            MemTarget::Device { .. }
+        ));
+        assert!(matches!(
+            m.memory_target(TEST_WINDOW_BASE + 8).unwrap(),
+            MemTarget::Ram {
+                block: 0,
+                offset: 8,
+                ..
+            }
+        ));
         assert_eq!(m.stats.remaps, 1);
     }
 
     #[test]
     fn bad_configs_are_errors() {
-        assert!(Machine::new_pc(&MachineConfig { ram_bytes: 0, lowmem: 1 << 30 }).is_err());
-        assert!(Machine::new_pc(&MachineConfig { ram_bytes: 1 << 20, lowmem: 0xF000_0000 }).is_err());
+        assert!(Machine::new_pc(&MachineConfig {
+            ram_bytes: 0,
+            lowmem: 1 << 30
+        })
+        .is_err());
+        assert!(Machine::new_pc(&MachineConfig {
+            ram_bytes: 1 << 20,
+            lowmem: 0xF000_0000
+        })
+        .is_err());
     }
 }

@@ -123,7 +123,9 @@ impl core::fmt::Display for StopReason {
             }
             Self::TimeBudget => write!(f, "time budget used up"),
             Self::RomWrite { gpa } => write!(f, "guest write to ROM at GPA {gpa:#x}"),
-            Self::EmulationFailed { gpa } => write!(f, "MMIO access at GPA {gpa:#x} could not be emulated"),
+            Self::EmulationFailed { gpa } => {
+                write!(f, "MMIO access at GPA {gpa:#x} could not be emulated")
+            }
         }
     }
 }

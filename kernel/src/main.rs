@@ -129,7 +129,10 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         .option("budget")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let lowmem_mib: u64 = info.option("lowmem").and_then(|v| v.parse().ok()).unwrap_or(3072);
+    let lowmem_mib: u64 = info
+        .option("lowmem")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3072);
     let mut status = Status::OK;
     for (i, m) in info.modules.iter().enumerate() {
         let cmdline = if m.cmdline.is_empty() {
@@ -142,10 +145,17 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             .unwrap_or_else(|| alloc::format!("vm{i}"));
         let cfg = vm::VmConfig {
             name: name.clone(),
-            machine: hv_core::machine::MachineConfig { ram_bytes: ram_mib << 20, lowmem: lowmem_mib << 20 },
+            machine: hv_core::machine::MachineConfig {
+                ram_bytes: ram_mib << 20,
+                lowmem: lowmem_mib << 20,
+            },
             cmdline: cmdline.into(),
             budget,
-            rom_writes: if info.option("rom_writes") == Some("stop") { vm::RomWrites::Stop } else { vm::RomWrites::Drop },
+            rom_writes: if info.option("rom_writes") == Some("stop") {
+                vm::RomWrites::Stop
+            } else {
+                vm::RomWrites::Drop
+            },
             ept_mode: if info.option("ept") == Some("rebuild") {
                 hv_core::ept_listener::EptMode::Rebuild
             } else {

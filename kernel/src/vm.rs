@@ -22,7 +22,10 @@ use hv_core::ept_listener::{EptCounters, EptHost, EptListener, EptMode, RamBlock
 use hv_core::frames::FrameAllocator;
 use hv_core::guest_mem::{GuestRam, RamChunk};
 use hv_core::loader::{self, LoadError, MULTIBOOT_BOOTLOADER_MAGIC};
-use hv_core::machine::{Machine, MachineConfig, MachineError, MemTarget, BIOS_BLOCK, TEST_DEVICE_BASE, TEST_WINDOW_BASE, TEST_WINDOW_SIZE};
+use hv_core::machine::{
+    Machine, MachineConfig, MachineError, MemTarget, BIOS_BLOCK, TEST_DEVICE_BASE,
+    TEST_WINDOW_BASE, TEST_WINDOW_SIZE,
+};
 use hv_core::memory::{FlatView, RangeTarget};
 use hv_core::phys::PhysAccess;
 use hv_core::vcpu::{hypercall, ExitAction, StopReason, VcpuExit};
@@ -130,11 +133,16 @@ impl GuestPhysRead for GuestReader<'_> {
             let &(hpa, size) = self.blocks.get(b.block as usize).ok_or(())?;
             let off = b.offset + r.offset_in_region + (at - r.start);
             let in_range = (r.end() - at as u128).min(u64::MAX as u128) as u64;
-            let n = (buf.len() - done).min(in_range as usize).min(size.saturating_sub(off) as usize);
+            let n = (buf.len() - done)
+                .min(in_range as usize)
+                .min(size.saturating_sub(off) as usize);
             if n == 0 {
                 return Err(());
             }
-            HostMem.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf[done..done + n]);
+            HostMem.read(
+                HostPhysAddr::new(hpa.as_u64() + off),
+                &mut buf[done..done + n],
+            );
             done += n;
         }
         Ok(())
@@ -180,12 +188,27 @@ impl Vm {
         machine.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new()))?;
         machine.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit))?;
         let pci = machine.regions.pci;
-        let test = machine.map_mmio("tern-test", pci, TEST_DEVICE_BASE, 0x1000, Box::new(TestDevice::default()))?;
+        let test = machine.map_mmio(
+            "tern-test",
+            pci,
+            TEST_DEVICE_BASE,
+            0x1000,
+            Box::new(TestDevice::default()),
+        )?;
         let ram = machine.regions.ram;
-        let window = machine.mem.create_alias("tern-test-window", TEST_WINDOW_SIZE.into(), ram, 0).map_err(MachineError::from)?;
-        machine.mem.set_enabled(window, false).map_err(MachineError::from)?;
+        let window = machine
+            .mem
+            .create_alias("tern-test-window", TEST_WINDOW_SIZE.into(), ram, 0)
+            .map_err(MachineError::from)?;
+        machine
+            .mem
+            .set_enabled(window, false)
+            .map_err(MachineError::from)?;
         let system = machine.regions.system;
-        machine.mem.add_subregion(system, TEST_WINDOW_BASE, window).map_err(MachineError::from)?;
+        machine
+            .mem
+            .add_subregion(system, TEST_WINDOW_BASE, window)
+            .map_err(MachineError::from)?;
         if let Some(d) = machine.device::<TestDevice>("tern-test") {
             d.region = Some(test);
             d.window = Some(window);
@@ -206,9 +229,21 @@ impl Vm {
                 }
             }
         }
-        let sizes = PageSizes { two_mib: vmx.caps.ept_2m_pages(), one_gib: vmx.caps.ept_1g_pages() };
-        let ram_blocks = blocks.iter().map(|&(hpa, size)| RamBlock { hpa, size }).collect();
-        let listener = EptListener::new(KernelEptHost, sizes, ram_blocks, vmx.caps.ept_ad_bits(), cfg.ept_mode);
+        let sizes = PageSizes {
+            two_mib: vmx.caps.ept_2m_pages(),
+            one_gib: vmx.caps.ept_1g_pages(),
+        };
+        let ram_blocks = blocks
+            .iter()
+            .map(|&(hpa, size)| RamBlock { hpa, size })
+            .collect();
+        let listener = EptListener::new(
+            KernelEptHost,
+            sizes,
+            ram_blocks,
+            vmx.caps.ept_ad_bits(),
+            cfg.ept_mode,
+        );
         let listener = match listener {
             Ok(l) => Rc::new(RefCell::new(l)),
             Err(e) => {
@@ -230,7 +265,10 @@ impl Vm {
             rom_writes_dropped: 0,
         };
         let space = vm.machine.memory;
-        vm.machine.mem.add_listener(space, 0, listener).map_err(MachineError::from)?;
+        vm.machine
+            .mem
+            .add_listener(space, 0, listener)
+            .map_err(MachineError::from)?;
         if let Some(e) = vm.ept.borrow_mut().take_error() {
             return Err(VmError::Ept(alloc::format!("{e:?}")));
         }
@@ -240,7 +278,8 @@ impl Vm {
         let rom: Vec<u8> = (0..bios_size).map(bios_byte).collect();
         HostMem.write(bios_hpa, &rom);
         let ram_map = vm.guest_ram();
-        let loaded = loader::load_multiboot(image, &cfg.cmdline, &ram_map, &mut HostMem).map_err(VmError::Load)?;
+        let loaded = loader::load_multiboot(image, &cfg.cmdline, &ram_map, &mut HostMem)
+            .map_err(VmError::Load)?;
         log::info!(
             "[{}] loaded image {:#x}-{:#x}, entry {:#x}, {} MiB RAM",
             vm.name,
@@ -252,7 +291,11 @@ impl Vm {
         if cfg.print_mtree {
             vm.print_mtree();
         }
-        let start = StartState { rip: loaded.entry.into(), rax: MULTIBOOT_BOOTLOADER_MAGIC.into(), rbx: loaded.info.into() };
+        let start = StartState {
+            rip: loaded.entry.into(),
+            rax: MULTIBOOT_BOOTLOADER_MAGIC.into(),
+            rbx: loaded.info.into(),
+        };
         let eptp = vm.ept.borrow().eptp();
         let mut vcpu = Vcpu::new(vmx, vpid, eptp, start).map_err(VmError::Vcpu)?;
         vcpu.budget = cfg.budget;
@@ -269,7 +312,11 @@ impl Vm {
                     if let Some(&(hpa, _)) = self.blocks.get(b.block as usize) {
                         let size = r.size.min(u64::MAX as u128) as u64;
                         let hpa = HostPhysAddr::new(hpa.as_u64() + b.offset + r.offset_in_region);
-                        let _ = ram.add(RamChunk { gpa: GuestPhysAddr::new(r.start), hpa, size });
+                        let _ = ram.add(RamChunk {
+                            gpa: GuestPhysAddr::new(r.start),
+                            hpa,
+                            size,
+                        });
                     }
                 }
             }
@@ -337,7 +384,12 @@ impl Vm {
     /// Level two of the exit dispatch.
     fn handle(&mut self, exit: VcpuExit, vcpu: &mut Vcpu) -> ExitAction {
         match exit {
-            VcpuExit::Io { port, size, access: Access::Write, value } => {
+            VcpuExit::Io {
+                port,
+                size,
+                access: Access::Write,
+                value,
+            } => {
                 let out = self.machine.pio_write(port, size, value.into());
                 if port == 0x3F8 {
                     self.flush_console(false);
@@ -348,7 +400,12 @@ impl Vm {
                     Err(e) => self.machine_error(e),
                 }
             }
-            VcpuExit::Io { port, size, access: Access::Read, .. } => {
+            VcpuExit::Io {
+                port,
+                size,
+                access: Access::Read,
+                ..
+            } => {
                 let v = match self.machine.pio_read(port, size) {
                     Ok(v) => v,
                     Err(e) => return self.machine_error(e),
@@ -361,7 +418,11 @@ impl Vm {
                 };
                 ExitAction::Advance(Some(merged))
             }
-            VcpuExit::Mmio { gpa, access, linear } => self.mmio(vcpu, gpa, access, linear),
+            VcpuExit::Mmio {
+                gpa,
+                access,
+                linear,
+            } => self.mmio(vcpu, gpa, access, linear),
             VcpuExit::Hypercall { nr, args } => match nr {
                 hypercall::PING => ExitAction::Advance(Some(hypercall::PING_REPLY)),
                 hypercall::EXIT => ExitAction::Stop(StopReason::Exited(args[0] as u32)),
@@ -382,15 +443,27 @@ impl Vm {
     }
 
     /// An access EPT did not map: a device, a ROM write, or nothing.
-    fn mmio(&mut self, vcpu: &mut Vcpu, gpa: u64, access: Access, linear: Option<u64>) -> ExitAction {
+    fn mmio(
+        &mut self,
+        vcpu: &mut Vcpu,
+        gpa: u64,
+        access: Access,
+        linear: Option<u64>,
+    ) -> ExitAction {
         self.mmio_exits += 1;
         let target = match self.machine.memory_target(gpa) {
             Ok(t) => t,
             Err(e) => return self.machine_error(e),
         };
         let (device, rom) = match target {
-            MemTarget::Unmapped => return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access }),
-            MemTarget::Device { handle, offset, left } => (Some((handle, offset, left)), false),
+            MemTarget::Unmapped => {
+                return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access })
+            }
+            MemTarget::Device {
+                handle,
+                offset,
+                left,
+            } => (Some((handle, offset, left)), false),
             MemTarget::Ram { readonly: true, .. } if access == Access::Write => {
                 if self.rom_writes == RomWrites::Stop {
                     return ExitAction::Stop(StopReason::RomWrite { gpa });
@@ -399,13 +472,19 @@ impl Vm {
             }
             // RAM that EPT should have mapped (a partial page at a range
             // edge): not emulated.
-            MemTarget::Ram { .. } => return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access }),
+            MemTarget::Ram { .. } => {
+                return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access })
+            }
         };
         let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
             (Ok(m), Ok(r)) => (m, r),
             _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
         };
-        let kind = if access == Access::Write { AccessKind::Write } else { AccessKind::Read };
+        let kind = if access == Access::Write {
+            AccessKind::Write
+        } else {
+            AccessKind::Read
+        };
         let mut exit = MmioExit::new(gpa, kind);
         if let Some(l) = linear {
             exit = exit.with_linear(l);
@@ -414,13 +493,19 @@ impl Vm {
             let Ok(view) = self.machine.mem.committed_view(self.machine.memory) else {
                 return ExitAction::Stop(StopReason::VmxInstructionFailed);
             };
-            let reader = GuestReader { view: &view, blocks: &self.blocks };
+            let reader = GuestReader {
+                view: &view,
+                blocks: &self.blocks,
+            };
             emulate::emulate(&mode, &reader, &regs, &exit)
         };
         let acc = match decoded {
             Ok(a) => a,
             Err(e) => {
-                crate::println!("[{}] cannot emulate the access at GPA {gpa:#x}: {e}", self.name);
+                crate::println!(
+                    "[{}] cannot emulate the access at GPA {gpa:#x}: {e}",
+                    self.name
+                );
                 return ExitAction::Stop(StopReason::EmulationFailed { gpa });
             }
         };
@@ -430,7 +515,10 @@ impl Vm {
             self.rom_writes_dropped += 1;
         } else if let Some((handle, offset, left)) = device {
             if u64::from(size) > left {
-                crate::println!("[{}] a {size}-byte access at GPA {gpa:#x} crosses the end of its region", self.name);
+                crate::println!(
+                    "[{}] a {size}-byte access at GPA {gpa:#x} crosses the end of its region",
+                    self.name
+                );
                 return ExitAction::Stop(StopReason::EmulationFailed { gpa });
             }
             match acc.write_value() {

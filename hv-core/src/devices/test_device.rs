@@ -31,7 +31,12 @@ pub const TEST_DEVICE_ID: u64 = 0x5445_524E;
 
 impl Default for TestDevice {
     fn default() -> Self {
-        Self { region: None, window: None, scratch: [0; 256], writes: 0 }
+        Self {
+            region: None,
+            window: None,
+            scratch: [0; 256],
+            writes: 0,
+        }
     }
 }
 
@@ -57,13 +62,22 @@ impl Device for TestDevice {
             0x8 => {
                 let mut reqs = vec![];
                 if let Some(region) = self.region {
-                    reqs.push(MemoryRequest::Move { region, addr: value & !0xfff });
+                    reqs.push(MemoryRequest::Move {
+                        region,
+                        addr: value & !0xfff,
+                    });
                 }
                 if let Some(window) = self.window {
                     if value & 1 != 0 {
-                        reqs.push(MemoryRequest::Enable { region: window, on: true });
+                        reqs.push(MemoryRequest::Enable {
+                            region: window,
+                            on: true,
+                        });
                     } else if value & 2 != 0 {
-                        reqs.push(MemoryRequest::Enable { region: window, on: false });
+                        reqs.push(MemoryRequest::Enable {
+                            region: window,
+                            on: false,
+                        });
                     }
                 }
                 DeviceOutcome::Memory(reqs)

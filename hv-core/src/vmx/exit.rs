@@ -194,6 +194,19 @@ impl VmExitInfo {
 pub enum Access {
     Read,
     Write,
+    /// Instruction fetch (EPT violations only).
+    Fetch,
+}
+
+impl Access {
+    /// "read", "write" or "fetch".
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Fetch => "fetch",
+        }
+    }
 }
 
 /// Exit qualification of an I/O instruction (SDM Table 28-5).
@@ -283,14 +296,14 @@ impl EptViolation {
         }
     }
 
-    /// "read", "write" or "fetch".
-    pub const fn access_name(&self) -> &'static str {
+    /// The access that faulted.
+    pub const fn access(&self) -> Access {
         if self.write {
-            "write"
+            Access::Write
         } else if self.fetch {
-            "fetch"
+            Access::Fetch
         } else {
-            "read"
+            Access::Read
         }
     }
 }
@@ -344,6 +357,7 @@ mod tests {
         );
         let v = EptViolation::decode(0x82);
         assert!(v.write && !v.read && v.linear_valid);
-        assert_eq!(v.access_name(), "write");
+        assert_eq!(v.access(), Access::Write);
+        assert_eq!(EptViolation::decode(0x84).access(), Access::Fetch);
     }
 }

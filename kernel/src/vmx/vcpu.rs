@@ -473,13 +473,12 @@ impl Vcpu {
                 }))
             }
             ExitReason::EptViolation => {
-                let v = EptViolation::decode(info.qualification);
-                let access = if v.write { Access::Write } else { Access::Read };
-                let linear = v.linear_valid.then_some(info.guest_linear);
+                let access = EptViolation::decode(info.qualification).access();
                 Ok(Own::Up(VcpuExit::Mmio {
                     gpa: info.guest_phys,
                     access,
-                    linear,
+                    qualification: info.qualification,
+                    linear: info.guest_linear,
                 }))
             }
             ExitReason::EptMisconfig => Ok(Own::Done(ExitAction::Stop(StopReason::EptMisconfig {
@@ -652,7 +651,11 @@ impl Vcpu {
         for (i, g) in gpr.iter_mut().enumerate() {
             *g = self.gpr(i as u8)?;
         }
-        Ok(hv_core::emulate::Regs { gpr, rip: instr::vmread(guest::RIP)?, rflags: instr::vmread(guest::RFLAGS)? })
+        Ok(hv_core::emulate::Regs {
+            gpr,
+            rip: instr::vmread(guest::RIP)?,
+            rflags: instr::vmread(guest::RFLAGS)?,
+        })
     }
 
     /// Writes back what the emulator changed.
