@@ -15,16 +15,20 @@
 //!   without involving listeners, and abandoned.
 //! * [`mtree`] prints and parses QEMU's `info mtree` text formats.
 
+mod listener;
 mod model;
 pub mod mtree;
 mod render;
+mod space;
 mod system;
+mod txn;
 
+pub use listener::{ListenerCtx, ListenerId, MemoryListener};
 pub use model::SlowHit;
 pub use render::{FlatRange, FlatView, RangeTarget};
 pub use system::{
-    AddressSpaceId, AsNotifier, ListenerCtx, ListenerId, Lookup, MemoryListener, MemorySystem,
-    ReadPolicy, RegionInfo, Stats, Translation, WriteNotifier,
+    AddressSpaceId, AsNotifier, Lookup, MemorySystem, ReadPolicy, RegionInfo, Stats, Translation,
+    WriteNotifier,
 };
 
 use alloc::string::String;
