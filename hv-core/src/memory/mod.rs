@@ -14,6 +14,26 @@
 //! * Mutations can be batched in (nested) transactions, read mid-transaction
 //!   without involving listeners, and abandoned.
 //! * [`mtree`] prints and parses QEMU's `info mtree` text formats.
+//!
+//! ```
+//! use hv_core::memory::{MemorySystem, MmioHandle, RamBacking};
+//!
+//! let mut mem = MemorySystem::new();
+//! let system = mem.create_container("system", 1 << 64)?;
+//! let space = mem.create_address_space("memory", system)?;
+//! let ram = mem.create_ram("pc.ram", 0x800_0000, RamBacking { block: 0, offset: 0 })?;
+//! let below = mem.create_alias("ram-below-4g", 0x800_0000, ram, 0)?;
+//! mem.add_subregion(system, 0, below)?;
+//! let bar = mem.create_mmio("bar0", 0x1000, MmioHandle(3))?;
+//! mem.begin();
+//! mem.add_subregion_overlap(system, 0xfebf_0000, bar, 1)?;
+//! // Reads inside the transaction see the new tree; listeners run at commit.
+//! let t = mem.translate(space, 0xfebf_0010)?.unwrap();
+//! assert_eq!((t.region, t.offset), (bar, 0x10));
+//! mem.commit()?;
+//! assert_eq!(mem.flat_view(space)?.ranges().len(), 2);
+//! # Ok::<(), hv_core::memory::MemoryError>(())
+//! ```
 
 mod listener;
 mod model;

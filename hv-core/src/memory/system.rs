@@ -417,6 +417,31 @@ impl MemorySystem {
         self.create_region(name, size, RegionKind::Mmio(ops))
     }
 
+    pub fn create_ram_device(
+        &mut self,
+        name: &str,
+        size: u128,
+        backing: super::RamBacking,
+    ) -> Result<RegionId, MemoryError> {
+        self.create_region(name, size, RegionKind::RamDevice(backing))
+    }
+
+    /// ROM device, initially in romd mode (reads from `backing`).
+    pub fn create_rom_device(
+        &mut self,
+        name: &str,
+        size: u128,
+        backing: super::RamBacking,
+        ops: super::MmioHandle,
+    ) -> Result<RegionId, MemoryError> {
+        self.create_region(name, size, RegionKind::RomDevice { backing, ops })
+    }
+
+    /// QEMU `memory_region_init_reservation`: terminates lookups, unassigned.
+    pub fn create_reservation(&mut self, name: &str, size: u128) -> Result<RegionId, MemoryError> {
+        self.create_region(name, size, RegionKind::Reservation)
+    }
+
     pub fn create_alias(
         &mut self,
         name: &str,
