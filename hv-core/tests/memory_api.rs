@@ -819,3 +819,34 @@ fn ept_listener_and_migration_transaction() {
     assert!(!ept.borrow().pages[&0xf0].2);
     check(&mut m, &ept.borrow());
 }
+
+#[test]
+fn rom_device_romd_and_reservation_types() {
+    use hv_core::memory::{mtree, RangeTarget};
+    let (mut m, root, sp) = system();
+    let flash = m
+        .create_rom_device("flash", 0x1000, ram(4), MmioHandle(9))
+        .unwrap();
+    let hole = m.create_reservation("hole", 0x1000).unwrap();
+    let vram = m.create_ram_device("vram", 0x1000, ram(5)).unwrap();
+    m.add_subregion(root, 0, flash).unwrap();
+    m.add_subregion(root, 0x1000, hole).unwrap();
+    m.add_subregion(root, 0x2000, vram).unwrap();
+    let flat = mtree::format_flat(&mut m).unwrap();
+    assert!(flat.contains("(prio 0, romd): flash"), "{flat}");
+    assert!(flat.contains("(prio 0, i/o): hole"), "{flat}");
+    assert!(flat.contains("(prio 0, ramd): vram"), "{flat}");
+    let v1 = m.flat_view(sp).unwrap();
+    assert!(v1.ranges()[0].romd_mode);
+    m.set_romd(flash, false).unwrap();
+    let v2 = m.flat_view(sp).unwrap();
+    assert!(!v2.ranges()[0].romd_mode);
+    assert!(mtree::format_flat(&mut m)
+        .unwrap()
+        .contains("(prio 0, i/o): flash"));
+    assert_eq!(v2.ranges()[1].target, RangeTarget::Reservation);
+    // Types survive a print/parse round trip (romd off prints as i/o).
+    let text = mtree::format_tree(&m, true).unwrap();
+    let p = mtree::parse_tree(&text).unwrap();
+    assert_eq!(mtree::format_tree(&p.mem, true).unwrap(), text);
+}

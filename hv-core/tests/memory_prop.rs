@@ -266,7 +266,8 @@ impl World {
             }
             Op::Enable { r, on } => {
                 // Disabling the root hides everything; do it rarely.
-                let r = pick(&ids, r).filter(|&r| on || r != self.root || ids.len().is_multiple_of(8));
+                let r =
+                    pick(&ids, r).filter(|&r| on || r != self.root || ids.len().is_multiple_of(8));
                 let _ = r.map(|r| m.set_enabled(r, on));
             }
             Op::Readonly { r, on } => {

@@ -24,7 +24,7 @@
 //! ```ignore
 //! let mode = CpuMode { cr0, cr3, cr4, efer, cs_base, cs_l, cs_db }; // from the VMCS
 //! let mut regs = Regs { gpr, rip, rflags };
-//! let exit = MmioExit::new(gpa, if q.write { AccessKind::Write } else { AccessKind::Read });
+//! let exit = MmioExit::from_ept_violation(qualification, guest_phys, guest_linear)?;
 //! let access = emulate(&mode, &guest_ram, &regs, &exit)?; // Err: stop the VM, print it
 //! let value = match access.write_value() {
 //!     Some(v) => { device.write(access.gpa, access.size(), v); 0 }
@@ -34,9 +34,11 @@
 //! // write regs.gpr / rip / rflags back to the VMCS and the saved GPRs
 //! ```
 //!
-//! The caller remains responsible for what this module cannot see: exits
-//! on guest paging-structure accesses (qualification bit 8 clear with bit 7
-//! set) are not instruction operands and must not be passed here; after
+//! Exits on guest paging-structure accesses (qualification bit 7 set, bit 8
+//! clear) are not instruction operands: [`MmioExit::from_ept_violation`]
+//! refuses them (a caller building [`MmioExit`] by hand must not pass a
+//! linear address for them). The caller remains responsible for what this
+//! module cannot see: after
 //! [`MmioAccess::finish`] the handler should clear STI/MOV-SS blocking in
 //! the interruptibility state and, if RFLAGS.TF was set, inject the
 //! single-step `#DB`.
@@ -251,6 +253,44 @@ impl MmioExit {
             ..self
         }
     }
+
+    /// Builds the exit from the raw EPT-violation exit qualification
+    /// (SDM Vol. 3C, Table 28-7) and the "guest-physical address" and
+    /// "guest-linear address" VMCS fields: bit 1 (write) makes a write,
+    /// else bit 2 (fetch) a fetch, else a read; the linear address is kept
+    /// when bits 7 and 8 are both set. Bit 7 set with bit 8 clear means the
+    /// guest's page walk touched a paging-structure entry at `gpa`: not an
+    /// instruction operand, so an error.
+    pub const fn from_ept_violation(
+        qualification: u64,
+        gpa: u64,
+        guest_linear: u64,
+    ) -> Result<Self, EmulateError> {
+        let kind = if qualification & (1 << 1) != 0 {
+            AccessKind::Write
+        } else if qualification & (1 << 2) != 0 {
+            AccessKind::Fetch
+        } else {
+            AccessKind::Read
+        };
+        let linear_valid = qualification & (1 << 7) != 0;
+        let translation = qualification & (1 << 8) != 0;
+        if linear_valid && !translation {
+            return Err(EmulateError::PagingStructureAccess {
+                gpa,
+                linear: guest_linear,
+            });
+        }
+        Ok(Self {
+            gpa,
+            kind,
+            linear: if linear_valid {
+                Some(guest_linear)
+            } else {
+                None
+            },
+        })
+    }
 }
 
 /// A decoded MMIO access, ready to be sent to the device.
@@ -299,6 +339,9 @@ pub fn finish(access: &MmioAccess, read_value: u64, regs: &mut Regs) {
 /// context for a stop-the-VM report (see its `Display`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EmulateError {
+    /// The EPT violation was on a guest paging-structure entry at `gpa`
+    /// while translating `linear` (the guest keeps page tables in MMIO).
+    PagingStructureAccess { gpa: u64, linear: u64 },
     /// The exit was an instruction fetch from MMIO: nothing to emulate.
     FetchFromMmio { gpa: u64, rip: u64 },
     /// Not even the first instruction byte could be fetched.
@@ -347,6 +390,11 @@ pub enum EmulateError {
 impl core::fmt::Display for EmulateError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
+            Self::PagingStructureAccess { gpa, linear } => write!(
+                f,
+                "guest page walk for linear {linear:#x} touched a paging-structure entry at \
+                 MMIO {gpa:#x}"
+            ),
             Self::FetchFromMmio { gpa, rip } => {
                 write!(f, "instruction fetch from MMIO {gpa:#x} at rip {rip:#x}")
             }

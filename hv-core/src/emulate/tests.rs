@@ -1171,7 +1171,7 @@ proptest! {
         match emulate(&mode, &mem, &r, &exit) {
             Ok(a) => {
                 prop_assert!(matches!(a.size(), 1 | 2 | 4 | 8));
-                prop_assert!(a.op.insn_len() as usize <= code.len());
+                prop_assert!((1..=MAX_INSN_LEN).contains(&usize::from(a.op.insn_len())));
                 let mut after = r;
                 a.finish(gpa, &mut after);
                 prop_assert_eq!(after.rip, r.rip + u64::from(a.op.insn_len()));
@@ -1193,13 +1193,26 @@ proptest! {
         linear in any::<u64>(),
         regs in proptest::array::uniform16(any::<u64>()),
         write in any::<bool>(),
+        near in any::<bool>(),
     ) {
+        let mut ram = ram;
+        if near {
+            // Keep table addresses inside the 64 KiB so walks go deep: clear
+            // bits 51:16 of every 8-byte word (31:16 of every other dword).
+            for w in ram.chunks_mut(8) {
+                for b in &mut w[2..7] {
+                    *b = 0;
+                }
+                w[6] &= 0xf0;
+            }
+        }
         let mut mem = Mem::default();
         for (i, page) in ram.chunks(0x1000).enumerate() {
             mem.pages.insert(i as u64 * 0x1000, page.to_vec());
         }
         // Half the time keep RIP inside the random RAM.
         let rip = if rip & 1 == 0 { rip & 0xffff } else { rip };
+        let linear = if near { linear & 0xffff } else { linear };
         let kind = if write { AccessKind::Write } else { AccessKind::Read };
         let _ = translate(&mode, &mem, linear, kind);
         let _ = translate(&mode, &mem, linear, AccessKind::Fetch);
@@ -1215,4 +1228,132 @@ proptest! {
             }
         }
     }
+}
+
+/// One supported 64-bit form: (legacy prefix, REX.W, opcode bytes, write,
+/// access size, immediate size, dest width for reads).
+type Form = (Option<u8>, bool, &'static [u8], bool, u8, usize, u8);
+
+const FORMS: &[Form] = &[
+    (None, false, &[0x88], true, 1, 0, 0),
+    (None, false, &[0x89], true, 4, 0, 0),
+    (Some(0x66), false, &[0x89], true, 2, 0, 0),
+    (None, true, &[0x89], true, 8, 0, 0),
+    (None, false, &[0x8a], false, 1, 0, 1),
+    (None, false, &[0x8b], false, 4, 0, 4),
+    (Some(0x66), false, &[0x8b], false, 2, 0, 2),
+    (None, true, &[0x8b], false, 8, 0, 8),
+    (None, false, &[0xc6], true, 1, 1, 0),
+    (None, false, &[0xc7], true, 4, 4, 0),
+    (Some(0x66), false, &[0xc7], true, 2, 2, 0),
+    (None, true, &[0xc7], true, 8, 4, 0),
+    (None, false, &[0x0f, 0xb6], false, 1, 0, 4),
+    (Some(0x66), false, &[0x0f, 0xb6], false, 1, 0, 2),
+    (None, true, &[0x0f, 0xb6], false, 1, 0, 8),
+    (None, false, &[0x0f, 0xb7], false, 2, 0, 4),
+    (None, true, &[0x0f, 0xb7], false, 2, 0, 8),
+    (None, false, &[0x0f, 0xbe], false, 1, 0, 4),
+    (Some(0x66), false, &[0x0f, 0xbe], false, 1, 0, 2),
+    (None, true, &[0x0f, 0xbe], false, 1, 0, 8),
+    (None, false, &[0x0f, 0xbf], false, 2, 0, 4),
+    (None, true, &[0x0f, 0xbf], false, 2, 0, 8),
+    (None, true, &[0x63], false, 4, 0, 8),
+    (None, false, &[0x63], false, 4, 0, 4),
+];
+
+proptest! {
+    /// Every supported form with random ModRM/SIB/displacement/REX decodes,
+    /// with the generated length, size and direction; a write changes no
+    /// register, a read only its destination.
+    #[test]
+    fn generated_supported_forms_decode(
+        form in 0..FORMS.len(),
+        rex_rxb in 0u8..8,
+        use_rex in any::<bool>(),
+        md in 0u8..3,
+        reg in 0u8..8,
+        rm in 0u8..8,
+        sib in any::<u8>(),
+        tail in proptest::array::uniform8(any::<u8>()),
+        loaded in any::<u64>(),
+    ) {
+        let (prefix, w, opcode, write, size, imm, width) = FORMS[form];
+        let reg = if imm != 0 { 0 } else { reg }; // C6/C7 need /0
+        let mut code = Vec::new();
+        code.extend(prefix);
+        let rex = w || use_rex;
+        if rex {
+            code.push(0x40 | (u8::from(w) << 3) | rex_rxb);
+        }
+        code.extend_from_slice(opcode);
+        code.push((md << 6) | (reg << 3) | rm);
+        let mut disp = match md {
+            1 => 1,
+            2 => 4,
+            _ => 0,
+        };
+        if rm == 4 {
+            code.push(sib);
+            if md == 0 && sib & 7 == 5 {
+                disp = 4;
+            }
+        } else if md == 0 && rm == 5 {
+            disp = 4; // RIP-relative
+        }
+        code.extend_from_slice(&tail[..disp + imm]);
+        let kind = if write { AccessKind::Write } else { AccessKind::Read };
+        let (a, regs) = run64(&code, kind).map_err(|e| TestCaseError::fail(alloc::format!("{code:x?}: {e}")))?;
+        prop_assert_eq!(usize::from(a.op.insn_len()), code.len(), "{:x?}", code);
+        prop_assert_eq!(a.size(), size);
+        prop_assert_eq!(a.is_write(), write);
+        let mut after = regs;
+        a.finish(loaded, &mut after);
+        prop_assert_eq!(after.rip, regs.rip + code.len() as u64);
+        if write {
+            prop_assert_eq!(after.gpr, regs.gpr);
+        } else {
+            let r = (reg | ((rex_rxb & 4) << 1)) & if rex { 15 } else { 7 };
+            let dest = if width == 1 && !rex && reg >= 4 { reg - 4 } else { r };
+            let MmioDir::Read(d) = a.op.dir else { unreachable!() };
+            prop_assert_eq!(usize::from(d.reg.index), usize::from(dest));
+            prop_assert_eq!(d.width, width);
+            for i in 0..16 {
+                if i != usize::from(dest) {
+                    prop_assert_eq!(after.gpr[i], regs.gpr[i]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn exit_from_ept_violation_qualification() {
+    // read, linear valid, translation access
+    assert_eq!(
+        MmioExit::from_ept_violation(0x181, 0x1000, 0x2000),
+        Ok(MmioExit {
+            gpa: 0x1000,
+            kind: AccessKind::Read,
+            linear: Some(0x2000)
+        })
+    );
+    // read+write (read-modify-write): a write; linear not valid
+    assert_eq!(
+        MmioExit::from_ept_violation(0x3, 0x1000, 0x2000),
+        Ok(MmioExit::new(0x1000, AccessKind::Write))
+    );
+    assert_eq!(
+        MmioExit::from_ept_violation(0x84 | 0x100, 5, 6).map(|e| e.kind),
+        Ok(AccessKind::Fetch)
+    );
+    // bit 7 without bit 8: the guest's page walk hit MMIO
+    let e = MmioExit::from_ept_violation(0x81, 0x1000, 0x2000).unwrap_err();
+    assert_eq!(
+        e,
+        EmulateError::PagingStructureAccess {
+            gpa: 0x1000,
+            linear: 0x2000
+        }
+    );
+    assert!(alloc::format!("{e}").contains("paging-structure"));
 }

@@ -14,17 +14,41 @@
 //! * Mutations can be batched in (nested) transactions, read mid-transaction
 //!   without involving listeners, and abandoned.
 //! * [`mtree`] prints and parses QEMU's `info mtree` text formats.
+//!
+//! ```
+//! use hv_core::memory::{MemorySystem, MmioHandle, RamBacking};
+//!
+//! let mut mem = MemorySystem::new();
+//! let system = mem.create_container("system", 1 << 64)?;
+//! let space = mem.create_address_space("memory", system)?;
+//! let ram = mem.create_ram("pc.ram", 0x800_0000, RamBacking { block: 0, offset: 0 })?;
+//! let below = mem.create_alias("ram-below-4g", 0x800_0000, ram, 0)?;
+//! mem.add_subregion(system, 0, below)?;
+//! let bar = mem.create_mmio("bar0", 0x1000, MmioHandle(3))?;
+//! mem.begin();
+//! mem.add_subregion_overlap(system, 0xfebf_0000, bar, 1)?;
+//! // Reads inside the transaction see the new tree; listeners run at commit.
+//! let t = mem.translate(space, 0xfebf_0010)?.unwrap();
+//! assert_eq!((t.region, t.offset), (bar, 0x10));
+//! mem.commit()?;
+//! assert_eq!(mem.flat_view(space)?.ranges().len(), 2);
+//! # Ok::<(), hv_core::memory::MemoryError>(())
+//! ```
 
+mod listener;
 mod model;
 pub mod mtree;
 mod render;
+mod space;
 mod system;
+mod txn;
 
+pub use listener::{ListenerCtx, ListenerId, MemoryListener};
 pub use model::SlowHit;
 pub use render::{FlatRange, FlatView, RangeTarget};
 pub use system::{
-    AddressSpaceId, AsNotifier, ListenerCtx, ListenerId, Lookup, MemoryListener, MemorySystem,
-    ReadPolicy, RegionInfo, Stats, Translation, WriteNotifier,
+    AddressSpaceId, AsNotifier, Lookup, MemorySystem, ReadPolicy, RegionInfo, Stats, Translation,
+    WriteNotifier,
 };
 
 use alloc::string::String;

@@ -1,0 +1,405 @@
+//! Address spaces, the flush (topology update) and reads.
+
+use super::listener::ListenerId;
+use super::render::{self, Arena, FlatRange, FlatView};
+use super::system::*;
+use super::{MemoryError, RegionId};
+use alloc::collections::BTreeMap;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+
+impl MemorySystem {
+    // ------------------------------------------------------------------
+    // Address spaces
+    // ------------------------------------------------------------------
+
+    pub(crate) fn spaces_iter(&self) -> impl Iterator<Item = (AddressSpaceId, &Space)> {
+        self.spaces.iter().enumerate().filter_map(|(i, s)| {
+            s.space.as_ref().map(|sp| {
+                (
+                    AddressSpaceId {
+                        index: i as u32,
+                        generation: s.generation,
+                    },
+                    sp,
+                )
+            })
+        })
+    }
+
+    pub(crate) fn space(&self, id: AddressSpaceId) -> Result<&Space, MemoryError> {
+        self.spaces
+            .get(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.space.as_ref())
+            .ok_or(MemoryError::StaleAddressSpace(id))
+    }
+
+    pub(crate) fn space_mut(&mut self, id: AddressSpaceId) -> Result<&mut Space, MemoryError> {
+        self.spaces
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.space.as_mut())
+            .ok_or(MemoryError::StaleAddressSpace(id))
+    }
+
+    /// All address spaces, in creation order.
+    pub fn address_spaces(&self) -> Vec<AddressSpaceId> {
+        self.spaces_iter().map(|(id, _)| id).collect()
+    }
+
+    pub fn address_space_name(&self, id: AddressSpaceId) -> Result<&str, MemoryError> {
+        Ok(&self.space(id)?.name)
+    }
+
+    pub fn address_space_root(&self, id: AddressSpaceId) -> Result<RegionId, MemoryError> {
+        Ok(self.space(id)?.root)
+    }
+
+    /// QEMU `address_space_init` (not inside a transaction).
+    pub fn create_address_space(
+        &mut self,
+        name: &str,
+        root: RegionId,
+    ) -> Result<AddressSpaceId, MemoryError> {
+        if self.depth > 0 {
+            return Err(MemoryError::InTransaction);
+        }
+        self.get(root)?;
+        // Share the view of an existing space with the same flat-view root.
+        let mut shared = BTreeMap::new();
+        for (_, sp) in self.spaces_iter() {
+            shared
+                .entry(sp.view.root)
+                .or_insert_with(|| sp.view.clone());
+        }
+        let (view, notifiers) = self.build_state(root, &shared)?;
+        let space = Space {
+            name: name.into(),
+            root,
+            view,
+            notifiers,
+            listeners: Vec::new(),
+        };
+        let index = self.spaces.iter().position(|s| s.space.is_none());
+        let id = match index {
+            Some(i) => {
+                let slot = &mut self.spaces[i];
+                slot.generation = slot.generation.wrapping_add(1);
+                slot.space = Some(space);
+                AddressSpaceId {
+                    index: i as u32,
+                    generation: slot.generation,
+                }
+            }
+            None => {
+                self.spaces.push(SpaceSlot {
+                    generation: 0,
+                    space: Some(space),
+                });
+                AddressSpaceId {
+                    index: (self.spaces.len() - 1) as u32,
+                    generation: 0,
+                }
+            }
+        };
+        Ok(id)
+    }
+
+    /// QEMU `address_space_destroy`: listeners are unregistered (they get
+    /// region_del for the whole view) and the space is removed.
+    pub fn destroy_address_space(&mut self, id: AddressSpaceId) -> Result<(), MemoryError> {
+        if self.depth > 0 {
+            return Err(MemoryError::InTransaction);
+        }
+        let ids: Vec<ListenerId> = self.space(id)?.listeners.iter().map(|l| l.id).collect();
+        for l in ids {
+            self.remove_listener(l)?;
+        }
+        self.spaces[id.index as usize].space = None;
+        self.cache.remove(&id.index);
+        Ok(())
+    }
+
+    /// Renders the view of `root` (sharing with `shared` by flat-view root).
+    pub(crate) fn build_state(
+        &mut self,
+        root: RegionId,
+        shared: &BTreeMap<Option<RegionId>, Rc<FlatView>>,
+    ) -> Result<(Rc<FlatView>, Rc<Vec<AsNotifier>>), MemoryError> {
+        let physmr = render::flatview_root(self, root)?;
+        let view = match shared.get(&physmr) {
+            Some(v) => v.clone(),
+            None => {
+                self.stats.renders += 1;
+                Rc::new(render::generate(self, physmr)?)
+            }
+        };
+        let notifiers = Rc::new(self.notifiers_of(&view));
+        Ok((view, notifiers))
+    }
+
+    /// QEMU `address_space_update_ioeventfds` (sorted, deduplicated).
+    pub(crate) fn notifiers_of(&self, view: &FlatView) -> Vec<AsNotifier> {
+        let mut out = Vec::new();
+        for fr in &view.ranges {
+            let Ok(r) = self.get(fr.region) else { continue };
+            for n in &r.notifiers {
+                // Shift the notifier into the address space.
+                let start = fr.start as i128 - fr.offset_in_region as i128 + n.addr as i128;
+                let end = start + n.size as i128;
+                let (fs, fe) = (fr.start as i128, fr.end() as i128);
+                // QEMU addrrange_intersects (a zero-size notifier counts when
+                // its start is inside the range).
+                let intersects = (start >= fs && start < fe) || (fs >= start && fs < end);
+                if intersects && start >= 0 && start <= u64::MAX as i128 {
+                    out.push(AsNotifier {
+                        start: start as u64,
+                        size: n.size,
+                        data: n.data,
+                        token: n.token,
+                        region: fr.region,
+                    });
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    // ------------------------------------------------------------------
+    // Flush (topology update)
+    // ------------------------------------------------------------------
+
+    /// Renders every address space whose view may have changed, installs the
+    /// new views and tells listeners. Runs at the outermost commit (or for a
+    /// forced read).
+    pub(crate) fn flush(&mut self) {
+        if self.marked.is_empty() {
+            return;
+        }
+        self.stats.commits += 1;
+        // Views of clean spaces can be shared by flat-view root.
+        let mut shared: BTreeMap<Option<RegionId>, Rc<FlatView>> = BTreeMap::new();
+        let mut work: Vec<(AddressSpaceId, u8)> = Vec::new();
+        for (id, sp) in self.spaces_iter() {
+            let bits = self.dirty_bits(sp.root);
+            if bits & DIRTY_VIEW == 0 {
+                shared
+                    .entry(sp.view.root)
+                    .or_insert_with(|| sp.view.clone());
+            }
+            if bits != 0 {
+                work.push((id, bits));
+            }
+        }
+        let mut changes = Vec::new();
+        for (id, bits) in work {
+            let Ok(sp) = self.space(id) else { continue };
+            let root = sp.root;
+            let (old_view, old_notifiers) = (sp.view.clone(), sp.notifiers.clone());
+            let (mut view, notifiers) = if bits & DIRTY_VIEW != 0 {
+                let state = match self.cache.get(&id.index) {
+                    Some(s) => Ok(s.clone()),
+                    None => self.build_state(root, &shared),
+                };
+                match state {
+                    Ok(s) => s,
+                    Err(_) => continue,
+                }
+            } else {
+                let n = Rc::new(self.notifiers_of(&old_view));
+                (old_view.clone(), n)
+            };
+            let view_changed = *view != *old_view;
+            if !view_changed {
+                view = old_view.clone();
+            }
+            shared.entry(view.root).or_insert_with(|| view.clone());
+            let notifiers_changed = *notifiers != *old_notifiers;
+            if let Ok(sp) = self.space_mut(id) {
+                sp.view = view;
+                sp.notifiers = notifiers;
+            }
+            if view_changed || notifiers_changed {
+                changes.push((id, old_view, old_notifiers, view_changed));
+            }
+        }
+        self.clear_marks();
+        self.cache.clear();
+        let mut brackets = 0;
+        for (id, old_view, old_notifiers, view_changed) in changes {
+            brackets += self.notify(id, &old_view, &old_notifiers, view_changed);
+        }
+        self.stats.listener_commits += brackets;
+    }
+
+    // ------------------------------------------------------------------
+    // Reads
+    // ------------------------------------------------------------------
+
+    /// The committed view of `space`: what its listeners have been told.
+    /// Outside transactions (and inside listener callbacks) this is the
+    /// current view.
+    pub fn committed_view(&self, space: AddressSpaceId) -> Result<Rc<FlatView>, MemoryError> {
+        Ok(self.space(space)?.view.clone())
+    }
+
+    /// The view of `space` as the tree is now. Inside a transaction with
+    /// pending mutations this renders on demand (cached until the next
+    /// mutation) or, with [`ReadPolicy::ForceCommit`], commits to listeners
+    /// first.
+    pub fn flat_view(&mut self, space: AddressSpaceId) -> Result<Rc<FlatView>, MemoryError> {
+        Ok(self.current_state(space)?.0)
+    }
+
+    pub(crate) fn current_state(
+        &mut self,
+        space: AddressSpaceId,
+    ) -> Result<(Rc<FlatView>, Rc<Vec<AsNotifier>>), MemoryError> {
+        let sp = self.space(space)?;
+        let root = sp.root;
+        let bits = self.dirty_bits(root);
+        if bits == 0 {
+            return Ok((sp.view.clone(), sp.notifiers.clone()));
+        }
+        match self.policy {
+            ReadPolicy::ForceCommit => {
+                self.stats.forced_commits += 1;
+                self.forced_in_txn = true;
+                self.flush();
+                let sp = self.space(space)?;
+                Ok((sp.view.clone(), sp.notifiers.clone()))
+            }
+            ReadPolicy::RenderOnDemand => {
+                if let Some(s) = self.cache.get(&space.index) {
+                    return Ok(s.clone());
+                }
+                let state = if bits & DIRTY_VIEW != 0 {
+                    // Share with another cached space of the same root.
+                    let physmr = render::flatview_root(self, root)?;
+                    let mut shared = BTreeMap::new();
+                    for (v, _) in self.cache.values() {
+                        if v.root == physmr {
+                            shared.insert(physmr, v.clone());
+                        }
+                    }
+                    let before = self.stats.renders;
+                    let s = self.build_state(root, &shared)?;
+                    self.stats.on_demand_renders += self.stats.renders - before;
+                    s
+                } else {
+                    let view = sp.view.clone();
+                    let n = Rc::new(self.notifiers_of(&view));
+                    (view, n)
+                };
+                self.cache.insert(space.index, state.clone());
+                Ok(state)
+            }
+        }
+    }
+
+    /// Looks `addr` up in the current view of `space` (O(log n)).
+    pub fn lookup(
+        &mut self,
+        space: AddressSpaceId,
+        addr: u64,
+    ) -> Result<Option<Lookup>, MemoryError> {
+        let view = self.flat_view(space)?;
+        Ok(view.lookup(addr).map(|fr| Lookup {
+            region: fr.region,
+            offset: fr.offset_in_region + (addr - fr.start),
+            readonly: fr.readonly,
+            range: *fr,
+        }))
+    }
+
+    /// Address translation for dispatch (MMIO exits, guest-memory access by
+    /// device models): terminal region, offset in it, read-only. Uses the
+    /// committed view or a cached on-demand render when valid (binary
+    /// search); inside a transaction with pending changes and no cached render
+    /// it walks the tree for this one address instead of rendering the whole
+    /// view (`ReadPolicy::RenderOnDemand`, counted in `Stats::walk_lookups`),
+    /// or commits first (`ReadPolicy::ForceCommit`). The walk is the
+    /// reference resolver the renderer is property-tested against.
+    pub fn translate(
+        &mut self,
+        space: AddressSpaceId,
+        addr: u64,
+    ) -> Result<Option<Translation>, MemoryError> {
+        let sp = self.space(space)?;
+        let root = sp.root;
+        let hit = |fr: &FlatRange| Translation {
+            region: fr.region,
+            offset: fr.offset_in_region + (addr - fr.start),
+            readonly: fr.readonly,
+        };
+        if self.dirty_bits(root) & DIRTY_VIEW == 0 {
+            return Ok(sp.view.lookup(addr).map(hit));
+        }
+        if let Some((v, _)) = self.cache.get(&space.index) {
+            return Ok(v.lookup(addr).map(hit));
+        }
+        match self.policy {
+            ReadPolicy::ForceCommit => Ok(self.lookup(space, addr)?.map(|l| Translation {
+                region: l.region,
+                offset: l.offset,
+                readonly: l.readonly,
+            })),
+            ReadPolicy::RenderOnDemand => {
+                self.stats.walk_lookups += 1;
+                Ok(self.resolve_slow(root, addr)?.map(|h| Translation {
+                    region: h.region,
+                    offset: h.offset,
+                    readonly: h.readonly,
+                }))
+            }
+        }
+    }
+
+    /// Write-notifier fast path: the notifier of `space` that a write of
+    /// `size` bytes of `data` at `addr` would signal (QEMU's
+    /// `memory_region_ioeventfd_equal` semantics).
+    pub fn find_write_notifier(
+        &mut self,
+        space: AddressSpaceId,
+        addr: u64,
+        size: u64,
+        data: u64,
+    ) -> Result<Option<AsNotifier>, MemoryError> {
+        let (_, notifiers) = self.current_state(space)?;
+        let first = notifiers.partition_point(|n| n.start < addr);
+        Ok(notifiers[first..]
+            .iter()
+            .take_while(|n| n.start == addr)
+            .find(|n| {
+                WriteNotifier {
+                    addr: n.start,
+                    size: n.size,
+                    data: n.data,
+                    token: n.token,
+                }
+                .matches_access(addr, size, data)
+            })
+            .copied())
+    }
+
+    /// Committed write notifiers of `space`.
+    pub fn committed_notifiers(
+        &self,
+        space: AddressSpaceId,
+    ) -> Result<Rc<Vec<AsNotifier>>, MemoryError> {
+        Ok(self.space(space)?.notifiers.clone())
+    }
+
+    /// QEMU `memory_region_get_flatview_root` for a region.
+    pub fn flatview_root(&self, root: RegionId) -> Result<Option<RegionId>, MemoryError> {
+        render::flatview_root(self, root)
+    }
+
+    /// Renders the tree under `root` now, without touching any state.
+    pub fn render_region(&self, root: RegionId) -> Result<FlatView, MemoryError> {
+        render::generate(self, render::flatview_root(self, root)?)
+    }
+}
