@@ -18,7 +18,8 @@ pub enum VcpuExit {
     Mmio {
         gpa: u64,
         access: Access,
-        linear: Option<u64>,
+        qualification: u64,
+        linear: u64,
     },
     /// VMCALL: number in RAX, arguments in RBX, RCX, RDX.
     Hypercall { nr: u64, args: [u64; 3] },
@@ -94,15 +95,7 @@ impl core::fmt::Display for StopReason {
             Self::Halted => write!(f, "guest halted with interrupts disabled"),
             Self::TripleFault => write!(f, "guest triple fault"),
             Self::UnmappedAccess { gpa, access } => {
-                write!(
-                    f,
-                    "guest {} at unmapped GPA {gpa:#x}",
-                    if *access == Access::Write {
-                        "write"
-                    } else {
-                        "read"
-                    }
-                )
+                write!(f, "guest {} at unmapped GPA {gpa:#x}", access.name())
             }
             Self::UnsupportedIo { port } => {
                 write!(f, "string/REP port I/O at port {port:#x} is not emulated")

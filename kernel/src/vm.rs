@@ -16,7 +16,7 @@ use hv_core::addr::{GuestPhysAddr, HostPhysAddr};
 use hv_core::devices::debug_exit::DebugExit;
 use hv_core::devices::test_device::TestDevice;
 use hv_core::devices::uart::Uart16550;
-use hv_core::emulate::{self, AccessKind, GuestPhysRead, MmioExit};
+use hv_core::emulate::{self, GuestPhysRead, MmioExit};
 use hv_core::ept::{EptStats, PageSizes};
 use hv_core::ept_listener::{EptCounters, EptHost, EptListener, EptMode, RamBlock};
 use hv_core::frames::FrameAllocator;
@@ -400,12 +400,8 @@ impl Vm {
                     Err(e) => self.machine_error(e),
                 }
             }
-            VcpuExit::Io {
-                port,
-                size,
-                access: Access::Read,
-                ..
-            } => {
+            // Reads (the I/O qualification has no fetches).
+            VcpuExit::Io { port, size, .. } => {
                 let v = match self.machine.pio_read(port, size) {
                     Ok(v) => v,
                     Err(e) => return self.machine_error(e),
@@ -421,8 +417,9 @@ impl Vm {
             VcpuExit::Mmio {
                 gpa,
                 access,
+                qualification,
                 linear,
-            } => self.mmio(vcpu, gpa, access, linear),
+            } => self.mmio(vcpu, gpa, access, qualification, linear),
             VcpuExit::Hypercall { nr, args } => match nr {
                 hypercall::PING => ExitAction::Advance(Some(hypercall::PING_REPLY)),
                 hypercall::EXIT => ExitAction::Stop(StopReason::Exited(args[0] as u32)),
@@ -448,7 +445,8 @@ impl Vm {
         vcpu: &mut Vcpu,
         gpa: u64,
         access: Access,
-        linear: Option<u64>,
+        qualification: u64,
+        linear: u64,
     ) -> ExitAction {
         self.mmio_exits += 1;
         let target = match self.machine.memory_target(gpa) {
@@ -480,15 +478,16 @@ impl Vm {
             (Ok(m), Ok(r)) => (m, r),
             _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
         };
-        let kind = if access == Access::Write {
-            AccessKind::Write
-        } else {
-            AccessKind::Read
+        let exit = match MmioExit::from_ept_violation(qualification, gpa, linear) {
+            Ok(e) => e,
+            Err(e) => {
+                crate::println!(
+                    "[{}] cannot emulate the access at GPA {gpa:#x}: {e}",
+                    self.name
+                );
+                return ExitAction::Stop(StopReason::EmulationFailed { gpa });
+            }
         };
-        let mut exit = MmioExit::new(gpa, kind);
-        if let Some(l) = linear {
-            exit = exit.with_linear(l);
-        }
         let decoded = {
             let Ok(view) = self.machine.mem.committed_view(self.machine.memory) else {
                 return ExitAction::Stop(StopReason::VmxInstructionFailed);

@@ -12,7 +12,7 @@ use hv_core::addr::HostPhysAddr;
 use hv_core::frames::FrameAllocator;
 use hv_core::vcpu::{ExitAction, StopReason, VcpuExit};
 use hv_core::vmx::caps::{Controls, EntryControls};
-use hv_core::vmx::exit::{Access, CrAccess, EptViolation, ExitReason, IoQualification, VmExitInfo};
+use hv_core::vmx::exit::{CrAccess, EptViolation, ExitReason, IoQualification, VmExitInfo};
 use hv_core::vmx::{ControlError, VmxCaps};
 use x86::vmx::vmcs::{control, guest, host, ro};
 
