@@ -56,6 +56,17 @@ pub fn vmcall(nr: u64, arg: u64) -> u64 {
     r
 }
 
+/// VMCALL with the number in RAX and arguments in RBX and RCX.
+pub fn vmcall2(nr: u64, a: u64, b: u64) -> u64 {
+    let r: u64;
+    // SAFETY: as for `vmcall`; RCX is a plain operand.
+    unsafe {
+        asm!("xchg rbx, {a}", "vmcall", "xchg rbx, {a}", a = inout(reg) a => _, inout("rax") nr => r,
+             in("rcx") b, options(nostack))
+    }
+    r
+}
+
 /// Copies physical memory (identity mapped by the boot page tables).
 pub fn read_phys(addr: u64, buf: &mut [u8]) -> bool {
     let Some(end) = addr.checked_add(buf.len() as u64) else {

@@ -24,6 +24,10 @@
 //! - `remap`: the test device moves itself and enables a RAM window alias
 //!   in one register write; data written through one alias reads back
 //!   through the other.
+//! - `notify`: writes to the test device's notify register are taken by
+//!   Tern's write-notifier fast path and never reach the device.
+//! - `dirty`: EPT dirty logging: pages written between two `DIRTY_LOG`
+//!   hypercalls are exactly the ones reported.
 //! - `badmmio`: a read-modify-write on MMIO; Tern must stop the VM.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
 #![no_std]
@@ -87,6 +91,8 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "rom" => rom(),
         "highram" => highram(&info),
         "remap" => remap(),
+        "notify" => notify(),
+        "dirty" => dirty(),
         "badmmio" => {
             say!("guest: read-modify-write on MMIO");
             mmio::add_one(TEST_BASE + 0x100);
@@ -375,6 +381,39 @@ fn remap() -> Result<(), &'static str> {
         mmio::load(TEST_BASE, Load::Plain32, 0),
         TEST_ID,
     )?;
+    Ok(())
+}
+
+fn notify() -> Result<(), &'static str> {
+    for i in 0..3 {
+        mmio::store(TEST_BASE + 0x20, Store::Reg32(i));
+    }
+    check(
+        "device writes after notifies",
+        mmio::load(TEST_BASE + 0x10, Load::Plain64, 0),
+        0,
+    )?;
+    mmio::store(TEST_BASE + 0x100, Store::Imm8);
+    check(
+        "device writes after a scratch write",
+        mmio::load(TEST_BASE + 0x10, Load::Plain64, 0),
+        1,
+    )?;
+    say!("guest: 3 notifies sent");
+    Ok(())
+}
+
+fn dirty() -> Result<(), &'static str> {
+    let (from, len) = (4u64 << 20, 28u64 << 20);
+    let first = io::vmcall2(3, from, len);
+    say!("guest: {first} dirty pages before the test (cleared)");
+    for a in [8u64 << 20, (8 << 20) + 4096, 12 << 20, (20 << 20) + 100] {
+        mmio::store(a, Store::Reg64(a));
+    }
+    let n = io::vmcall2(3, from, len);
+    say!("guest: {n} dirty pages after writing to three 2 MiB pages");
+    check("dirty pages", n, 3)?;
+    check("dirty pages after clearing", io::vmcall2(3, from, len), 0)?;
     Ok(())
 }
 

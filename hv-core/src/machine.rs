@@ -113,6 +113,8 @@ pub struct MachineStats {
     pub unclaimed_pio: u64,
     /// Memory-map changes requested by devices (each one transaction).
     pub remaps: u64,
+    /// Writes consumed by a write notifier instead of the device.
+    pub notifier_hits: u64,
 }
 
 struct DeviceSlot {
@@ -333,6 +335,24 @@ impl Machine {
         Ok(())
     }
 
+    /// The write-notifier fast path: if a write of `size` bytes of `value`
+    /// at `gpa` matches a notifier of the memory space, it is counted and
+    /// its token returned; the device is not called (QEMU's ioeventfd).
+    pub fn notify_write(
+        &mut self,
+        gpa: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<Option<u64>, MachineError> {
+        let n = self
+            .mem
+            .find_write_notifier(self.memory, gpa, size.into(), value)?;
+        if n.is_some() {
+            self.stats.notifier_hits += 1;
+        }
+        Ok(n.map(|n| n.token))
+    }
+
     /// A guest `in`: the device's value, or all ones if none is there.
     pub fn pio_read(&mut self, port: u16, size: u8) -> Result<u64, MachineError> {
         self.stats.pio_accesses += 1;
@@ -526,6 +546,47 @@ mod tests {
             }
         ));
         assert_eq!(m.stats.remaps, 1);
+    }
+
+    #[test]
+    fn write_notifiers_take_matching_writes() {
+        let mut m = pc(32 << 20, 3 << 30);
+        let pci = m.regions.pci;
+        let r = m
+            .map_mmio(
+                "tern-test",
+                pci,
+                TEST_DEVICE_BASE,
+                0x1000,
+                Box::new(TestDevice::default()),
+            )
+            .unwrap();
+        let n = crate::memory::WriteNotifier {
+            addr: 0x20,
+            size: 4,
+            data: None,
+            token: 7,
+        };
+        m.mem.add_write_notifier(r, n).unwrap();
+        assert_eq!(
+            m.notify_write(TEST_DEVICE_BASE + 0x20, 4, 1).unwrap(),
+            Some(7)
+        );
+        assert_eq!(
+            m.notify_write(TEST_DEVICE_BASE + 0x20, 2, 1).unwrap(),
+            None,
+            "size must match"
+        );
+        assert_eq!(m.notify_write(TEST_DEVICE_BASE + 0x24, 4, 1).unwrap(), None);
+        // The notifier moves with its region.
+        m.apply(&[MemoryRequest::Move {
+            region: r,
+            addr: 0xFEC0_0000,
+        }])
+        .unwrap();
+        assert_eq!(m.notify_write(TEST_DEVICE_BASE + 0x20, 4, 1).unwrap(), None);
+        assert_eq!(m.notify_write(0xFEC0_0020, 4, 9).unwrap(), Some(7));
+        assert_eq!(m.stats.notifier_hits, 2);
     }
 
     #[test]

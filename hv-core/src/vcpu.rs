@@ -132,6 +132,9 @@ pub mod hypercall {
     pub const EXIT: u64 = 1;
     /// Prints the VM's memory map (`info mtree`) on Tern's console.
     pub const DUMP_MEMORY_MAP: u64 = 2;
+    /// Returns the number of EPT leaf pages in `[RBX, RBX + RCX)` that the
+    /// guest dirtied since the last call, and clears their dirty flags.
+    pub const DIRTY_LOG: u64 = 3;
     /// "TERN" in ASCII.
     pub const PING_REPLY: u64 = 0x5445_524E;
 }

@@ -201,8 +201,8 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         }
         println!();
         println!(
-            "[{name}] memory: {} commits, {} device remaps, {} MMIO exits, {} ROM writes dropped, {} unclaimed port accesses",
-            report.memory_commits, report.remaps, report.mmio_exits, report.rom_writes_dropped, report.unclaimed_io
+            "[{name}] memory: {} commits, {} device remaps, {} MMIO exits, {} write-notifier hits, {} ROM writes dropped, {} unclaimed port accesses",
+            report.memory_commits, report.remaps, report.mmio_exits, report.notifier_hits, report.rom_writes_dropped, report.unclaimed_io
         );
         println!(
             "[{name}] EPT: {} updates, {} INVEPTs, {} rebuilds, {} tables allocated, {} freed, {} entries written",

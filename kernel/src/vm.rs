@@ -26,7 +26,7 @@ use hv_core::machine::{
     Machine, MachineConfig, MachineError, MemTarget, BIOS_BLOCK, TEST_DEVICE_BASE,
     TEST_WINDOW_BASE, TEST_WINDOW_SIZE,
 };
-use hv_core::memory::{FlatView, RangeTarget};
+use hv_core::memory::{FlatView, RangeTarget, WriteNotifier};
 use hv_core::phys::PhysAccess;
 use hv_core::vcpu::{hypercall, ExitAction, StopReason, VcpuExit};
 use hv_core::vmx::exit::Access;
@@ -79,7 +79,7 @@ pub struct VmConfig {
     pub budget: u64,
     pub rom_writes: RomWrites,
     pub ept_mode: EptMode,
-    /// Print the memory map at start.
+    /// Print the memory map when the VM stops.
     pub print_mtree: bool,
 }
 
@@ -158,6 +158,7 @@ pub struct Vm {
     vcpu: Option<Vcpu>,
     console_line: Vec<u8>,
     rom_writes: RomWrites,
+    print_mtree: bool,
     pub mmio_exits: u64,
     pub rom_writes_dropped: u64,
 }
@@ -172,6 +173,7 @@ pub struct VmReport {
     pub memory_commits: u64,
     pub remaps: u64,
     pub mmio_exits: u64,
+    pub notifier_hits: u64,
     pub rom_writes_dropped: u64,
 }
 
@@ -208,6 +210,18 @@ impl Vm {
         machine
             .mem
             .add_subregion(system, TEST_WINDOW_BASE, window)
+            .map_err(MachineError::from)?;
+        // A notify register, as a virtio queue has: writes to it are taken
+        // by the notifier fast path, not by the device.
+        let notify = WriteNotifier {
+            addr: 0x20,
+            size: 4,
+            data: None,
+            token: 1,
+        };
+        machine
+            .mem
+            .add_write_notifier(test, notify)
             .map_err(MachineError::from)?;
         if let Some(d) = machine.device::<TestDevice>("tern-test") {
             d.region = Some(test);
@@ -261,6 +275,7 @@ impl Vm {
             vcpu: None,
             console_line: Vec::new(),
             rom_writes: cfg.rom_writes,
+            print_mtree: cfg.print_mtree,
             mmio_exits: 0,
             rom_writes_dropped: 0,
         };
@@ -288,9 +303,6 @@ impl Vm {
             loaded.entry,
             cfg.machine.ram_bytes >> 20
         );
-        if cfg.print_mtree {
-            vm.print_mtree();
-        }
         let start = StartState {
             rip: loaded.entry.into(),
             rax: MULTIBOOT_BOOTLOADER_MAGIC.into(),
@@ -350,6 +362,9 @@ impl Vm {
         }
         let exits = vcpu.exits.clone();
         self.vcpu = Some(vcpu);
+        if self.print_mtree {
+            self.print_mtree();
+        }
         self.report(stop, exits)
     }
 
@@ -364,6 +379,7 @@ impl Vm {
             memory_commits: self.machine.mem.stats().commits,
             remaps: self.machine.stats.remaps,
             mmio_exits: self.mmio_exits,
+            notifier_hits: self.machine.stats.notifier_hits,
             rom_writes_dropped: self.rom_writes_dropped,
         }
     }
@@ -426,6 +442,10 @@ impl Vm {
                 hypercall::DUMP_MEMORY_MAP => {
                     self.print_mtree();
                     ExitAction::Advance(Some(0))
+                }
+                hypercall::DIRTY_LOG => {
+                    let dirty = self.ept.borrow_mut().take_dirty(args[0], args[1]);
+                    ExitAction::Advance(Some(dirty.len() as u64))
                 }
                 _ => ExitAction::Advance(Some(u64::MAX)),
             },
@@ -510,7 +530,16 @@ impl Vm {
         };
         let size = acc.size();
         let mut read_value = 0;
-        if rom {
+        let notified = match acc.write_value() {
+            Some(v) if device.is_some() => match self.machine.notify_write(gpa, size, v) {
+                Ok(n) => n.is_some(),
+                Err(e) => return self.machine_error(e),
+            },
+            _ => false,
+        };
+        if notified {
+            // Taken by the notifier: the device does not see the write.
+        } else if rom {
             self.rom_writes_dropped += 1;
         } else if let Some((handle, offset, left)) = device {
             if u64::from(size) > left {

@@ -304,6 +304,10 @@ fn parse_run_args(args: &[String]) -> Result<RunArgs, String> {
             w => words.push(w.to_string()),
         }
     }
+    // `run` shows the VM's memory map at the end unless told otherwise.
+    if !words.iter().any(|w| w.starts_with("mtree")) {
+        words.push("mtree".into());
+    }
     r.kernel = words.join(" ");
     Ok(r)
 }
