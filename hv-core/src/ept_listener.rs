@@ -511,6 +511,71 @@ mod tests {
         let _ = pc.ram;
     }
 
+    /// The EPT must hold exactly the flat view's RAM/ROM pages, each in the
+    /// largest page that alignment allows inside its range.
+    fn check_against_view(
+        mem: &mut MemorySystem,
+        space: crate::memory::AddressSpaceId,
+        l: &EptListener<Host>,
+    ) -> Result<(), alloc::string::String> {
+        // Runs of (gpa start, gpa end, hpa at start, writable), merged when
+        // contiguous in both spaces.
+        fn push(runs: &mut Vec<(u64, u64, u64, bool)>, run: (u64, u64, u64, bool)) {
+            if let Some(last) = runs.last_mut() {
+                if last.1 == run.0 && last.2 + (last.1 - last.0) == run.2 && last.3 == run.3 {
+                    last.1 = run.1;
+                    return;
+                }
+            }
+            runs.push(run);
+        }
+        let view = mem.flat_view(space).unwrap();
+        let block = 0x1_0000_0000u64;
+        let mut want = Vec::new();
+        let mut ranges = Vec::new();
+        for r in view.ranges() {
+            let RangeTarget::Ram(b) = r.target else {
+                continue;
+            };
+            let hpa0 = block + b.offset + r.offset_in_region;
+            let end = (r.start as u128 + r.size) as u64;
+            let (g, e) = (r.start.div_ceil(4096) * 4096, end / 4096 * 4096);
+            if g < e {
+                push(&mut want, (g, e, hpa0 + (g - r.start), !r.readonly));
+            }
+            ranges.push((r.start, end, hpa0));
+        }
+        let mut got = Vec::new();
+        for leaf in l.leaves() {
+            push(
+                &mut got,
+                (leaf.gpa, leaf.gpa + leaf.size, leaf.hpa, leaf.writable),
+            );
+            let &(start, end, hpa0) = ranges
+                .iter()
+                .find(|(s, e, _)| *s <= leaf.gpa && leaf.gpa < *e)
+                .ok_or(alloc::format!("leaf {leaf:?} outside any RAM range"))?;
+            let largest = [1u64 << 30, 2 << 20, 4096]
+                .into_iter()
+                .find(|&sz| {
+                    let base = leaf.gpa & !(sz - 1);
+                    base >= start && base + sz <= end && (hpa0 + (base - start)).is_multiple_of(sz)
+                })
+                .unwrap_or(4096);
+            if leaf.size != largest {
+                return Err(alloc::format!(
+                    "leaf {leaf:?} should be a {largest:#x} page"
+                ));
+            }
+        }
+        if got != want {
+            return Err(alloc::format!(
+                "EPT mappings differ from the flat view: {got:x?} vs {want:x?}"
+            ));
+        }
+        Ok(())
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
         /// After every commit of random changes, the incremental EPT holds
@@ -554,6 +619,10 @@ mod tests {
                 }
                 if txn { pc.mem.commit().unwrap(); }
                 proptest::prop_assert_eq!(pages(&inc.borrow().leaves()), pages(&reb.borrow().leaves()));
+                if pc.mem.transaction_depth() == 0 {
+                    let r = check_against_view(&mut pc.mem, pc.space, &inc.borrow());
+                    proptest::prop_assert!(r.is_ok(), "{}", r.unwrap_err());
+                }
                 proptest::prop_assert!(inc.borrow_mut().take_error().is_none());
             }
         }
