@@ -190,7 +190,11 @@ pub(crate) fn flatview_root<A: Arena>(
 
 struct Renderer<'a, A: Arena> {
     arena: &'a A,
-    map: BTreeMap<u64, FlatRange>,
+    /// Pieces rendered so far: start -> (exclusive end, index in `pieces`).
+    /// Keeping the 80-byte ranges out of the B-tree nodes makes inserts
+    /// cheaper.
+    map: BTreeMap<u64, (u128, u32)>,
+    pieces: Vec<FlatRange>,
     gaps: Vec<(i128, i128)>,
 }
 
@@ -257,7 +261,9 @@ impl<A: Arena> Renderer<'_, A> {
                 offset_in_region: (s - base) as u64,
                 ..template
             };
-            self.map.insert(s as u64, fr);
+            self.map
+                .insert(s as u64, (fr.end(), self.pieces.len() as u32));
+            self.pieces.push(fr);
         }
         Ok(())
     }
@@ -269,19 +275,19 @@ impl<A: Arena> Renderer<'_, A> {
         let mut cursor = cs;
         // The clip is inside [0, 2^64), so cs fits in u64.
         let cs64 = cs as u64;
-        if let Some((_, r)) = self.map.range(..=cs64).next_back() {
-            cursor = cursor.max(r.end() as i128);
+        if let Some((_, &(end, _))) = self.map.range(..=cs64).next_back() {
+            cursor = cursor.max(end as i128);
         }
         if cursor < ce {
-            for (_, r) in self.map.range(cs64..) {
-                let rs = r.start as i128;
+            for (&start, &(end, _)) in self.map.range(cs64..) {
+                let rs = start as i128;
                 if rs >= ce {
                     break;
                 }
                 if rs > cursor {
                     self.gaps.push((cursor, rs));
                 }
-                cursor = cursor.max(r.end() as i128);
+                cursor = cursor.max(end as i128);
                 if cursor >= ce {
                     break;
                 }
@@ -321,6 +327,7 @@ pub(crate) fn generate<A: Arena>(
         let mut r = Renderer {
             arena,
             map: BTreeMap::new(),
+            pieces: Vec::new(),
             gaps: Vec::new(),
         };
         r.render(
@@ -333,7 +340,7 @@ pub(crate) fn generate<A: Arena>(
                 unmergeable: false,
             },
         )?;
-        ranges = r.map.into_values().collect();
+        ranges = r.map.values().map(|&(_, i)| r.pieces[i as usize]).collect();
         simplify(&mut ranges);
     }
     Ok(FlatView {
