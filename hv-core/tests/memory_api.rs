@@ -850,3 +850,45 @@ fn rom_device_romd_and_reservation_types() {
     let p = mtree::parse_tree(&text).unwrap();
     assert_eq!(mtree::format_tree(&p.mem, true).unwrap(), text);
 }
+
+#[test]
+fn partial_renders_follow_aliases_and_match_full_renders() {
+    let (mut m, root, sp) = system();
+    let target = m.create_container("target", 0x8000).unwrap();
+    let child = m.create_ram("child", 0x1000, ram(1)).unwrap();
+    m.add_subregion(target, 0x3000, child).unwrap();
+    let window = m.create_alias("window", 0x2000, target, 0x2000).unwrap();
+    m.add_subregion(root, 0x10000, window).unwrap();
+    let filler = m.create_ram("filler", 0x10000, ram(2)).unwrap();
+    m.add_subregion_overlap(root, 0x20000, filler, -1).unwrap();
+    let s0 = m.stats();
+    m.set_readonly(child, true).unwrap();
+    let s1 = m.stats();
+    assert_eq!(
+        s1.partial_renders - s0.partial_renders,
+        1,
+        "re-rendered only the window"
+    );
+    let v = m.flat_view(sp).unwrap();
+    assert_eq!(v.ranges(), m.render_region(root).unwrap().ranges());
+    let l = m.lookup(sp, 0x11000).unwrap().unwrap();
+    assert_eq!((l.region, l.offset, l.readonly), (child, 0, true));
+    // Moving the target's child out of the alias window and back.
+    m.set_address(child, 0x6000).unwrap();
+    assert!(m.lookup(sp, 0x11000).unwrap().is_none());
+    m.set_address(child, 0x2800).unwrap();
+    assert_eq!(m.lookup(sp, 0x10800).unwrap().unwrap().region, child);
+    assert_eq!(
+        m.flat_view(sp).unwrap().ranges(),
+        m.render_region(root).unwrap().ranges()
+    );
+    // Resizing the alias and changing its offset.
+    m.set_size(window, 0x4000).unwrap();
+    m.set_alias_offset(window, 0x1000).unwrap();
+    assert_eq!(m.lookup(sp, 0x11800).unwrap().unwrap().region, child);
+    assert_eq!(
+        m.flat_view(sp).unwrap().ranges(),
+        m.render_region(root).unwrap().ranges()
+    );
+    assert!(m.stats().partial_renders > s1.partial_renders);
+}

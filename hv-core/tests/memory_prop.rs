@@ -343,6 +343,10 @@ impl World {
                 }
             }
             Op::Read { addr } => {
+                // On-demand views equal a full render of the tree as it is now.
+                let now = self.m.flat_view(self.sp).unwrap();
+                let full = self.m.render_region(self.root).unwrap();
+                prop_assert_eq!(now.ranges(), full.ranges());
                 // Reads mid-transaction see the tree as it is now.
                 let t = self.m.translate(self.sp, addr).unwrap();
                 let want = self.m.resolve_slow(self.root, addr).unwrap();
@@ -414,6 +418,9 @@ impl World {
         let l = self.listener.borrow();
         prop_assert!(l.errors.is_empty(), "{:?}", l.errors);
         let committed = self.m.committed_view(self.sp).unwrap();
+        // Incremental (windowed) renders must equal a full render exactly.
+        let full = self.m.render_region(self.root).unwrap();
+        prop_assert_eq!(committed.ranges(), full.ranges());
         let mine: Vec<FlatRange> = l.map.values().copied().collect();
         prop_assert_eq!(&mine[..], committed.ranges());
         let notifiers = self.m.committed_notifiers(self.sp).unwrap();
@@ -456,7 +463,7 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
     #[test]
     fn random_trees_match_the_model(ops in prop::collection::vec(op(), 1..120), force in any::<bool>()) {

@@ -109,6 +109,9 @@ impl FlatRange {
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct FlatView {
     pub(crate) root: Option<RegionId>,
+    /// `addr` of the root at render time (the root's address offsets the
+    /// whole view, as in QEMU).
+    pub(crate) root_addr: u64,
     pub(crate) ranges: Vec<FlatRange>,
 }
 
@@ -190,7 +193,11 @@ pub(crate) fn flatview_root<A: Arena>(
 
 struct Renderer<'a, A: Arena> {
     arena: &'a A,
-    map: BTreeMap<u64, FlatRange>,
+    /// Pieces rendered so far: start -> (exclusive end, index in `pieces`).
+    /// Keeping the 80-byte ranges out of the B-tree nodes makes inserts
+    /// cheaper.
+    map: BTreeMap<u64, (u128, u32)>,
+    pieces: Vec<FlatRange>,
     gaps: Vec<(i128, i128)>,
 }
 
@@ -257,7 +264,9 @@ impl<A: Arena> Renderer<'_, A> {
                 offset_in_region: (s - base) as u64,
                 ..template
             };
-            self.map.insert(s as u64, fr);
+            self.map
+                .insert(s as u64, (fr.end(), self.pieces.len() as u32));
+            self.pieces.push(fr);
         }
         Ok(())
     }
@@ -269,19 +278,19 @@ impl<A: Arena> Renderer<'_, A> {
         let mut cursor = cs;
         // The clip is inside [0, 2^64), so cs fits in u64.
         let cs64 = cs as u64;
-        if let Some((_, r)) = self.map.range(..=cs64).next_back() {
-            cursor = cursor.max(r.end() as i128);
+        if let Some((_, &(end, _))) = self.map.range(..=cs64).next_back() {
+            cursor = cursor.max(end as i128);
         }
         if cursor < ce {
-            for (_, r) in self.map.range(cs64..) {
-                let rs = r.start as i128;
+            for (&start, &(end, _)) in self.map.range(cs64..) {
+                let rs = start as i128;
                 if rs >= ce {
                     break;
                 }
                 if rs > cursor {
                     self.gaps.push((cursor, rs));
                 }
-                cursor = cursor.max(r.end() as i128);
+                cursor = cursor.max(end as i128);
                 if cursor >= ce {
                     break;
                 }
@@ -311,33 +320,107 @@ pub(crate) fn simplify(ranges: &mut Vec<FlatRange>) {
     ranges.truncate(i + 1);
 }
 
+const INHERIT_NONE: Inherit = Inherit {
+    readonly: false,
+    nonvolatile: false,
+    unmergeable: false,
+};
+
 /// QEMU `generate_memory_topology` for `physmr` (already the flat-view root).
 pub(crate) fn generate<A: Arena>(
     arena: &A,
     physmr: Option<RegionId>,
 ) -> Result<FlatView, MemoryError> {
     let mut ranges = Vec::new();
+    let mut root_addr = 0;
     if let Some(root) = physmr {
+        root_addr = arena.get(root)?.addr;
         let mut r = Renderer {
             arena,
             map: BTreeMap::new(),
+            pieces: Vec::new(),
             gaps: Vec::new(),
         };
-        r.render(
-            root,
-            0,
-            (0, MAX_SIZE as i128),
-            Inherit {
-                readonly: false,
-                nonvolatile: false,
-                unmergeable: false,
-            },
-        )?;
-        ranges = r.map.into_values().collect();
+        r.render(root, 0, (0, MAX_SIZE as i128), INHERIT_NONE)?;
+        ranges = r.map.values().map(|&(_, i)| r.pieces[i as usize]).collect();
         simplify(&mut ranges);
     }
     Ok(FlatView {
         root: physmr,
+        root_addr,
         ranges,
     })
+}
+
+/// Incremental re-render: `old` is a simplified view of `physmr` and only
+/// addresses inside `windows` (absolute, sorted, disjoint, non-empty) can
+/// have changed since. Rendering is pointwise (what owns an address does not
+/// depend on other addresses) and simplification merges maximal runs, so
+/// re-rendering just the windows, splicing them into the old view (split at
+/// the window edges) and simplifying again gives exactly the full render —
+/// except next to `unmergeable` ranges, whose piece boundaries are not
+/// pointwise; then this returns `None` and the caller renders everything.
+pub(crate) fn regenerate<A: Arena>(
+    arena: &A,
+    physmr: RegionId,
+    old: &FlatView,
+    windows: &[(i128, i128)],
+) -> Result<Option<FlatView>, MemoryError> {
+    let root_addr = arena.get(physmr)?.addr;
+    if old.root != Some(physmr) || old.root_addr != root_addr {
+        return Ok(None);
+    }
+    let mut r = Renderer {
+        arena,
+        map: BTreeMap::new(),
+        pieces: Vec::new(),
+        gaps: Vec::new(),
+    };
+    for &w in windows {
+        r.render(physmr, 0, w, INHERIT_NONE)?;
+    }
+    let at_edge = |s: i128, e: i128| {
+        windows
+            .iter()
+            .any(|&(ws, we)| (s <= ws && ws <= e) || (s <= we && we <= e))
+    };
+    let new: Vec<FlatRange> = r.map.values().map(|&(_, i)| r.pieces[i as usize]).collect();
+    if new
+        .iter()
+        .chain(old.ranges.iter())
+        .any(|fr| fr.unmergeable && at_edge(fr.start as i128, fr.end() as i128))
+    {
+        return Ok(None);
+    }
+    let mut ranges = Vec::with_capacity(old.ranges.len() + new.len());
+    for fr in &old.ranges {
+        let (rs, re) = (fr.start as i128, fr.end() as i128);
+        // Keep the parts of the old range outside every window. Windows
+        // are sorted: start at the first one that ends after rs.
+        let mut wi = windows.partition_point(|&(_, we)| we <= rs);
+        let mut cursor = rs;
+        while cursor < re {
+            let (ws, we) = windows.get(wi).copied().unwrap_or((re, re));
+            let keep_end = ws.min(re);
+            if keep_end > cursor {
+                ranges.push(FlatRange {
+                    start: cursor as u64,
+                    size: (keep_end - cursor) as u128,
+                    offset_in_region: fr.offset_in_region + (cursor - rs) as u64,
+                    ..*fr
+                });
+            }
+            cursor = cursor.max(we);
+            wi += 1;
+        }
+    }
+    ranges.extend_from_slice(&new);
+    // Two sorted runs: the stable sort merges them in linear time.
+    ranges.sort_by_key(|fr| fr.start);
+    simplify(&mut ranges);
+    Ok(Some(FlatView {
+        root: Some(physmr),
+        root_addr,
+        ranges,
+    }))
 }

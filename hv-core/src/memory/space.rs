@@ -3,7 +3,7 @@
 use super::listener::ListenerId;
 use super::render::{self, Arena, FlatRange, FlatView};
 use super::system::*;
-use super::{MemoryError, RegionId};
+use super::{MemoryError, RegionId, MAX_SIZE};
 use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
@@ -73,7 +73,7 @@ impl MemorySystem {
                 .entry(sp.view.root)
                 .or_insert_with(|| sp.view.clone());
         }
-        let (view, notifiers) = self.build_state(root, &shared)?;
+        let (view, notifiers) = self.build_state(root, &shared, None)?;
         let space = Space {
             name: name.into(),
             root,
@@ -126,17 +126,54 @@ impl MemorySystem {
         &mut self,
         root: RegionId,
         shared: &BTreeMap<Option<RegionId>, Rc<FlatView>>,
+        base: Option<&FlatView>,
     ) -> Result<(Rc<FlatView>, Rc<Vec<AsNotifier>>), MemoryError> {
         let physmr = render::flatview_root(self, root)?;
         let view = match shared.get(&physmr) {
             Some(v) => v.clone(),
             None => {
                 self.stats.renders += 1;
-                Rc::new(render::generate(self, physmr)?)
+                let partial = match (physmr, base, self.windows_of(physmr)) {
+                    (Some(p), Some(old), Some(w)) => render::regenerate(self, p, old, &w)?,
+                    _ => None,
+                };
+                match partial {
+                    Some(v) => {
+                        self.stats.partial_renders += 1;
+                        Rc::new(v)
+                    }
+                    None => Rc::new(render::generate(self, physmr)?),
+                }
             }
         };
         let notifiers = Rc::new(self.notifiers_of(&view));
         Ok((view, notifiers))
+    }
+
+    /// The windows recorded for `physmr` since the last flush, absolute,
+    /// sorted and coalesced; `None` if a full render is needed.
+    pub(crate) fn windows_of(&self, physmr: Option<RegionId>) -> Option<Vec<(i128, i128)>> {
+        let p = physmr?;
+        if self.full_render {
+            return None;
+        }
+        let addr = self.get(p).ok()?.addr as i128;
+        let mut w: Vec<(i128, i128)> = self
+            .windows
+            .get(&p)?
+            .iter()
+            .map(|&(s, e)| ((s + addr).max(0), (e + addr).min(MAX_SIZE as i128)))
+            .filter(|&(s, e)| s < e)
+            .collect();
+        w.sort_unstable();
+        let mut out: Vec<(i128, i128)> = Vec::with_capacity(w.len());
+        for (s, e) in w {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        (!out.is_empty() && out.len() <= 64).then_some(out)
     }
 
     /// QEMU `address_space_update_ioeventfds` (sorted, deduplicated).
@@ -202,7 +239,7 @@ impl MemorySystem {
             let (mut view, notifiers) = if bits & DIRTY_VIEW != 0 {
                 let state = match self.cache.get(&id.index) {
                     Some(s) => Ok(s.clone()),
-                    None => self.build_state(root, &shared),
+                    None => self.build_state(root, &shared, Some(&old_view)),
                 };
                 match state {
                     Ok(s) => s,
@@ -286,7 +323,8 @@ impl MemorySystem {
                         }
                     }
                     let before = self.stats.renders;
-                    let s = self.build_state(root, &shared)?;
+                    let base = sp.view.clone();
+                    let s = self.build_state(root, &shared, Some(&base))?;
                     self.stats.on_demand_renders += self.stats.renders - before;
                     s
                 } else {

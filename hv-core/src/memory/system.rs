@@ -152,6 +152,9 @@ pub struct Stats {
     pub abandons: u64,
     /// `translate` calls answered by a tree walk inside a transaction.
     pub walk_lookups: u64,
+    /// Renders (counted in `renders` too) that only re-rendered the windows
+    /// touched since the previous view and spliced them in.
+    pub partial_renders: u64,
 }
 
 /// Result of [`MemorySystem::translate`].
@@ -199,6 +202,11 @@ pub struct MemorySystem {
     /// On-demand renders valid until the next mutation (by space index).
     pub(crate) cache: BTreeMap<u32, (Rc<FlatView>, Rc<Vec<AsNotifier>>)>,
     pub(crate) policy: ReadPolicy,
+    /// Windows that may have changed since the last flush, per region, in
+    /// that region's coordinates (see `record_footprint`).
+    pub(crate) windows: BTreeMap<RegionId, Vec<(i128, i128)>>,
+    /// Windows are incomplete: the next flush renders everything.
+    pub(crate) full_render: bool,
     /// A forced flush happened inside the current outermost transaction.
     pub(crate) forced_in_txn: bool,
     pub(crate) stats: Stats,
@@ -233,6 +241,8 @@ impl MemorySystem {
             marked: Vec::new(),
             cache: BTreeMap::new(),
             policy: ReadPolicy::default(),
+            windows: BTreeMap::new(),
+            full_render: false,
             forced_in_txn: false,
             stats: Stats::default(),
         }
@@ -607,6 +617,7 @@ impl MemorySystem {
         });
         if parent_enabled && child_enabled {
             self.mark(parent, DIRTY_VIEW | DIRTY_NOTIFY);
+            self.record_footprint(child);
         }
         // Keep the marking invariant (a marked region's containers and
         // aliases carry its bits) across the new edge.
@@ -623,6 +634,10 @@ impl MemorySystem {
     }
 
     pub(crate) fn detach(&mut self, parent: RegionId, child: RegionId) -> Result<(), MemoryError> {
+        if self.get(child)?.enabled && self.get(parent)?.enabled {
+            // What the child covered can change.
+            self.record_footprint(child);
+        }
         let c = self.reg_mut(child)?;
         c.parent = None;
         let (addr, priority, child_enabled) = (c.addr, c.priority, c.enabled);
@@ -661,6 +676,7 @@ impl MemorySystem {
         }
         r.addr = addr;
         r.priority = priority;
+        self.full_render = true;
         self.mark(id, DIRTY_VIEW | DIRTY_NOTIFY);
         self.finish_mutation();
         Ok(())
@@ -671,6 +687,11 @@ impl MemorySystem {
     // ------------------------------------------------------------------
 
     pub(crate) fn set_attr(&mut self, id: RegionId, attr: Attr) -> Result<(), MemoryError> {
+        let was_enabled = self.get(id)?.enabled;
+        if matches!(attr, Attr::Size(_) | Attr::Addr(_)) && was_enabled {
+            // Geometry changes: the old footprint can change too.
+            self.record_footprint(id);
+        }
         let r = self.reg_mut(id)?;
         let old = match attr {
             Attr::Enabled(v) => Attr::Enabled(core::mem::replace(&mut r.enabled, v)),
@@ -694,8 +715,52 @@ impl MemorySystem {
         self.log(Undo::Attr(id, old));
         if visible {
             self.mark(id, DIRTY_VIEW | DIRTY_NOTIFY);
+            self.record_footprint(id);
         }
         Ok(())
+    }
+
+    /// Records the window of `id` (`[0, size)` in its own coordinates) in
+    /// the coordinates of every region above it (containers, aliases of it
+    /// and theirs), so that a flush can re-render only those windows of a
+    /// view (see `render::regenerate`). Falls back to full renders when the
+    /// walk gets large.
+    pub(crate) fn record_footprint(&mut self, id: RegionId) {
+        if self.full_render {
+            return;
+        }
+        let Ok(r) = self.get(id) else { return };
+        let mut stack = alloc::vec![(id, 0i128, r.size as i128)];
+        let mut budget = 256;
+        while let Some((x, s, e)) = stack.pop() {
+            if s >= e {
+                continue;
+            }
+            budget -= 1;
+            if budget == 0 {
+                self.full_render = true;
+                self.windows.clear();
+                return;
+            }
+            let Ok(reg) = self.get(x) else { continue };
+            let mut next = Vec::new();
+            if let Some(p) = reg.parent {
+                if let Ok(pr) = self.get(p) {
+                    let a = reg.addr as i128;
+                    next.push((p, (s + a).max(0), (e + a).min(pr.size as i128)));
+                }
+            }
+            for &al in &reg.aliased_by {
+                if let Ok(ar) = self.get(al) {
+                    if let RegionKind::Alias { offset, .. } = ar.kind {
+                        let o = offset as i128;
+                        next.push((al, (s - o).max(0), (e - o).min(ar.size as i128)));
+                    }
+                }
+            }
+            self.windows.entry(x).or_default().push((s, e));
+            stack.extend(next);
+        }
     }
 
     pub(crate) fn change(
@@ -860,6 +925,8 @@ impl MemorySystem {
     }
 
     pub(crate) fn clear_marks(&mut self) {
+        self.windows.clear();
+        self.full_render = false;
         for id in core::mem::take(&mut self.marked) {
             if let Ok(r) = self.reg_mut(id) {
                 r.dirty = 0;

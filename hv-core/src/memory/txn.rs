@@ -89,6 +89,9 @@ impl MemorySystem {
         // is restored exactly; failures would be internal bugs and are ignored
         // rather than panicking.
         let depth = core::mem::replace(&mut self.depth, 0);
+        // Undo does not record windows: re-render fully if anything flushes.
+        self.full_render = true;
+        self.windows.clear();
         match u {
             Undo::Created(id) => {
                 if let Some(parent) = self.get(id).ok().and_then(|r| r.parent) {
