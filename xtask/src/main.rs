@@ -7,6 +7,7 @@
 //!   exists and the host CPU has VMX, Bochs otherwise.
 //! - `test`: host unit tests, then every bare-metal scenario under Bochs
 //!   (VMX) and QEMU TCG (boot path, no-VMX report).
+//! - `bench`: the criterion benchmarks (arguments go to criterion).
 //! - `mtree --flat FILE`: Tern's flat views of an `info mtree` tree dump.
 
 mod build;
@@ -23,6 +24,24 @@ pub fn root() -> PathBuf {
     dir.parent().map(PathBuf::from).unwrap_or(dir)
 }
 
+/// `cargo xtask bench [CRITERION ARGS]`: the criterion benchmarks of
+/// hv-core (memory API render/commit/transactions, EPT incremental versus
+/// rebuild), in one run so that their ratios compare like with like.
+fn bench(args: &[String]) -> Result<(), String> {
+    let ok = std::process::Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["bench", "-p", "hv-core", "--benches", "--"])
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?
+        .success();
+    if ok {
+        Ok(())
+    } else {
+        Err("benchmarks failed".into())
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or(&[]);
@@ -32,7 +51,8 @@ fn main() {
         Some("run") => emu::run_cmd(rest),
         Some("test") => scenarios::test_cmd(rest),
         Some("mtree") => mtree::main(rest),
-        _ => Err("usage: cargo xtask <build|image|run|test|mtree> [args]".to_string()),
+        Some("bench") => bench(rest),
+        _ => Err("usage: cargo xtask <build|image|run|test|bench|mtree> [args]".to_string()),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");
