@@ -139,6 +139,9 @@ fn supervise(
     if echo && text.len() > shown {
         print!("{}", &text[shown..]);
     }
+    if echo && !text.is_empty() && !text.ends_with('\n') {
+        println!();
+    }
     Ok((text, timed_out, start.elapsed()))
 }
 
