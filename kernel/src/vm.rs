@@ -488,10 +488,14 @@ impl Vm {
                 }
                 (None, true)
             }
-            // RAM that EPT should have mapped (a partial page at a range
-            // edge): not emulated.
+            // RAM in a page that EPT could not map whole (a range that
+            // starts or ends inside a page): not emulated yet.
             MemTarget::Ram { .. } => {
-                return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access })
+                crate::println!(
+                    "[{}] GPA {gpa:#x} is RAM in a partial page, which Tern does not emulate",
+                    self.name
+                );
+                return ExitAction::Stop(StopReason::EmulationFailed { gpa });
             }
         };
         let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
