@@ -163,12 +163,44 @@ pub trait PhysReader {
     }
 }
 
+/// The memory-map type numbers shared by multiboot, multiboot2 and PVH
+/// (the E820 types).
+fn kind_of(typ: u32) -> MemoryKind {
+    match typ {
+        1 => MemoryKind::Usable,
+        3 => MemoryKind::AcpiReclaimable,
+        _ => MemoryKind::Reserved,
+    }
+}
+
 fn push<T, const N: usize>(v: &mut Vec<T, N>, x: T, what: &'static str) -> Result<(), BootError> {
     v.push(x).map_err(|_| BootError::TooMany(what))
 }
 
 fn string_from(s: &str, what: &'static str) -> Result<String<MAX_CMDLINE>, BootError> {
     String::try_from(s).map_err(|_| BootError::BadString(what))
+}
+
+/// Reads physical memory through the trampoline's identity map of the
+/// first 8 GiB (valid from `tern_entry64` until the image installs page
+/// tables of its own that keep low memory identity mapped). Address 0 and
+/// anything past 4 GiB are refused: boot structures live below 4 GiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BootIdentityMap;
+
+impl PhysReader for BootIdentityMap {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        let Some(end) = addr.checked_add(buf.len() as u64) else {
+            return false;
+        };
+        if addr == 0 || end > 1 << 32 || cfg!(not(target_os = "none")) {
+            return false;
+        }
+        // SAFETY: on bare metal the range lies in the identity-mapped first
+        // 4 GiB (checked above) and is only read, into `buf`.
+        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        true
+    }
 }
 
 /// `hvm_start_info.magic` (Xen's `XEN_HVM_START_MAGIC_VALUE`).
@@ -217,11 +249,7 @@ impl BootInfo {
             let entries = mem.u32(addr + 48)?;
             for i in 0..u64::from(entries) {
                 let e = map + i * 24;
-                let kind = match mem.u32(e + 16)? {
-                    1 => MemoryKind::Usable,
-                    3 => MemoryKind::AcpiReclaimable,
-                    _ => MemoryKind::Reserved,
-                };
+                let kind = kind_of(mem.u32(e + 16)?);
                 let r = MemoryRange {
                     start: mem.u64(e)?,
                     len: mem.u64(e + 8)?,
@@ -265,11 +293,7 @@ impl BootInfo {
             while off + 24 <= len {
                 let size = u64::from(mem.u32(base + off)?);
                 let e = base + off + 4;
-                let kind = match mem.u32(e + 16)? {
-                    1 => MemoryKind::Usable,
-                    3 => MemoryKind::AcpiReclaimable,
-                    _ => MemoryKind::Reserved,
-                };
+                let kind = kind_of(mem.u32(e + 16)?);
                 let r = MemoryRange {
                     start: mem.u64(e)?,
                     len: mem.u64(e + 8)?,
@@ -342,11 +366,7 @@ impl BootInfo {
         }
         if let Some(map) = mbi.memory_map_tag() {
             for a in map.memory_areas() {
-                let kind = match u32::from(a.typ()) {
-                    1 => MemoryKind::Usable,
-                    3 => MemoryKind::AcpiReclaimable,
-                    _ => MemoryKind::Reserved,
-                };
+                let kind = kind_of(a.typ().into());
                 let r = MemoryRange {
                     start: a.start_address(),
                     len: a.size(),

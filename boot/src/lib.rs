@@ -10,4 +10,6 @@
 pub mod info;
 pub mod trampoline;
 
-pub use info::{BootInfo, BootProtocol, MemoryKind, MemoryRange, Module, PhysReader};
+pub use info::{
+    BootIdentityMap, BootInfo, BootProtocol, MemoryKind, MemoryRange, Module, PhysReader,
+};

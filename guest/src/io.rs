@@ -67,20 +67,6 @@ pub fn vmcall2(nr: u64, a: u64, b: u64) -> u64 {
     r
 }
 
-/// Copies physical memory (identity mapped by the boot page tables).
-pub fn read_phys(addr: u64, buf: &mut [u8]) -> bool {
-    let Some(end) = addr.checked_add(buf.len() as u64) else {
-        return false;
-    };
-    if addr == 0 || end > 1 << 32 {
-        return false;
-    }
-    // SAFETY: the first 4 GiB are identity mapped; the boot loader's
-    // structures are there and only read.
-    unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
-    true
-}
-
 /// Writes a dword to a physical address.
 pub fn write_phys_u32(addr: u64, v: u32) {
     // SAFETY: the address is in the identity-mapped first 4 GiB; the

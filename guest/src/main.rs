@@ -43,15 +43,6 @@ use core::fmt::Write;
 
 boot::multiboot1_header!();
 
-/// Identity-mapped reader (the boot page tables map the first 4 GiB).
-struct Identity;
-
-impl boot::PhysReader for Identity {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        io::read_phys(addr, buf)
-    }
-}
-
 macro_rules! say {
     ($($t:tt)*) => { let _ = writeln!(io::Serial, $($t)*); };
 }
@@ -59,7 +50,9 @@ macro_rules! say {
 #[no_mangle]
 extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
     let info = match BootProtocol::from_trampoline(protocol) {
-        Some(BootProtocol::Multiboot1) => BootInfo::from_multiboot1(&Identity, info_addr.into()),
+        Some(BootProtocol::Multiboot1) => {
+            BootInfo::from_multiboot1(&boot::BootIdentityMap, info_addr.into())
+        }
         _ => {
             say!("guest: not started by a multiboot loader (protocol {protocol})");
             io::exit(1)

@@ -24,34 +24,17 @@ use exit::Status;
 boot::multiboot2_header!();
 boot::pvh_note!();
 
-/// Identity-mapped physical memory reader for boot information.
-struct IdentityMap;
-
-impl boot::PhysReader for IdentityMap {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        // The boot page tables map the first 4 GiB.
-        let Some(end) = addr.checked_add(buf.len() as u64) else {
-            return false;
-        };
-        if addr == 0 || end > 1 << 32 {
-            return false;
-        }
-        // SAFETY: the range lies in the identity-mapped first 4 GiB and is
-        // only read, byte by byte, into `buf`.
-        unsafe { core::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
-        true
-    }
-}
-
 #[no_mangle]
 extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
     serial::init(log::LevelFilter::Info, false);
     let info = match BootProtocol::from_trampoline(protocol) {
-        Some(BootProtocol::Pvh) => BootInfo::from_pvh(&IdentityMap, info_addr.into()),
+        Some(BootProtocol::Pvh) => BootInfo::from_pvh(&boot::BootIdentityMap, info_addr.into()),
         // SAFETY: EBX of a multiboot2 entry is the loader's information
         // structure, inside the identity-mapped first 4 GiB.
         Some(BootProtocol::Multiboot2) => unsafe { BootInfo::from_multiboot2(info_addr.into()) },
-        Some(BootProtocol::Multiboot1) => BootInfo::from_multiboot1(&IdentityMap, info_addr.into()),
+        Some(BootProtocol::Multiboot1) => {
+            BootInfo::from_multiboot1(&boot::BootIdentityMap, info_addr.into())
+        }
         None => Err(boot::info::BootError::UnknownProtocol(protocol)),
     };
     let info = match info {
