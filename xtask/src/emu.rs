@@ -90,6 +90,15 @@ pub fn parse_status(serial: &str) -> Option<u8> {
     })
 }
 
+/// What `supervise` saw.
+struct Supervised {
+    text: String,
+    timed_out: bool,
+    wall: Duration,
+    /// The emulator's own exit code, if it ended by itself.
+    exit_code: Option<i32>,
+}
+
 /// Runs a child with a hard timeout, streaming `log` to stdout if `echo`.
 fn supervise(
     mut cmd: Command,
@@ -97,7 +106,7 @@ fn supervise(
     timeout: Duration,
     echo: bool,
     done: impl Fn(&str) -> bool,
-) -> Result<(String, bool, Duration), String> {
+) -> Result<Supervised, String> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -107,6 +116,7 @@ fn supervise(
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     let mut shown = 0;
     let mut timed_out = false;
+    let mut exit_code = None;
     let mut finished_at: Option<Instant> = None;
     loop {
         let text = read_lossy(log);
@@ -114,7 +124,8 @@ fn supervise(
             print!("{}", &text[shown..]);
             shown = text.len();
         }
-        if let Some(_status) = child.try_wait().map_err(|e| e.to_string())? {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            exit_code = status.code();
             break;
         }
         // Once Tern said its last word, give the emulator a moment to exit
@@ -142,7 +153,12 @@ fn supervise(
     if echo && !text.is_empty() && !text.ends_with('\n') {
         println!();
     }
-    Ok((text, timed_out, start.elapsed()))
+    Ok(Supervised {
+        text,
+        timed_out,
+        wall: start.elapsed(),
+        exit_code,
+    })
 }
 
 fn read_lossy(p: &Path) -> String {
@@ -165,7 +181,13 @@ pub fn run_bochs(
     deps::ensure(&[deps::BOCHS])?;
     let dir = work_dir(name)?;
     let iso = dir.join("tern.iso");
-    make_iso(images, &format!("exit=bochs {kernel_args}"), guests, &iso)?;
+    // Bochs prints port 0xE9 too (`e9`).
+    make_iso(
+        images,
+        &format!("exit=bochs e9 {kernel_args}"),
+        guests,
+        &iso,
+    )?;
     let serial = dir.join("serial.log");
     let _ = fs::remove_file(&serial);
     let rc = dir.join("bochs.rc");
@@ -203,13 +225,12 @@ pub fn run_bochs(
         .arg(&rc)
         .env("TERM", "dumb")
         .current_dir(&dir);
-    let (text, timed_out, wall) =
-        supervise(cmd, &serial, timeout, echo, |t| parse_status(t).is_some())?;
+    let sv = supervise(cmd, &serial, timeout, echo, |t| parse_status(t).is_some())?;
     Ok(RunOutput {
-        tern_status: parse_status(&text),
-        serial: text,
-        timed_out,
-        wall,
+        tern_status: parse_status(&sv.text),
+        serial: sv.text,
+        timed_out: sv.timed_out,
+        wall: sv.wall,
     })
 }
 
@@ -257,13 +278,22 @@ pub fn run_qemu(
     } else {
         cmd.args(["-accel", "tcg", "-cpu", "max"]);
     }
-    let (text, timed_out, wall) =
-        supervise(cmd, &serial, timeout, echo, |t| parse_status(t).is_some())?;
+    let sv = supervise(cmd, &serial, timeout, echo, |t| parse_status(t).is_some())?;
+    let tern_status = parse_status(&sv.text);
+    // isa-debug-exit makes QEMU exit with (status << 1) | 1: the console
+    // and the process must agree.
+    if let (Some(t), Some(code)) = (tern_status, sv.exit_code) {
+        if code != (i32::from(t) << 1) | 1 {
+            return Err(format!(
+                "QEMU exited with {code}, but Tern printed status {t}"
+            ));
+        }
+    }
     Ok(RunOutput {
-        tern_status: parse_status(&text),
-        serial: text,
-        timed_out,
-        wall,
+        tern_status,
+        serial: sv.text,
+        timed_out: sv.timed_out,
+        wall: sv.wall,
     })
 }
 
