@@ -122,18 +122,22 @@ impl MemorySystem {
     }
 
     /// Renders the view of `root` (sharing with `shared` by flat-view root).
+    /// `base`: a previous view of this space and the window sequence number
+    /// it includes (windows recorded after it are re-rendered).
     pub(crate) fn build_state(
         &mut self,
         root: RegionId,
         shared: &BTreeMap<Option<RegionId>, Rc<FlatView>>,
-        base: Option<&FlatView>,
+        base: Option<(&FlatView, u64)>,
     ) -> Result<(Rc<FlatView>, Rc<Vec<AsNotifier>>), MemoryError> {
         let physmr = render::flatview_root(self, root)?;
         let view = match shared.get(&physmr) {
             Some(v) => v.clone(),
             None => {
                 self.stats.renders += 1;
-                let partial = match (physmr, base, self.windows_of(physmr)) {
+                let since = base.map_or(0, |b| b.1);
+                let base = base.map(|b| b.0);
+                let partial = match (physmr, base, self.windows_of(physmr, since)) {
                     (Some(p), Some(old), Some(w)) => render::regenerate(self, p, old, &w)?,
                     _ => None,
                 };
@@ -152,7 +156,11 @@ impl MemorySystem {
 
     /// The windows recorded for `physmr` since the last flush, absolute,
     /// sorted and coalesced; `None` if a full render is needed.
-    pub(crate) fn windows_of(&self, physmr: Option<RegionId>) -> Option<Vec<(i128, i128)>> {
+    pub(crate) fn windows_of(
+        &self,
+        physmr: Option<RegionId>,
+        since: u64,
+    ) -> Option<Vec<(i128, i128)>> {
         let p = physmr?;
         if self.full_render {
             return None;
@@ -162,7 +170,8 @@ impl MemorySystem {
             .windows
             .get(&p)?
             .iter()
-            .map(|&(s, e)| ((s + addr).max(0), (e + addr).min(MAX_SIZE as i128)))
+            .filter(|w| w.2 > since)
+            .map(|&(s, e, _)| ((s + addr).max(0), (e + addr).min(MAX_SIZE as i128)))
             .filter(|&(s, e)| s < e)
             .collect();
         w.sort_unstable();
@@ -173,7 +182,12 @@ impl MemorySystem {
                 _ => out.push((s, e)),
             }
         }
-        (!out.is_empty() && out.len() <= 64).then_some(out)
+        // No window at all since the committed view although the space is
+        // marked: be conservative and render everything.
+        if out.is_empty() && since == 0 {
+            return None;
+        }
+        (out.len() <= 64).then_some(out)
     }
 
     /// QEMU `address_space_update_ioeventfds` (sorted, deduplicated).
@@ -239,7 +253,13 @@ impl MemorySystem {
             let (mut view, notifiers) = if bits & DIRTY_VIEW != 0 {
                 let state = match self.cache.get(&id.index) {
                     Some(s) => Ok(s.clone()),
-                    None => self.build_state(root, &shared, Some(&old_view)),
+                    None => {
+                        let (since, base) = match self.last_on_demand.get(&id.index) {
+                            Some((q, v)) => (*q, v.clone()),
+                            None => (0, old_view.clone()),
+                        };
+                        self.build_state(root, &shared, Some((&base, since)))
+                    }
                 };
                 match state {
                     Ok(s) => s,
@@ -323,9 +343,16 @@ impl MemorySystem {
                         }
                     }
                     let before = self.stats.renders;
-                    let base = sp.view.clone();
-                    let s = self.build_state(root, &shared, Some(&base))?;
+                    // Start from this transaction's last on-demand render of
+                    // the space if there is one, else from the committed view.
+                    let (since, base) = match self.last_on_demand.get(&space.index) {
+                        Some((q, v)) => (*q, v.clone()),
+                        None => (0, sp.view.clone()),
+                    };
+                    let s = self.build_state(root, &shared, Some((&base, since)))?;
                     self.stats.on_demand_renders += self.stats.renders - before;
+                    self.last_on_demand
+                        .insert(space.index, (self.stats.mutations, s.0.clone()));
                     s
                 } else {
                     let view = sp.view.clone();

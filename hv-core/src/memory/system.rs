@@ -204,7 +204,13 @@ pub struct MemorySystem {
     pub(crate) policy: ReadPolicy,
     /// Windows that may have changed since the last flush, per region, in
     /// that region's coordinates (see `record_footprint`).
-    pub(crate) windows: BTreeMap<RegionId, Vec<(i128, i128)>>,
+    /// Each entry is `(start, end, seq)`: `seq` is the mutation counter when
+    /// it was recorded, so an on-demand render can start from the previous
+    /// on-demand render and take only newer windows.
+    pub(crate) windows: BTreeMap<RegionId, Vec<(i128, i128, u64)>>,
+    /// Last on-demand render per space in the current transaction, with the
+    /// window sequence number it includes.
+    pub(crate) last_on_demand: BTreeMap<u32, (u64, Rc<FlatView>)>,
     /// Windows are incomplete: the next flush renders everything.
     pub(crate) full_render: bool,
     /// A forced flush happened inside the current outermost transaction.
@@ -242,6 +248,7 @@ impl MemorySystem {
             cache: BTreeMap::new(),
             policy: ReadPolicy::default(),
             windows: BTreeMap::new(),
+            last_on_demand: BTreeMap::new(),
             full_render: false,
             forced_in_txn: false,
             stats: Stats::default(),
@@ -758,7 +765,16 @@ impl MemorySystem {
                     }
                 }
             }
-            self.windows.entry(x).or_default().push((s, e));
+            // The number this mutation will have once counted.
+            let seq = self.stats.mutations + 1;
+            let list = self.windows.entry(x).or_default();
+            list.push((s, e, seq));
+            if list.len() > 128 && !coalesce(list) {
+                // Too scattered to be worth it: render everything.
+                self.full_render = true;
+                self.windows.clear();
+                return;
+            }
             stack.extend(next);
         }
     }
@@ -926,6 +942,7 @@ impl MemorySystem {
 
     pub(crate) fn clear_marks(&mut self) {
         self.windows.clear();
+        self.last_on_demand.clear();
         self.full_render = false;
         for id in core::mem::take(&mut self.marked) {
             if let Ok(r) = self.reg_mut(id) {
@@ -947,4 +964,22 @@ impl MemorySystem {
             self.flush();
         }
     }
+}
+
+/// Sorts and merges overlapping or touching windows in place (keeping the
+/// newest sequence number); returns whether the list got short enough.
+fn coalesce(list: &mut Vec<(i128, i128, u64)>) -> bool {
+    list.sort_unstable();
+    let mut out: Vec<(i128, i128, u64)> = Vec::with_capacity(list.len());
+    for &(s, e, q) in list.iter() {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => {
+                last.1 = last.1.max(e);
+                last.2 = last.2.max(q);
+            }
+            _ => out.push((s, e, q)),
+        }
+    }
+    *list = out;
+    list.len() <= 64
 }
