@@ -21,7 +21,7 @@
 //!
 //! # Use from the EPT-violation handler
 //!
-//! ```ignore
+//! ```text
 //! let mode = CpuMode { cr0, cr3, cr4, efer, cs_base, cs_l, cs_db }; // from the VMCS
 //! let mut regs = Regs { gpr, rip, rflags };
 //! let exit = MmioExit::from_ept_violation(qualification, guest_phys, guest_linear)?;
