@@ -15,6 +15,14 @@ fn inb(port: u16) -> u8 {
     v
 }
 
+/// Reads port 0x80 forever: a guest that exits all the time and never
+/// finishes (the hypervisor's time budget must still stop it).
+pub fn spin_on_port() -> ! {
+    loop {
+        core::hint::black_box(inb(0x80));
+    }
+}
+
 /// COM1, polled.
 pub struct Serial;
 

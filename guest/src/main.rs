@@ -28,6 +28,8 @@
 //!   Tern's write-notifier fast path and never reach the device.
 //! - `dirty`: EPT dirty logging: pages written between two `DIRTY_LOG`
 //!   hypercalls are exactly the ones reported.
+//! - `spinio`: polls a port forever (one VM exit per iteration); only
+//!   Tern's time budget can end it.
 //! - `badmmio`: a read-modify-write on MMIO; Tern must stop the VM.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
 #![no_std]
@@ -85,6 +87,10 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "highram" => highram(&info),
         "remap" => remap(),
         "notify" => notify(),
+        "spinio" => {
+            say!("guest: polling a port forever");
+            io::spin_on_port()
+        }
         "dirty" => dirty(),
         "badmmio" => {
             say!("guest: read-modify-write on MMIO");

@@ -54,7 +54,9 @@ impl FrameAllocator for BenchHost {
 }
 
 impl EptHost for BenchHost {
-    fn invept(&mut self, _eptp: u64) {}
+    fn invept(&mut self, _eptp: u64) -> bool {
+        true
+    }
 }
 
 fn bench_ept(c: &mut Criterion) {

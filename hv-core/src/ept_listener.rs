@@ -19,8 +19,9 @@ use alloc::vec::Vec;
 
 /// What the EPT listener needs from the host: memory for tables, and INVEPT.
 pub trait EptHost: PhysAccess + FrameAllocator {
-    /// Invalidates the cached translations of `eptp` (single context).
-    fn invept(&mut self, eptp: u64);
+    /// Invalidates the cached translations of `eptp` (single context);
+    /// `false` if the CPU refused.
+    fn invept(&mut self, eptp: u64) -> bool;
 }
 
 /// A host block that `RamBacking::block` indexes: contiguous host memory.
@@ -53,6 +54,10 @@ pub enum EptListenerError {
         gpa: u64,
     },
     Ept(EptError),
+    /// INVEPT failed: stale translations may remain.
+    Invept,
+    /// The committed view could not be read for a rebuild.
+    NoView,
 }
 
 /// Counters (exact; tests and benchmarks assert them).
@@ -82,6 +87,8 @@ pub struct EptListener<H: EptHost> {
     changed: bool,
     pub counters: EptCounters,
     error: Option<EptListenerError>,
+    /// Table counters of trees thrown away by rebuilds.
+    retired: EptStats,
 }
 
 fn page_down(a: u64) -> u64 {
@@ -108,6 +115,7 @@ impl<H: EptHost> EptListener<H> {
             changed: false,
             counters: EptCounters::default(),
             error: None,
+            retired: EptStats::default(),
         })
     }
 
@@ -119,9 +127,36 @@ impl<H: EptHost> EptListener<H> {
             .unwrap_or(0)
     }
 
-    /// Table counters of the EPT itself.
+    /// Table counters of the EPT, including trees replaced by rebuilds.
     pub fn ept_stats(&self) -> EptStats {
-        self.ept.as_ref().map(|e| e.stats).unwrap_or_default()
+        let now = self.ept.as_ref().map(|e| e.stats).unwrap_or_default();
+        EptStats {
+            entries_written: now.entries_written + self.retired.entries_written,
+            tables_allocated: now.tables_allocated + self.retired.tables_allocated,
+            tables_freed: now.tables_freed + self.retired.tables_freed,
+        }
+    }
+
+    /// Whether the EPT records accessed/dirty flags (for the dirty log).
+    pub fn dirty_tracking(&self) -> bool {
+        self.accessed_dirty
+    }
+
+    fn invept(&mut self, eptp: u64) {
+        self.counters.invepts += 1;
+        if !self.host.invept(eptp) {
+            self.fail(EptListenerError::Invept);
+        }
+    }
+
+    /// Frees a whole tree after invalidating what the CPU may cache of it.
+    fn retire(&mut self, old: Ept) {
+        let eptp = old.eptp(self.accessed_dirty);
+        self.invept(eptp);
+        let stats = old.destroy(&mut self.host);
+        self.retired.entries_written += stats.entries_written;
+        self.retired.tables_allocated += stats.tables_allocated;
+        self.retired.tables_freed += stats.tables_freed;
     }
 
     /// The first error since the last call, if any.
@@ -149,7 +184,9 @@ impl<H: EptHost> EptListener<H> {
         &self.host
     }
 
-    /// Dirty pages in a range, clearing their flags (then one INVEPT).
+    /// Dirty leaf pages overlapping a range, clearing their flags (then one
+    /// INVEPT). Results are whole leaves: a 2 MiB leaf that overlaps the
+    /// range is reported and cleared whole.
     pub fn take_dirty(&mut self, gpa: u64, size: u64) -> Vec<(u64, u64)> {
         let Some(ept) = self.ept.as_mut() else {
             return Vec::new();
@@ -157,8 +194,7 @@ impl<H: EptHost> EptListener<H> {
         let d = ept.take_dirty(&mut self.host, GuestPhysAddr::new(gpa), size);
         if !d.is_empty() {
             let eptp = ept.eptp(self.accessed_dirty);
-            self.host.invept(eptp);
-            self.counters.invepts += 1;
+            self.invept(eptp);
         }
         d
     }
@@ -253,7 +289,7 @@ impl<H: EptHost> EptListener<H> {
 
     fn rebuild(&mut self, cx: &ListenerCtx<'_>) {
         if let Some(old) = self.ept.take() {
-            old.destroy(&mut self.host);
+            self.retire(old);
         }
         match Ept::new(&mut self.host, self.sizes) {
             Ok(e) => self.ept = Some(e),
@@ -263,10 +299,13 @@ impl<H: EptHost> EptListener<H> {
             }
         }
         self.counters.rebuilds += 1;
-        if let Ok(view) = cx.mem.committed_view(cx.space) {
-            for r in &view.ranges {
-                self.map_range(r);
+        match cx.mem.committed_view(cx.space) {
+            Ok(view) => {
+                for r in &view.ranges {
+                    self.map_range(r);
+                }
             }
+            Err(_) => self.fail(EptListenerError::NoView),
         }
         self.changed = true;
     }
@@ -275,7 +314,7 @@ impl<H: EptHost> EptListener<H> {
     /// is being torn down).
     pub fn release(&mut self) {
         if let Some(e) = self.ept.take() {
-            e.destroy(&mut self.host);
+            self.retire(e);
         }
     }
 
@@ -313,9 +352,8 @@ impl<H: EptHost> MemoryListener for EptListener<H> {
         }
         if self.changed {
             self.counters.updates += 1;
-            self.counters.invepts += 1;
             let eptp = self.eptp();
-            self.host.invept(eptp);
+            self.invept(eptp);
         }
     }
 }
@@ -349,8 +387,9 @@ mod tests {
         }
     }
     impl EptHost for Host {
-        fn invept(&mut self, _eptp: u64) {
+        fn invept(&mut self, _eptp: u64) -> bool {
             self.invepts += 1;
+            true
         }
     }
 

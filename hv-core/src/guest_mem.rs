@@ -108,9 +108,9 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Checks a whole range before touching it, so a failed access changes
-    /// nothing.
-    fn check(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), OutsideRam> {
+    /// Checks that every byte of a range is RAM (used before touching it,
+    /// so a failed access changes nothing).
+    pub fn check(&self, gpa: GuestPhysAddr, len: u64) -> Result<(), OutsideRam> {
         self.pieces(gpa, len, |_, _, _| {})
     }
 

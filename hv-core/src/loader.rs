@@ -77,14 +77,16 @@ impl From<OutsideRam> for LoadError {
 
 fn u16_at(b: &[u8], off: u64) -> Result<u16, LoadError> {
     let o = usize::try_from(off).map_err(|_| LoadError::Truncated)?;
-    b.get(o..o + 2)
+    o.checked_add(2)
+        .and_then(|e| b.get(o..e))
         .map(|s| u16::from_le_bytes([s[0], s[1]]))
         .ok_or(LoadError::Truncated)
 }
 
 fn u32_at(b: &[u8], off: u64) -> Result<u32, LoadError> {
     let o = usize::try_from(off).map_err(|_| LoadError::Truncated)?;
-    b.get(o..o + 4)
+    o.checked_add(4)
+        .and_then(|e| b.get(o..e))
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
         .ok_or(LoadError::Truncated)
 }
@@ -206,16 +208,10 @@ pub fn load_multiboot(
         if s.paddr < INFO_END && INFO_GPA < end {
             return Err(outside);
         }
-        let mut probe = [0u8; 0];
-        ram.read(&*mem, GuestPhysAddr::new(s.paddr), &mut probe)
+        // Every byte of the segment must be RAM (a hole in the middle, such
+        // as the ROM at 0xE0000, counts as outside).
+        ram.check(GuestPhysAddr::new(s.paddr), s.memsz)
             .map_err(|_| outside)?;
-        if s.memsz > 0
-            && ram
-                .read(&*mem, GuestPhysAddr::new(end - 1), &mut [0u8; 1])
-                .is_err()
-        {
-            return Err(outside);
-        }
         segments.push(s);
     }
     if segments.is_empty() {

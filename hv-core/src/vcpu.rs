@@ -69,6 +69,9 @@ pub enum StopReason {
     RomWrite { gpa: u64 },
     /// An MMIO access Tern cannot emulate (reported in detail before).
     EmulationFailed { gpa: u64 },
+    /// An EPT violation while the CPU was delivering an interrupt or
+    /// exception (e.g. the guest's IDT or stack is not RAM).
+    DuringEventDelivery { gpa: u64 },
 }
 
 impl StopReason {
@@ -115,6 +118,9 @@ impl core::fmt::Display for StopReason {
                 write!(f, "EPT misconfiguration at GPA {gpa:#x} (Tern bug)")
             }
             Self::TimeBudget => write!(f, "time budget used up"),
+            Self::DuringEventDelivery { gpa } => {
+                write!(f, "EPT violation at GPA {gpa:#x} while delivering an event")
+            }
             Self::RomWrite { gpa } => write!(f, "guest write to ROM at GPA {gpa:#x}"),
             Self::EmulationFailed { gpa } => {
                 write!(f, "MMIO access at GPA {gpa:#x} could not be emulated")

@@ -71,6 +71,29 @@ pub fn mask_legacy_pic() {
     outb(0xA1, 0xff);
 }
 
+/// Ends an interrupt that a VM exit acknowledged: a non-specific EOI to the
+/// legacy PICs for their default vectors (0x08-0x0F master, 0x70-0x77
+/// slave), the local APIC's EOI register otherwise (if the APIC is on).
+pub fn end_of_interrupt(vector: u8) {
+    match vector {
+        0x08..=0x0F => outb(0x20, 0x20),
+        0x70..=0x77 => {
+            outb(0xA0, 0x20);
+            outb(0x20, 0x20);
+        }
+        _ => {
+            let base = rdmsr(0x1B);
+            if base & (1 << 11) != 0 {
+                let eoi = (base & 0xF_FFFF_F000) + 0xB0;
+                // SAFETY: the local APIC's register page is identity mapped
+                // (all memory below 4 GiB is); writing 0 to EOI ends the
+                // in-service interrupt and has no other effect.
+                unsafe { core::ptr::write_volatile(eoi as *mut u32, 0) };
+            }
+        }
+    }
+}
+
 /// Executes UD2 (the `selftest=ud2` check of the exception path).
 pub fn undefined_instruction() {
     // SAFETY: raises #UD, which the IDT reports before stopping Tern.
@@ -249,6 +272,7 @@ const EXCEPTION_NAMES: [&str; 32] = [
 ];
 
 extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
+    crate::serial::break_lock();
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };

@@ -212,6 +212,7 @@ fn merge(a: Status, b: Status) -> Status {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    serial::break_lock();
     println!("tern: hypervisor panic: {info}");
     exit::exit(Status::HYPERVISOR_FAULT)
 }

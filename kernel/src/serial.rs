@@ -31,6 +31,17 @@ pub fn init(level: log::LevelFilter, e9: bool) {
     log::set_max_level(level);
 }
 
+/// Takes the console away from whoever holds it: for the exception and
+/// panic paths, which must print even if they interrupted a print.
+pub fn break_lock() {
+    if CONSOLE.is_locked() {
+        // SAFETY: only called on the way to stopping Tern (exception report,
+        // panic): the holder will never run again, so no two writers can
+        // interleave in a way that matters.
+        unsafe { CONSOLE.force_unlock() };
+    }
+}
+
 /// Writes text to the console without the logger's prefix.
 pub fn write_fmt(args: core::fmt::Arguments<'_>) {
     let mut c = CONSOLE.lock();

@@ -105,9 +105,13 @@ impl FrameAllocator for KernelEptHost {
 }
 
 impl EptHost for KernelEptHost {
-    fn invept(&mut self, eptp: u64) {
-        if let Err(e) = instr::invept_single(eptp) {
-            log::error!("INVEPT {eptp:#x}: {e}");
+    fn invept(&mut self, eptp: u64) -> bool {
+        match instr::invept_single(eptp) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("INVEPT {eptp:#x}: {e}");
+                false
+            }
         }
     }
 }
@@ -292,7 +296,7 @@ impl Vm {
         let (bios_hpa, bios_size) = vm.blocks[BIOS_BLOCK as usize];
         let rom: Vec<u8> = (0..bios_size).map(bios_byte).collect();
         HostMem.write(bios_hpa, &rom);
-        let ram_map = vm.guest_ram();
+        let ram_map = vm.guest_ram()?;
         let loaded = loader::load_multiboot(image, &cfg.cmdline, &ram_map, &mut HostMem)
             .map_err(VmError::Load)?;
         log::info!(
@@ -316,24 +320,31 @@ impl Vm {
     }
 
     /// Guest RAM (writable RAM ranges of the current memory map).
-    fn guest_ram(&mut self) -> GuestRam {
+    fn guest_ram(&mut self) -> Result<GuestRam, VmError> {
         let mut ram = GuestRam::new();
-        if let Ok(view) = self.machine.mem.flat_view(self.machine.memory) {
-            for r in view.ranges() {
-                if let (RangeTarget::Ram(b), false) = (r.target, r.readonly) {
-                    if let Some(&(hpa, _)) = self.blocks.get(b.block as usize) {
-                        let size = r.size.min(u64::MAX as u128) as u64;
-                        let hpa = HostPhysAddr::new(hpa.as_u64() + b.offset + r.offset_in_region);
-                        let _ = ram.add(RamChunk {
-                            gpa: GuestPhysAddr::new(r.start),
-                            hpa,
-                            size,
-                        });
-                    }
-                }
+        let view = self
+            .machine
+            .mem
+            .flat_view(self.machine.memory)
+            .map_err(MachineError::from)?;
+        for r in view.ranges() {
+            if let (RangeTarget::Ram(b), false) = (r.target, r.readonly) {
+                let &(hpa, _) = self
+                    .blocks
+                    .get(b.block as usize)
+                    .ok_or(VmError::OutOfMemory("RAM block"))?;
+                let size = r.size.min(u64::MAX as u128) as u64;
+                let hpa = HostPhysAddr::new(hpa.as_u64() + b.offset + r.offset_in_region);
+                let chunk = RamChunk {
+                    gpa: GuestPhysAddr::new(r.start),
+                    hpa,
+                    size,
+                };
+                ram.add(chunk)
+                    .map_err(|e| VmError::Load(LoadError::Memory(e)))?;
             }
         }
-        ram
+        Ok(ram)
     }
 
     /// Prints `info mtree` and `info mtree -f` of the VM.
@@ -406,9 +417,15 @@ impl Vm {
                 access: Access::Write,
                 value,
             } => {
+                let remaps = self.machine.stats.remaps;
                 let out = self.machine.pio_write(port, size, value.into());
                 if port == 0x3F8 {
                     self.flush_console(false);
+                }
+                if self.machine.stats.remaps != remaps {
+                    if let Some(stop) = self.after_remap(vcpu) {
+                        return ExitAction::Stop(stop);
+                    }
                 }
                 match out {
                     Ok(None) => ExitAction::Advance(None),
@@ -444,7 +461,12 @@ impl Vm {
                     ExitAction::Advance(Some(0))
                 }
                 hypercall::DIRTY_LOG => {
-                    let dirty = self.ept.borrow_mut().take_dirty(args[0], args[1]);
+                    let mut ept = self.ept.borrow_mut();
+                    if !ept.dirty_tracking() {
+                        // The CPU has no EPT dirty flags: no answer.
+                        return ExitAction::Advance(Some(u64::MAX));
+                    }
+                    let dirty = ept.take_dirty(args[0], args[1]);
                     ExitAction::Advance(Some(dirty.len() as u64))
                 }
                 _ => ExitAction::Advance(Some(u64::MAX)),
@@ -553,11 +575,14 @@ impl Vm {
                 );
                 return ExitAction::Stop(StopReason::EmulationFailed { gpa });
             }
+            let remaps = self.machine.stats.remaps;
             match acc.write_value() {
                 Some(v) => match self.machine.device_write(handle, offset, size, v) {
                     Ok(None) => {
-                        if let Some(stop) = self.after_remap(vcpu) {
-                            return ExitAction::Stop(stop);
+                        if self.machine.stats.remaps != remaps {
+                            if let Some(stop) = self.after_remap(vcpu) {
+                                return ExitAction::Stop(stop);
+                            }
                         }
                     }
                     Ok(Some(status)) => return ExitAction::Stop(StopReason::Exited(status)),

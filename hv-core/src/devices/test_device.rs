@@ -121,7 +121,49 @@ mod tests {
 
     #[test]
     fn layout_requests_both_changes() {
-        let mut d = TestDevice::default();
-        assert_eq!(d.write(0x8, 8, 0xFEB1_0001), DeviceOutcome::Memory(vec![]));
+        let mut mem = crate::memory::MemorySystem::new();
+        let region = mem
+            .create_mmio("tern-test", 0x1000, crate::memory::MmioHandle(0))
+            .unwrap();
+        let window = mem.create_container("window", 0x1000).unwrap();
+        let mut d = TestDevice {
+            region: Some(region),
+            window: Some(window),
+            ..TestDevice::default()
+        };
+        assert_eq!(
+            d.write(0x8, 8, 0xFEB1_0001),
+            DeviceOutcome::Memory(vec![
+                MemoryRequest::Move {
+                    region,
+                    addr: 0xFEB1_0000
+                },
+                MemoryRequest::Enable {
+                    region: window,
+                    on: true
+                },
+            ])
+        );
+        assert_eq!(
+            d.write(0x8, 8, 0xFEB0_0002),
+            DeviceOutcome::Memory(vec![
+                MemoryRequest::Move {
+                    region,
+                    addr: 0xFEB0_0000
+                },
+                MemoryRequest::Enable {
+                    region: window,
+                    on: false
+                },
+            ])
+        );
+        // Without a window bit only the move is asked for.
+        assert_eq!(
+            d.write(0x8, 8, 0xFEB2_0000),
+            DeviceOutcome::Memory(vec![MemoryRequest::Move {
+                region,
+                addr: 0xFEB2_0000
+            }])
+        );
     }
 }

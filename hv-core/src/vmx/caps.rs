@@ -342,21 +342,33 @@ pub struct Controls {
 
 impl Controls {
     /// What Tern asks of every vCPU, adjusted to what `caps` allows: exits on
-    /// external interrupts, NMIs, the preemption timer, HLT, every port and
-    /// MSR (through the bitmaps); EPT, VPID and unrestricted guest; EFER and
-    /// PAT switched on entry and exit; a 64-bit host.
+    /// external interrupts (acknowledged), NMIs, the preemption timer (its
+    /// count saved at exit), HLT, MWAIT, MONITOR, CR8 accesses, every port
+    /// and MSR (through the bitmaps); EPT, VPID and unrestricted guest; EFER
+    /// and PAT switched on entry and exit; a 64-bit host.
     pub fn for_tern(caps: &VmxCaps) -> Result<Self, ControlError> {
         let pin = PinControls::EXTERNAL_INTERRUPT_EXITING
             | PinControls::NMI_EXITING
             | PinControls::PREEMPTION_TIMER;
+        // MWAIT/MONITOR exit so a guest cannot put the physical CPU to
+        // sleep; CR8 accesses exit so the guest never touches the real TPR.
         let proc = ProcControls::HLT_EXITING
+            | ProcControls::MWAIT_EXITING
+            | ProcControls::MONITOR_EXITING
+            | ProcControls::CR8_LOAD_EXITING
+            | ProcControls::CR8_STORE_EXITING
             | ProcControls::USE_IO_BITMAPS
             | ProcControls::USE_MSR_BITMAPS
             | ProcControls::SECONDARY_CONTROLS;
         let proc2 = Proc2Controls::ENABLE_EPT
             | Proc2Controls::ENABLE_VPID
             | Proc2Controls::UNRESTRICTED_GUEST;
+        // The remaining preemption-timer count is saved at every exit, so a
+        // guest that exits often still uses up its slices; external
+        // interrupts are acknowledged on exit so none stays pending.
         let exit = ExitControls::HOST_ADDRESS_SPACE_SIZE
+            | ExitControls::ACK_INTERRUPT_ON_EXIT
+            | ExitControls::SAVE_PREEMPTION_TIMER
             | ExitControls::SAVE_EFER
             | ExitControls::LOAD_EFER
             | ExitControls::SAVE_PAT
@@ -427,6 +439,11 @@ mod tests {
         // Forced bits kept, CR3 load/store exiting off, wanted bits on.
         assert_eq!(c.pin, 0x16 | 0x1 | 0x8 | 0x40);
         assert_eq!(c.proc & (1 << 15 | 1 << 16), 0);
+        assert_eq!(
+            c.proc & (1 << 10 | 1 << 29 | 1 << 19 | 1 << 20),
+            1 << 10 | 1 << 29 | 1 << 19 | 1 << 20
+        );
+        assert_eq!(c.exit & (1 << 15 | 1 << 22), 1 << 15 | 1 << 22);
         assert_eq!(c.proc & 0x0400_6172, 0x0400_6172);
         assert!(
             c.proc & (1 << 7 | 1 << 25 | 1 << 28 | 1 << 31)
@@ -446,7 +463,7 @@ mod tests {
             e,
             ControlError {
                 kind: ControlKind::Exit,
-                impossible: (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21)
+                impossible: (1 << 18) | (1 << 19) | (1 << 20) | (1 << 21) | (1 << 22)
             }
         );
     }

@@ -35,8 +35,10 @@ pub struct Vmx {
     pub caps: VmxCaps,
 }
 
-/// Reads an MSR only if CPUID and the VMX capability chain say it exists
-/// (callers follow the dependency order of SDM Appendix A).
+/// Reads a capability MSR. RDMSR of a missing MSR faults, so this is only
+/// safe because `VmxCaps::read` asks in the dependency order of SDM
+/// Appendix A (TRUE controls after IA32_VMX_BASIC bit 55, the secondary
+/// controls after the primary allow them, EPT/VPID after those allow them).
 fn read_cap(m: u32) -> Option<u64> {
     Some(cpu::rdmsr(m))
 }

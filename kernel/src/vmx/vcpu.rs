@@ -52,19 +52,24 @@ impl core::fmt::Display for VcpuError {
 /// Counters of VM exits by basic reason.
 #[derive(Clone, Debug)]
 pub struct ExitCounters {
-    pub by_reason: [u64; 70],
+    pub by_reason: [u64; 128],
+    /// Exits with a basic reason of 128 or more.
+    pub other: u64,
 }
 
 impl Default for ExitCounters {
     fn default() -> Self {
-        Self { by_reason: [0; 70] }
+        Self {
+            by_reason: [0; 128],
+            other: 0,
+        }
     }
 }
 
 impl ExitCounters {
     /// Total exits.
     pub fn total(&self) -> u64 {
-        self.by_reason.iter().sum()
+        self.by_reason.iter().sum::<u64>() + self.other
     }
 }
 
@@ -106,9 +111,10 @@ impl Vcpu {
         let vmcs = Frames.alloc_frame().ok_or(VcpuError::OutOfMemory)?;
         // Three bitmaps: I/O A (ports 0-0x7fff), I/O B, and MSRs: all ones,
         // so every port and MSR access exits.
-        let bitmaps = Frames
-            .alloc_contiguous(3 * 4096, 4096)
-            .ok_or(VcpuError::OutOfMemory)?;
+        let Some(bitmaps) = Frames.alloc_contiguous(3 * 4096, 4096) else {
+            Frames.free_frame(vmcs);
+            return Err(VcpuError::OutOfMemory);
+        };
         // SAFETY: fresh frames owned by this vCPU from now on; identity mapped.
         unsafe {
             crate::mem::phys_ptr::<u32>(vmcs).write_volatile(caps.revision_id());
@@ -131,15 +137,24 @@ impl Vcpu {
             cr8: 0,
             last_exit: VmExitInfo::default(),
         };
+        match v.init(vpid, eptp, start) {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                v.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    fn init(&mut self, vpid: u16, eptp: u64, start: StartState) -> Result<(), VcpuError> {
         // SAFETY: the VMCS frame is ours and holds the revision id.
         unsafe {
-            instr::vmclear(vmcs.as_u64())?;
-            instr::vmptrld(vmcs.as_u64())?;
+            instr::vmclear(self.vmcs.as_u64())?;
+            instr::vmptrld(self.vmcs.as_u64())?;
         }
-        v.setup_controls(vpid, eptp)?;
-        v.setup_host()?;
-        v.setup_guest(start)?;
-        Ok(v)
+        self.setup_controls(vpid, eptp)?;
+        self.setup_host()?;
+        self.setup_guest(start)
     }
 
     fn setup_controls(&mut self, vpid: u16, eptp: u64) -> Result<(), VcpuError> {
@@ -295,10 +310,12 @@ impl Vcpu {
         if unsafe { instr::vmptrld(self.vmcs.as_u64()) }.is_err() {
             return StopReason::VmxInstructionFailed;
         }
+        // The timer counts down across entries (its value is saved at every
+        // exit) and is reloaded only when a slice has run out.
+        if rw(guest::VMX_PREEMPTION_TIMER_VALUE, self.slice.into()).is_err() {
+            return StopReason::VmxInstructionFailed;
+        }
         loop {
-            if rw(guest::VMX_PREEMPTION_TIMER_VALUE, self.slice.into()).is_err() {
-                return StopReason::VmxInstructionFailed;
-            }
             // SAFETY: the VMCS holds this CPU's host state and a guest whose
             // memory is confined by EPT.
             match unsafe { instr::enter(&mut self.regs, self.launched) } {
@@ -314,8 +331,9 @@ impl Vcpu {
             };
             self.last_exit = info;
             let reason = info.basic();
-            if let Some(c) = self.exits.by_reason.get_mut(usize::from(reason.number())) {
-                *c += 1;
+            match self.exits.by_reason.get_mut(usize::from(reason.number())) {
+                Some(c) => *c += 1,
+                None => self.exits.other += 1,
             }
             let action = if info.entry_failed() {
                 ExitAction::Stop(StopReason::EntryFailure {
@@ -376,9 +394,13 @@ impl Vcpu {
 
     /// Injects #GP(0) at the next entry.
     fn inject_gp(&mut self) -> Result<Own, VmxFail> {
+        // Real mode (CR0.PE = 0) delivers #GP without an error code; asking
+        // for one there fails the VM entry (SDM 27.2.1.3).
+        let protected = instr::vmread(guest::CR0)? & 1 != 0;
+        let error_code = if protected { 1 << 11 } else { 0 };
         rw(
             control::VMENTRY_INTERRUPTION_INFO_FIELD,
-            13 | (3 << 8) | (1 << 11) | (1 << 31),
+            13 | (3 << 8) | error_code | (1 << 31),
         )?;
         rw(control::VMENTRY_EXCEPTION_ERR_CODE, 0)?;
         Ok(Own::Done(ExitAction::Retry))
@@ -442,17 +464,27 @@ impl Vcpu {
             ExitReason::Wrmsr => self.wrmsr(),
             ExitReason::Xsetbv => self.inject_gp(),
             ExitReason::PreemptionTimer => {
+                rw(guest::VMX_PREEMPTION_TIMER_VALUE, self.slice.into())?;
                 self.slices_used += 1;
                 if self.budget != 0 && self.slices_used >= self.budget {
                     return Ok(Own::Done(ExitAction::Stop(StopReason::TimeBudget)));
                 }
                 Ok(Own::Done(ExitAction::Retry))
             }
-            // The PIC is masked and the host never enables interrupts; an
-            // external interrupt (or NMI) is counted and the guest resumes.
-            ExitReason::ExternalInterrupt | ExitReason::ExceptionOrNmi => {
+            // Tern takes no interrupts: one that arrives while the guest runs
+            // was acknowledged by the exit; it is ended and the guest
+            // resumes. (NMIs exit as exception/NMI and are dropped.)
+            ExitReason::ExternalInterrupt => {
+                let info = instr::vmread(ro::VMEXIT_INTERRUPTION_INFO)?;
+                if info & (1 << 31) != 0 {
+                    cpu::end_of_interrupt(info as u8);
+                }
                 Ok(Own::Done(ExitAction::Retry))
             }
+            ExitReason::ExceptionOrNmi => Ok(Own::Done(ExitAction::Retry)),
+            // With MONITOR hidden in CPUID, these only come from a guest
+            // that ignores it: they do nothing.
+            ExitReason::Mwait | ExitReason::Monitor => Ok(Own::Done(ExitAction::Advance(None))),
             ExitReason::IoInstruction => {
                 let Some(q) = IoQualification::decode(info.qualification) else {
                     return Ok(Own::Done(ExitAction::Stop(StopReason::UnhandledExit {
@@ -473,6 +505,15 @@ impl Vcpu {
                 }))
             }
             ExitReason::EptViolation => {
+                // A fault while the CPU was delivering an event: emulating
+                // the instruction at RIP would lose the event.
+                if instr::vmread(ro::IDT_VECTORING_INFO)? & (1 << 31) != 0 {
+                    return Ok(Own::Done(ExitAction::Stop(
+                        StopReason::DuringEventDelivery {
+                            gpa: info.guest_phys,
+                        },
+                    )));
+                }
                 let access = EptViolation::decode(info.qualification).access();
                 Ok(Own::Up(VcpuExit::Mmio {
                     gpa: info.guest_phys,
@@ -512,12 +553,32 @@ impl Vcpu {
                 let sig = u32::from_le_bytes(*b"Tern");
                 [0x4000_0001, sig, sig, sig]
             }
-            0x4000_0001 => [0; 4],
+            0x4000_0001..=0x4000_00FF => [0; 4],
             _ => cpu::cpuid(leaf, sub),
         };
-        if leaf == 1 {
-            r[2] &= !(1 << 5); // VMX hidden
-            r[2] |= 1 << 31; // hypervisor present
+        match leaf {
+            1 => {
+                // ECX: hide MONITOR (3), VMX (5), SMX (6), EIST (7), TM2 (8),
+                // PDCM (15), x2APIC (21), TSC deadline (24), XSAVE (26),
+                // OSXSAVE (27); set "hypervisor present" (31).
+                r[2] &= !((1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15));
+                r[2] &= !((1 << 21) | (1 << 24) | (1 << 26) | (1 << 27));
+                r[2] |= 1 << 31;
+                // EDX: hide MCE (7), APIC (9), MTRR (12), MCA (14), ACPI
+                // thermal (22), TM (29): Tern emulates none of them.
+                r[3] &= !((1 << 7) | (1 << 9) | (1 << 12) | (1 << 14) | (1 << 22) | (1 << 29));
+            }
+            // Leaf 7: hide INVPCID (EBX 10) and WAITPKG (ECX 5), which need
+            // controls Tern does not set.
+            7 => {
+                r[1] &= !(1 << 10);
+                r[2] &= !(1 << 5);
+            }
+            // Power management, PMU and XSAVE state: nothing is offered.
+            6 | 0xA | 0xD => r = [0; 4],
+            // RDTSCP needs a control Tern does not set.
+            0x8000_0001 => r[3] &= !(1 << 27),
+            _ => {}
         }
         self.regs.rax = r[0].into();
         self.regs.rbx = r[1].into();
@@ -529,6 +590,11 @@ impl Vcpu {
         // Only NE is shadowed; PG and the rest are the guest's real bits.
         let old = instr::vmread(guest::CR0)?;
         let mut efer = instr::vmread(guest::IA32_EFER_FULL)?;
+        // PG needs PE; long mode also needs CR4.PAE (SDM, MOV to CR0).
+        let pae = instr::vmread(guest::CR4)? & (1 << 5) != 0;
+        if value & CR0_PG != 0 && (value & 1 == 0 || (efer & EFER_LME != 0 && !pae)) {
+            return self.inject_gp();
+        }
         let mut entry = instr::vmread(control::VMENTRY_CONTROLS)?;
         if value & CR0_PG != 0 && old & CR0_PG == 0 && efer & EFER_LME != 0 {
             efer |= EFER_LMA;
@@ -569,16 +635,9 @@ impl Vcpu {
                 self.set_gpr(gpr, self.cr8)?;
                 Ok(Own::Done(ExitAction::Advance(None)))
             }
-            CrAccess::Clts => {
-                let v = instr::vmread(control::CR0_READ_SHADOW)? & !(1 << 3);
-                self.write_cr0(v)
-            }
-            CrAccess::Lmsw { value } => {
-                let old = instr::vmread(control::CR0_READ_SHADOW)?;
-                // LMSW sets PE but never clears it; it touches bits 3:0.
-                let v = (old & !0xe) | (u64::from(value) & 0xf) | (old & 1);
-                self.write_cr0(v)
-            }
+            // CLTS and LMSW touch CR0 bits 3:0, none of them shadowed, so
+            // they never exit; CR3 exits only on CPUs that force CR3
+            // exiting (handled above).
             _ => Ok(Own::Done(ExitAction::Stop(StopReason::UnhandledExit {
                 reason: 28,
             }))),
@@ -589,9 +648,8 @@ impl Vcpu {
     fn rdmsr(&mut self) -> Result<Own, VmxFail> {
         let v = match self.regs.rcx as u32 {
             0x10 => cpu::rdtsc(),
-            0x1B => 0xFEE0_0900, // APIC base: enabled, BSP
-            0x1A0 => 1,          // IA32_MISC_ENABLE: fast strings
-            0xFE => 0,           // MTRR capabilities: none
+            0x1A0 => 1, // IA32_MISC_ENABLE: fast strings
+            0xFE => 0,  // MTRR capabilities: none
             0x174 => instr::vmread(guest::IA32_SYSENTER_CS)?,
             0x175 => instr::vmread(guest::IA32_SYSENTER_ESP)?,
             0x176 => instr::vmread(guest::IA32_SYSENTER_EIP)?,
@@ -608,13 +666,19 @@ impl Vcpu {
 
     fn wrmsr(&mut self) -> Result<Own, VmxFail> {
         let v = (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff);
+        // What real hardware refuses with #GP is refused here too, so that
+        // no value reaches a VMCS field that would fail the next VM entry.
+        let canonical = ((v as i64) << 16 >> 16) as u64 == v;
         let field = match self.regs.rcx as u32 {
             0x174 => guest::IA32_SYSENTER_CS,
-            0x175 => guest::IA32_SYSENTER_ESP,
-            0x176 => guest::IA32_SYSENTER_EIP,
-            0x277 => guest::IA32_PAT_FULL,
-            0xC000_0100 => guest::FS_BASE,
-            0xC000_0101 => guest::GS_BASE,
+            0x175 if canonical => guest::IA32_SYSENTER_ESP,
+            0x176 if canonical => guest::IA32_SYSENTER_EIP,
+            // Each PAT entry must be a valid memory type (0, 1, 4, 5, 6, 7).
+            0x277 if v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7)) => {
+                guest::IA32_PAT_FULL
+            }
+            0xC000_0100 if canonical => guest::FS_BASE,
+            0xC000_0101 if canonical => guest::GS_BASE,
             MSR_EFER => {
                 // SCE, LME, NXE may change; LMA follows CR0.PG, not WRMSR.
                 const WRITABLE: u64 = 1 | EFER_LME | (1 << 11);
@@ -622,6 +686,10 @@ impl Vcpu {
                     return self.inject_gp();
                 }
                 let cur = instr::vmread(guest::IA32_EFER_FULL)?;
+                // LME cannot change while paging is on.
+                if (v ^ cur) & EFER_LME != 0 && instr::vmread(guest::CR0)? & CR0_PG != 0 {
+                    return self.inject_gp();
+                }
                 rw(guest::IA32_EFER_FULL, (v & WRITABLE) | (cur & EFER_LMA))?;
                 return Ok(Own::Done(ExitAction::Advance(None)));
             }
@@ -724,8 +792,11 @@ impl Vcpu {
     pub fn destroy(self) {
         // SAFETY: the VMCS is ours; clearing it before freeing the frame is
         // what the SDM requires.
-        let _ = unsafe { instr::vmclear(self.vmcs.as_u64()) };
-        Frames.free_frame(self.vmcs);
+        match unsafe { instr::vmclear(self.vmcs.as_u64()) } {
+            Ok(()) => Frames.free_frame(self.vmcs),
+            // The CPU may still write the VMCS back: the frame is kept.
+            Err(e) => log::error!("VMCLEAR at teardown: {e}; keeping the VMCS frame"),
+        }
         Frames.free_contiguous(self.bitmaps, 3 * 4096);
     }
 }
