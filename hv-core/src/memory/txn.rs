@@ -5,6 +5,8 @@ use super::system::*;
 use super::{MemoryError, RegionId, RegionKind};
 use alloc::boxed::Box;
 
+/// One undo-log entry: enough to restore the exact previous state (list
+/// positions, generations, attribute values).
 pub(crate) enum Undo {
     Created(RegionId),
     Freed {
