@@ -458,6 +458,27 @@ impl World {
                 n
             );
         }
+        // Completeness: every notifier of a region, shifted onto each flat
+        // range of that region it intersects, is in the committed list.
+        for fr in view.ranges() {
+            let info = self.m.region(fr.region).unwrap();
+            for wn in &info.notifiers {
+                let s = fr.start as i128 - fr.offset_in_region as i128 + wn.addr as i128;
+                let e = s + wn.size as i128;
+                let (fs, fe) = (fr.start as i128, fr.end() as i128);
+                let hits = (s >= fs && s < fe) || (fs >= s && fs < e);
+                if hits && s >= 0 {
+                    let want = AsNotifier {
+                        start: s as u64,
+                        size: wn.size,
+                        data: wn.data,
+                        token: wn.token,
+                        region: fr.region,
+                    };
+                    prop_assert!(notifiers.contains(&want), "missing notifier {:?}", want);
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -1,7 +1,6 @@
 //! Memory listeners: the trait, registration and notification.
 
 use super::render::{FlatRange, FlatView};
-use super::system::AddressSpaceId;
 use super::system::*;
 use super::MemoryError;
 use alloc::rc::Rc;

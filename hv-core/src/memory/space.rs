@@ -193,7 +193,14 @@ impl MemorySystem {
     /// QEMU `address_space_update_ioeventfds` (sorted, deduplicated).
     pub(crate) fn notifiers_of(&self, view: &FlatView) -> Vec<AsNotifier> {
         let mut out = Vec::new();
+        if self.notifier_count == 0 {
+            return out;
+        }
         for fr in &view.ranges {
+            // Write notifiers can only be registered on MMIO regions.
+            if !matches!(fr.target, render::RangeTarget::Mmio(_)) {
+                continue;
+            }
             let Ok(r) = self.get(fr.region) else { continue };
             for n in &r.notifiers {
                 // Shift the notifier into the address space.

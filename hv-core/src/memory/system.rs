@@ -213,6 +213,8 @@ pub struct MemorySystem {
     pub(crate) last_on_demand: BTreeMap<u32, (u64, Rc<FlatView>)>,
     /// Windows are incomplete: the next flush renders everything.
     pub(crate) full_render: bool,
+    /// Number of write notifiers on live regions (0: skip notifier scans).
+    pub(crate) notifier_count: usize,
     /// A forced flush happened inside the current outermost transaction.
     pub(crate) forced_in_txn: bool,
     pub(crate) stats: Stats,
@@ -250,6 +252,7 @@ impl MemorySystem {
             windows: BTreeMap::new(),
             last_on_demand: BTreeMap::new(),
             full_render: false,
+            notifier_count: 0,
             forced_in_txn: false,
             stats: Stats::default(),
         }
@@ -504,6 +507,7 @@ impl MemorySystem {
             .region
             .take()
             .ok_or(MemoryError::StaleRegion(id))?;
+        self.notifier_count = self.notifier_count.saturating_sub(region.notifiers.len());
         if let RegionKind::Alias { target, .. } = region.kind {
             if let Ok(t) = self.reg_mut(target) {
                 t.aliased_by.retain(|&a| a != id);
@@ -883,6 +887,7 @@ impl MemorySystem {
         let pos = r.notifiers.partition_point(|o| *o <= n);
         r.notifiers.insert(pos, n);
         let enabled = r.enabled;
+        self.notifier_count += 1;
         self.log(Undo::NotifierAdded(id, n));
         if enabled {
             self.mark(id, DIRTY_NOTIFY);
@@ -905,6 +910,7 @@ impl MemorySystem {
             .ok_or(MemoryError::NoSuchNotifier)?;
         r.notifiers.remove(pos);
         let enabled = r.enabled;
+        self.notifier_count = self.notifier_count.saturating_sub(1);
         self.log(Undo::NotifierRemoved(id, pos, n));
         if enabled {
             self.mark(id, DIRTY_NOTIFY);

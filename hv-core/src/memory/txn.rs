@@ -5,6 +5,8 @@ use super::system::*;
 use super::{MemoryError, RegionId, RegionKind};
 use alloc::boxed::Box;
 
+/// One undo-log entry: enough to restore the exact previous state (list
+/// positions, generations, attribute values).
 pub(crate) enum Undo {
     Created(RegionId),
     Freed {
@@ -116,6 +118,7 @@ impl MemorySystem {
                 slot.generation = generation;
                 let mut region = *region;
                 region.dirty = 0;
+                self.notifier_count += region.notifiers.len();
                 slot.region = Some(region);
                 if let Some(t) = alias_target {
                     if let Ok(t) = self.reg_mut(t) {
@@ -167,6 +170,7 @@ impl MemorySystem {
                 if let Ok(r) = self.reg_mut(id) {
                     if let Some(pos) = r.notifiers.iter().position(|o| *o == n) {
                         r.notifiers.remove(pos);
+                        self.notifier_count = self.notifier_count.saturating_sub(1);
                     }
                 }
                 self.mark(id, DIRTY_NOTIFY);
@@ -175,6 +179,7 @@ impl MemorySystem {
                 if let Ok(r) = self.reg_mut(id) {
                     let pos = pos.min(r.notifiers.len());
                     r.notifiers.insert(pos, n);
+                    self.notifier_count += 1;
                 }
                 self.mark(id, DIRTY_NOTIFY);
             }
