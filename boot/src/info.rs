@@ -173,6 +173,15 @@ fn kind_of(typ: u32) -> MemoryKind {
     }
 }
 
+/// An E820-style entry (base u64, length u64, type u32) at `e`.
+fn e820_entry(mem: &impl PhysReader, e: u64) -> Result<MemoryRange, BootError> {
+    Ok(MemoryRange {
+        start: mem.u64(e)?,
+        len: mem.u64(e + 8)?,
+        kind: kind_of(mem.u32(e + 16)?),
+    })
+}
+
 fn push<T, const N: usize>(v: &mut Vec<T, N>, x: T, what: &'static str) -> Result<(), BootError> {
     v.push(x).map_err(|_| BootError::TooMany(what))
 }
@@ -248,13 +257,7 @@ impl BootInfo {
             let map = mem.u64(addr + 40)?;
             let entries = mem.u32(addr + 48)?;
             for i in 0..u64::from(entries) {
-                let e = map + i * 24;
-                let kind = kind_of(mem.u32(e + 16)?);
-                let r = MemoryRange {
-                    start: mem.u64(e)?,
-                    len: mem.u64(e + 8)?,
-                    kind,
-                };
+                let r = e820_entry(mem, map + i * 24)?;
                 push(&mut info.memory, r, "memory ranges")?;
             }
         }
@@ -292,13 +295,7 @@ impl BootInfo {
             let mut off = 0;
             while off + 24 <= len {
                 let size = u64::from(mem.u32(base + off)?);
-                let e = base + off + 4;
-                let kind = kind_of(mem.u32(e + 16)?);
-                let r = MemoryRange {
-                    start: mem.u64(e)?,
-                    len: mem.u64(e + 8)?,
-                    kind,
-                };
+                let r = e820_entry(mem, base + off + 4)?;
                 push(&mut info.memory, r, "memory ranges")?;
                 off += size + 4;
             }
