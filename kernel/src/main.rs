@@ -27,6 +27,8 @@ boot::pvh_note!();
 #[no_mangle]
 extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
     serial::init(log::LevelFilter::Info, false);
+    // Exceptions are reported from here on, also while parsing boot data.
+    cpu::init_tables();
     let info = match BootProtocol::from_trampoline(protocol) {
         Some(BootProtocol::Pvh) => BootInfo::from_pvh(&boot::BootIdentityMap, info_addr.into()),
         // SAFETY: EBX of a multiboot2 entry is the loader's information
@@ -56,7 +58,6 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         _ => log::LevelFilter::Info,
     };
     serial::init(level, info.option("e9").is_some());
-    cpu::init_tables();
     if info.option("selftest") == Some("ud2") {
         // Proves the exception path: the report and status 123.
         cpu::undefined_instruction();
