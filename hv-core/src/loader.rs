@@ -177,6 +177,7 @@ pub fn load_multiboot(
     for i in 0..u64::from(phnum) {
         let ph = phoff
             .checked_add(i * u64::from(phentsize))
+            .filter(|&ph| ph < image.len() as u64)
             .ok_or(LoadError::Truncated)?;
         if u32_at(image, ph)? != 1 {
             continue; // not PT_LOAD
@@ -404,6 +405,47 @@ mod tests {
             load_multiboot(&elf32(), &long, &r, &mut m),
             Err(LoadError::CmdlineTooLong)
         );
+        // An ELF64 program-header offset near 2^64 is truncation, not an
+        // arithmetic overflow.
+        let mut img = elf32();
+        img[4] = 2;
+        img[24..32].copy_from_slice(&0x10_0004u64.to_le_bytes());
+        img[32..40].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
+        img[54..56].copy_from_slice(&56u16.to_le_bytes());
+        img[56..58].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            load_multiboot(&img, "", &r, &mut m),
+            Err(LoadError::Truncated)
+        );
+        // A second segment across a hole in RAM is refused before the first
+        // one is written (RAM here maps to the same host bytes as `r`).
+        let c = r.chunks()[0];
+        let mut holed = GuestRam::new();
+        holed
+            .add(RamChunk {
+                gpa: c.gpa,
+                hpa: c.hpa,
+                size: 0x10_4000,
+            })
+            .unwrap();
+        let hpa = crate::addr::HostPhysAddr::new(c.hpa.as_u64() + 0x10_8000);
+        holed
+            .add(RamChunk {
+                gpa: GuestPhysAddr::new(0x10_8000),
+                hpa,
+                size: 0x10_0000,
+            })
+            .unwrap();
+        let mut img = elf32();
+        img[44..46].copy_from_slice(&2u16.to_le_bytes());
+        let ph2 = 52 + 32;
+        img[ph2..ph2 + 4].copy_from_slice(&1u32.to_le_bytes());
+        img[ph2 + 12..ph2 + 16].copy_from_slice(&0x10_3000u32.to_le_bytes());
+        img[ph2 + 20..ph2 + 24].copy_from_slice(&0x8000u32.to_le_bytes());
+        assert!(matches!(
+            load_multiboot(&img, "", &holed, &mut m),
+            Err(LoadError::SegmentOutsideRam { .. })
+        ));
         let mut all = vec![0u8; 2 << 20];
         r.read(&m, GuestPhysAddr::new(0), &mut all).unwrap();
         assert!(
