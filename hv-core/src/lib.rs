@@ -16,6 +16,7 @@ pub mod ept;
 pub mod ept_listener;
 pub mod frames;
 pub mod guest_mem;
+pub mod irq;
 pub mod loader;
 pub mod machine;
 pub mod memory;

@@ -1,0 +1,76 @@
+//! Interrupt controllers and timers of a PC: the local APIC (one per vCPU),
+//! the I/O APIC, the legacy 8259 PIC pair, the 8254 PIT and the CMOS RTC.
+//!
+//! Each model is plain state plus register semantics, tested on the host.
+//! Time is virtual nanoseconds ([`Nanos`]) handed in by the caller; a
+//! model never reads a clock itself, so the same inputs give the same
+//! outputs. Models that raise interrupts return what they raise (levels of
+//! ISA/GSI lines, [`ApicMessage`]s) instead of calling each other: the
+//! machine routes them (`machine.rs`), which keeps every model testable on
+//! its own and keeps routing in one place.
+
+/// Virtual time in nanoseconds since the VM was created.
+pub type Nanos = u64;
+
+/// How a local APIC delivers a message (SDM Vol. 3A, 11.6.1, ICR bits 10:8;
+/// the same encoding is used by I/O APIC redirection entries and MSIs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryMode {
+    Fixed,
+    LowestPriority,
+    Smi,
+    Nmi,
+    Init,
+    StartUp,
+    ExtInt,
+}
+
+impl DeliveryMode {
+    /// Decodes the 3-bit field; 0b011 is reserved.
+    pub const fn from_bits(bits: u8) -> Option<Self> {
+        Some(match bits & 7 {
+            0 => Self::Fixed,
+            1 => Self::LowestPriority,
+            2 => Self::Smi,
+            4 => Self::Nmi,
+            5 => Self::Init,
+            6 => Self::StartUp,
+            7 => Self::ExtInt,
+            _ => return None,
+        })
+    }
+
+    /// The 3-bit encoding.
+    pub const fn bits(self) -> u8 {
+        match self {
+            Self::Fixed => 0,
+            Self::LowestPriority => 1,
+            Self::Smi => 2,
+            Self::Nmi => 4,
+            Self::Init => 5,
+            Self::StartUp => 6,
+            Self::ExtInt => 7,
+        }
+    }
+}
+
+/// An interrupt message for local APICs: what the I/O APIC sends for a
+/// redirection entry, what an MSI write means, what an IPI carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApicMessage {
+    pub vector: u8,
+    pub delivery: DeliveryMode,
+    /// Level-triggered (the local APIC sets TMR and the EOI is broadcast
+    /// back to the I/O APIC).
+    pub level: bool,
+    /// Destination: an APIC ID (physical) or a logical mask.
+    pub dest: u32,
+    pub logical: bool,
+}
+
+/// What a guest-visible line of the ISA/GSI world is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineLevel {
+    Low,
+    High,
+}
