@@ -1,10 +1,149 @@
-//! Guest RAM as a list of contiguous host chunks, read and written only
-//! through bounds-checked copies. No reference into guest memory ever
-//! escapes: the guest may change it at any time.
+//! Guest memory, read and written only through bounds-checked copies. No
+//! reference into guest memory ever escapes: the guest may change it at any
+//! time.
+//!
+//! - [`GuestMemory`] is the accessor everything that runs with a VM uses
+//!   (devices, the instruction emulator, the page walk): it resolves each
+//!   address in the address space's **current** flat view (inside a
+//!   memory transaction too, where the view is rendered on demand) and
+//!   reaches the VM's RAM blocks through [`PhysAccess`]. Typed reads and
+//!   writes of guest structures go through `zerocopy`.
+//! - [`GuestRam`] is the loader's list of RAM chunks, built before the VM
+//!   first runs.
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
+use crate::ept_listener::RamBlock;
+use crate::memory::{FlatView, RangeTarget};
 use crate::phys::PhysAccess;
+use alloc::rc::Rc;
 use alloc::vec::Vec;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// Why a guest-memory access failed. Nothing was read or written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestMemError {
+    /// Some byte of the range is not RAM or ROM (MMIO, a hole, past 2^64).
+    NotMemory { gpa: u64, len: u64 },
+    /// A write to ROM or read-only RAM.
+    ReadOnly { gpa: u64, len: u64 },
+}
+
+impl core::fmt::Display for GuestMemError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotMemory { gpa, len } => {
+                write!(f, "guest range {gpa:#x}+{len:#x} is not memory")
+            }
+            Self::ReadOnly { gpa, len } => write!(f, "guest range {gpa:#x}+{len:#x} is read-only"),
+        }
+    }
+}
+
+/// One VM's guest memory as seen through one flat view.
+pub struct GuestMemory<'a> {
+    view: Rc<FlatView>,
+    blocks: &'a [RamBlock],
+    phys: &'a mut dyn PhysAccess,
+}
+
+impl<'a> GuestMemory<'a> {
+    /// An accessor over `view` (take it from `MemorySystem::flat_view`, which
+    /// answers for the tree as it is now) and the VM's host RAM blocks.
+    pub fn new(view: Rc<FlatView>, blocks: &'a [RamBlock], phys: &'a mut dyn PhysAccess) -> Self {
+        Self { view, blocks, phys }
+    }
+
+    /// Splits `[gpa, gpa + len)` into host pieces `(hpa, offset in the
+    /// access, bytes)`, checking every byte first.
+    fn pieces(
+        &self,
+        gpa: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Vec<(HostPhysAddr, usize, usize)>, GuestMemError> {
+        let not_mem = GuestMemError::NotMemory { gpa, len };
+        let end = gpa.checked_add(len).ok_or(not_mem)?;
+        let mut out = Vec::new();
+        let mut at = gpa;
+        while at < end {
+            let r = self.view.lookup(at).ok_or(not_mem)?;
+            let (b, readonly) = match r.target {
+                RangeTarget::Ram(b) | RangeTarget::RamDevice(b) => (b, r.readonly),
+                RangeTarget::RomDevice { backing, .. } if r.romd_mode => (backing, true),
+                _ => return Err(not_mem),
+            };
+            if write && readonly {
+                return Err(GuestMemError::ReadOnly { gpa, len });
+            }
+            let block = self.blocks.get(b.block as usize).ok_or(not_mem)?;
+            let off = b
+                .offset
+                .checked_add(r.offset_in_region)
+                .and_then(|o| o.checked_add(at - r.start))
+                .ok_or(not_mem)?;
+            let in_range = (r.end() - u128::from(at)).min(u128::from(u64::MAX)) as u64;
+            let n = (end - at).min(in_range).min(block.size.saturating_sub(off));
+            if n == 0 {
+                return Err(not_mem);
+            }
+            out.push((
+                HostPhysAddr::new(block.hpa.as_u64() + off),
+                (at - gpa) as usize,
+                n as usize,
+            ));
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        for (h, off, n) in self.pieces(gpa, buf.len() as u64, false)? {
+            self.phys.read(h, &mut buf[off..off + n]);
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into guest RAM at `gpa` (ROM refuses the whole write).
+    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), GuestMemError> {
+        for (h, off, n) in self.pieces(gpa, data.len() as u64, true)? {
+            self.phys.write(h, &data[off..off + n]);
+        }
+        Ok(())
+    }
+
+    /// Reads a guest structure.
+    pub fn read_obj<T: FromBytes + IntoBytes>(&self, gpa: u64) -> Result<T, GuestMemError> {
+        let mut v = T::new_zeroed();
+        self.read(gpa, v.as_mut_bytes())?;
+        Ok(v)
+    }
+
+    /// Writes a guest structure.
+    pub fn write_obj<T: IntoBytes + Immutable>(
+        &mut self,
+        gpa: u64,
+        v: &T,
+    ) -> Result<(), GuestMemError> {
+        self.write(gpa, v.as_bytes())
+    }
+
+    /// Whether every byte of the range is RAM or ROM.
+    pub fn is_memory(&self, gpa: u64, len: u64) -> bool {
+        self.pieces(gpa, len, false).is_ok()
+    }
+
+    /// The view this accessor resolves addresses in.
+    pub fn view(&self) -> &FlatView {
+        &self.view
+    }
+}
+
+impl crate::emulate::GuestPhysRead for GuestMemory<'_> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ()> {
+        self.read(gpa, buf).map_err(|_| ())
+    }
+}
 
 /// One contiguous piece of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +295,81 @@ impl GuestRam {
 mod tests {
     use super::*;
     use crate::phys::mock::MockPhys;
+
+    use crate::memory::{MemorySystem, RamBacking};
+
+    #[test]
+    fn guest_memory_follows_the_current_view_and_refuses_rom_and_mmio() {
+        let mut m = MockPhys::new(1 << 20);
+        let mut mem = MemorySystem::new();
+        let sys = mem.create_container("sys", 1 << 32).unwrap();
+        let ram = mem
+            .create_ram(
+                "ram",
+                0x2000u64.into(),
+                RamBacking {
+                    block: 0,
+                    offset: 0,
+                },
+            )
+            .unwrap();
+        let rom = mem
+            .create_rom(
+                "rom",
+                0x1000u64.into(),
+                RamBacking {
+                    block: 1,
+                    offset: 0,
+                },
+            )
+            .unwrap();
+        let io = mem
+            .create_mmio("io", 0x1000u64.into(), crate::memory::MmioHandle(0))
+            .unwrap();
+        mem.add_subregion(sys, 0x1_0000, ram).unwrap();
+        mem.add_subregion(sys, 0x1_2000, rom).unwrap();
+        mem.add_subregion(sys, 0x1_3000, io).unwrap();
+        let space = mem.create_address_space("memory", sys).unwrap();
+        let blocks = [
+            RamBlock {
+                hpa: HostPhysAddr::new(0x4_0000),
+                size: 0x2000,
+            },
+            RamBlock {
+                hpa: HostPhysAddr::new(0x5_0000),
+                size: 0x1000,
+            },
+        ];
+        m.mem[0x5_0000] = 0xAB;
+        {
+            let mut g = GuestMemory::new(mem.flat_view(space).unwrap(), &blocks, &mut m);
+            g.write_obj(0x1_1ffc, &0x1122_3344u32).unwrap();
+            assert_eq!(g.read_obj::<u16>(0x1_1ffe).unwrap(), 0x1122);
+            // The last two RAM bytes, then two ROM bytes.
+            assert_eq!(g.read_obj::<u32>(0x1_1ffe).unwrap(), 0x00AB_1122);
+            // RAM then ROM: readable across, not writable.
+            assert_eq!(g.read_obj::<u16>(0x1_1fff).unwrap(), 0xAB11);
+            assert_eq!(
+                g.write(0x1_1fff, &[0, 0]),
+                Err(GuestMemError::ReadOnly {
+                    gpa: 0x1_1fff,
+                    len: 2
+                })
+            );
+            assert_eq!(g.read_obj::<u8>(0x1_1fff).unwrap(), 0x11, "nothing written");
+            assert!(g.read_obj::<u8>(0x1_3000).is_err(), "MMIO is not memory");
+            assert!(g.read_obj::<u64>(u64::MAX - 3).is_err());
+        }
+        assert_eq!(&m.mem[0x4_1ffc..0x4_2000], &[0x44, 0x33, 0x22, 0x11]);
+        // Inside a transaction the accessor sees the tree as it is now.
+        mem.begin();
+        mem.set_address(ram, 0x2_0000).unwrap();
+        let g = GuestMemory::new(mem.flat_view(space).unwrap(), &blocks, &mut m);
+        assert_eq!(g.read_obj::<u16>(0x2_1ffe).unwrap(), 0x1122);
+        assert!(g.read_obj::<u8>(0x1_0000).is_err());
+        drop(g);
+        mem.commit().unwrap();
+    }
 
     #[test]
     fn accesses_span_chunks_and_reject_holes() {

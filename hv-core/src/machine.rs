@@ -9,10 +9,18 @@
 //! priority for device BARs. Port I/O goes through the `io` address space.
 //! Every change goes through the memory API, so listeners (EPT) see it.
 
-use crate::devices::{all_ones, Device, DeviceOutcome, MemoryRequest};
+use crate::devices::{
+    all_ones, handle_parts, region_handle, Device, DeviceCtx, DeviceId, IrqOut, MemoryRequest,
+    RegionIndex, StateError,
+};
+use crate::ept_listener::RamBlock;
+use crate::guest_mem::GuestMemory;
+use crate::irq::Nanos;
 use crate::memory::{
     AddressSpaceId, MemoryError, MemorySystem, MmioHandle, RamBacking, RangeTarget, RegionId,
+    WriteNotifier,
 };
+use crate::phys::PhysAccess;
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -115,11 +123,31 @@ pub struct MachineStats {
     pub remaps: u64,
     /// Writes consumed by a write notifier instead of the device.
     pub notifier_hits: u64,
+    /// Interrupt-line changes and MSIs raised by devices.
+    pub irq_lines: u64,
+    pub msis: u64,
 }
 
 struct DeviceSlot {
-    name: String,
+    id: DeviceId,
     dev: Box<dyn Device>,
+    /// The device's regions, by region index.
+    regions: Vec<RegionId>,
+}
+
+/// What a device callback left behind, applied by the machine afterwards.
+#[derive(Default)]
+struct Effects {
+    irq: IrqOut,
+    requests: Vec<MemoryRequest>,
+    exit: Option<u32>,
+}
+
+/// A write notifier's owner: the device and the token it registered.
+#[derive(Clone, Copy, Debug)]
+struct NotifierOwner {
+    device: u32,
+    token: u64,
 }
 
 /// One VM's machine.
@@ -130,8 +158,37 @@ pub struct Machine {
     pub regions: PcRegions,
     /// Sizes of the RAM blocks, by index.
     pub blocks: Vec<u64>,
+    /// Host memory of the RAM blocks (empty until [`Machine::attach_ram`]).
+    ram: Vec<RamBlock>,
+    phys: Box<dyn PhysAccess>,
     devices: Vec<DeviceSlot>,
+    notifiers: Vec<NotifierOwner>,
+    /// Virtual time, set by the VM before each dispatch.
+    pub now: Nanos,
+    /// The guest's TSC at `now`.
+    pub guest_tsc: u64,
+    /// An exit status a device asked for, taken by [`Machine::take_exit`].
+    exit: Option<u32>,
     pub stats: MachineStats,
+}
+
+/// Host memory that is not there: every read gives zeroes, writes vanish.
+/// A machine uses it until the VM attaches its RAM.
+struct NoPhys;
+
+impl PhysAccess for NoPhys {
+    fn read(&self, _addr: crate::addr::HostPhysAddr, buf: &mut [u8]) {
+        buf.fill(0);
+    }
+    fn write(&mut self, _addr: crate::addr::HostPhysAddr, _data: &[u8]) {}
+}
+
+/// Why a device's saved state was not loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadDeviceError {
+    NoSuchDevice,
+    State(StateError),
+    Machine(MachineError),
 }
 
 impl Machine {
@@ -199,18 +256,68 @@ impl Machine {
                 io,
             },
             blocks: alloc::vec![cfg.ram_bytes, BIOS_SIZE],
+            ram: Vec::new(),
+            phys: Box::new(NoPhys),
             devices: Vec::new(),
+            notifiers: Vec::new(),
+            now: 0,
+            guest_tsc: 0,
+            exit: None,
             stats: MachineStats::default(),
         })
     }
 
-    /// Adds a device and returns its dispatch handle.
-    pub fn add_device(&mut self, name: &str, dev: Box<dyn Device>) -> MmioHandle {
+    /// Gives the machine its RAM blocks' host memory (index = block).
+    pub fn attach_ram(&mut self, ram: Vec<RamBlock>, phys: Box<dyn PhysAccess>) {
+        self.ram = ram;
+        self.phys = phys;
+    }
+
+    /// The VM's RAM blocks in host memory.
+    pub fn ram_blocks(&self) -> &[RamBlock] {
+        &self.ram
+    }
+
+    /// Guest memory as the memory space's current view shows it.
+    pub fn guest_memory(&mut self) -> Result<GuestMemory<'_>, MachineError> {
+        let view = self.mem.flat_view(self.memory)?;
+        Ok(GuestMemory::new(view, &self.ram, &mut *self.phys))
+    }
+
+    /// Adds a device with its identity; regions are added with
+    /// [`Machine::add_device_region`]. Returns the device index.
+    pub fn add_device(&mut self, idstr: &str, dev: Box<dyn Device>) -> u32 {
+        let instance = self.devices.iter().filter(|s| s.id.idstr == idstr).count() as u32;
         self.devices.push(DeviceSlot {
-            name: name.into(),
+            id: DeviceId {
+                idstr: idstr.into(),
+                instance,
+            },
             dev,
+            regions: Vec::new(),
         });
-        MmioHandle(self.devices.len() as u32 - 1)
+        self.devices.len() as u32 - 1
+    }
+
+    /// Creates an MMIO region of `len` bytes for device `device` (not yet
+    /// mapped); its region index is the number of regions the device had.
+    pub fn add_device_region(
+        &mut self,
+        device: u32,
+        name: &str,
+        len: u64,
+    ) -> Result<RegionId, MachineError> {
+        let slot = self
+            .devices
+            .get_mut(device as usize)
+            .ok_or(MachineError::Config("no such device"))?;
+        let index = RegionIndex::try_from(slot.regions.len())
+            .map_err(|_| MachineError::Config("a device has at most 256 regions"))?;
+        let r = self
+            .mem
+            .create_mmio(name, len.into(), region_handle(device, index))?;
+        slot.regions.push(r);
+        Ok(r)
     }
 
     /// Maps a device at `port` in the I/O space.
@@ -221,8 +328,8 @@ impl Machine {
         len: u16,
         dev: Box<dyn Device>,
     ) -> Result<RegionId, MachineError> {
-        let h = self.add_device(name, dev);
-        let r = self.mem.create_mmio(name, len.into(), h)?;
+        let d = self.add_device(name, dev);
+        let r = self.add_device_region(d, name, len.into())?;
         self.mem.add_subregion(self.regions.io, port.into(), r)?;
         Ok(r)
     }
@@ -236,20 +343,52 @@ impl Machine {
         len: u64,
         dev: Box<dyn Device>,
     ) -> Result<RegionId, MachineError> {
-        let h = self.add_device(name, dev);
-        let r = self.mem.create_mmio(name, len.into(), h)?;
+        let d = self.add_device(name, dev);
+        let r = self.add_device_region(d, name, len)?;
         self.mem.add_subregion(container, addr, r)?;
         Ok(r)
     }
 
-    /// The device registered under `name`, downcast to `T`.
-    pub fn device<T: 'static>(&mut self, name: &str) -> Option<&mut T> {
+    /// Adds a write notifier on one of a device's regions; a matching write
+    /// reaches the device's [`Device::notify`] with `token` instead of its
+    /// `write`.
+    pub fn add_write_notifier(
+        &mut self,
+        region: RegionId,
+        addr: u64,
+        size: u64,
+        data: Option<u64>,
+        token: u64,
+    ) -> Result<(), MachineError> {
+        let device =
+            self.devices
+                .iter()
+                .position(|s| s.regions.contains(&region))
+                .ok_or(MachineError::Config("the region belongs to no device"))? as u32;
+        self.notifiers.push(NotifierOwner { device, token });
+        let n = WriteNotifier {
+            addr,
+            size,
+            data,
+            token: self.notifiers.len() as u64 - 1,
+        };
+        self.mem.add_write_notifier(region, n)?;
+        Ok(())
+    }
+
+    /// The device registered under `idstr` (instance 0), downcast to `T`.
+    pub fn device<T: 'static>(&mut self, idstr: &str) -> Option<&mut T> {
         self.devices
             .iter_mut()
-            .find(|s| s.name == name)?
+            .find(|s| s.id.idstr == idstr)?
             .dev
             .as_any()
             .downcast_mut::<T>()
+    }
+
+    /// The identities of every device, in creation order.
+    pub fn device_ids(&self) -> impl Iterator<Item = &DeviceId> {
+        self.devices.iter().map(|s| &s.id)
     }
 
     fn target(&mut self, space: AddressSpaceId, addr: u64) -> Result<MemTarget, MachineError> {
@@ -285,12 +424,67 @@ impl Machine {
         self.target(self.memory, gpa)
     }
 
-    /// A device read through its handle.
-    pub fn device_read(&mut self, h: MmioHandle, offset: u64, size: u8) -> u64 {
-        match self.devices.get_mut(h.0 as usize) {
-            Some(s) => s.dev.read(offset, size) & all_ones(size),
-            None => all_ones(size),
+    /// Runs `f` on device `index` with a context, then applies what it left:
+    /// memory requests (one transaction), interrupts, an exit request.
+    fn with_device<R>(
+        &mut self,
+        index: u32,
+        f: impl FnOnce(&mut dyn Device, &mut DeviceCtx) -> R,
+    ) -> Result<Option<R>, MachineError> {
+        let view = self.mem.flat_view(self.memory)?;
+        let Some(slot) = self.devices.get_mut(index as usize) else {
+            return Ok(None);
+        };
+        let mut fx = Effects::default();
+        let r = {
+            let mem = GuestMemory::new(view, &self.ram, &mut *self.phys);
+            let mut ctx = DeviceCtx::new(
+                self.now,
+                mem,
+                &slot.regions,
+                &mut fx.irq,
+                &mut fx.requests,
+                &mut fx.exit,
+            );
+            f(&mut *slot.dev, &mut ctx)
+        };
+        self.apply_effects(fx)?;
+        Ok(Some(r))
+    }
+
+    fn apply_effects(&mut self, fx: Effects) -> Result<(), MachineError> {
+        if let Some(s) = fx.exit {
+            self.exit.get_or_insert(s);
         }
+        self.route_irqs(fx.irq);
+        if !fx.requests.is_empty() {
+            self.apply(&fx.requests)?;
+        }
+        Ok(())
+    }
+
+    /// Interrupt routing; the platform's interrupt controllers take over
+    /// here once they exist.
+    fn route_irqs(&mut self, irq: IrqOut) {
+        self.stats.irq_lines += irq.lines.len() as u64;
+        self.stats.msis += irq.msis.len() as u64;
+    }
+
+    /// The exit status a device asked for since the last call.
+    pub fn take_exit(&mut self) -> Option<u32> {
+        self.exit.take()
+    }
+
+    /// A device read through its handle.
+    pub fn device_read(
+        &mut self,
+        h: MmioHandle,
+        offset: u64,
+        size: u8,
+    ) -> Result<u64, MachineError> {
+        let (dev, region) = handle_parts(h);
+        let v = self.with_device(dev, |d, ctx| d.read(ctx, region, offset, size))?;
+        Ok(v.map_or(all_ones(size), |v| v & all_ones(size)))
     }
 
     /// A device write through its handle; memory-map requests are applied
@@ -303,17 +497,10 @@ impl Machine {
         size: u8,
         value: u64,
     ) -> Result<Option<u32>, MachineError> {
-        let Some(slot) = self.devices.get_mut(h.0 as usize) else {
-            return Ok(None);
-        };
-        match slot.dev.write(offset, size, value & all_ones(size)) {
-            DeviceOutcome::Done => Ok(None),
-            DeviceOutcome::Exit(s) => Ok(Some(s)),
-            DeviceOutcome::Memory(reqs) => {
-                self.apply(&reqs)?;
-                Ok(None)
-            }
-        }
+        let (dev, region) = handle_parts(h);
+        let value = value & all_ones(size);
+        self.with_device(dev, |d, ctx| d.write(ctx, region, offset, size, value))?;
+        Ok(self.take_exit())
     }
 
     /// Applies memory requests in one transaction; a failing request
@@ -336,21 +523,27 @@ impl Machine {
     }
 
     /// The write-notifier fast path: if a write of `size` bytes of `value`
-    /// at `gpa` matches a notifier of the memory space, it is counted and
-    /// its token returned; the device is not called (QEMU's ioeventfd).
+    /// at `gpa` matches a notifier of the memory space, the owning device's
+    /// `notify` runs instead of its `write` (QEMU's ioeventfd) and the
+    /// device's token is returned.
     pub fn notify_write(
         &mut self,
         gpa: u64,
         size: u8,
         value: u64,
     ) -> Result<Option<u64>, MachineError> {
-        let n = self
+        let Some(n) = self
             .mem
-            .find_write_notifier(self.memory, gpa, size.into(), value)?;
-        if n.is_some() {
-            self.stats.notifier_hits += 1;
-        }
-        Ok(n.map(|n| n.token))
+            .find_write_notifier(self.memory, gpa, size.into(), value)?
+        else {
+            return Ok(None);
+        };
+        let Some(owner) = self.notifiers.get(n.token as usize).copied() else {
+            return Ok(None);
+        };
+        self.stats.notifier_hits += 1;
+        self.with_device(owner.device, |d, ctx| d.notify(ctx, owner.token))?;
+        Ok(Some(owner.token))
     }
 
     /// A guest `in`: the device's value, or all ones if none is there.
@@ -361,7 +554,7 @@ impl Machine {
                 handle,
                 offset,
                 left,
-            } if left >= u64::from(size) => Ok(self.device_read(handle, offset, size)),
+            } if left >= u64::from(size) => self.device_read(handle, offset, size),
             _ => {
                 self.stats.unclaimed_pio += 1;
                 Ok(all_ones(size))
@@ -387,6 +580,38 @@ impl Machine {
                 self.stats.unclaimed_pio += 1;
                 Ok(None)
             }
+        }
+    }
+
+    /// Saves every device with state: (identity, version, bytes).
+    pub fn save_devices(&self) -> Vec<(DeviceId, u32, Vec<u8>)> {
+        self.devices
+            .iter()
+            .filter(|s| s.dev.state_version() != 0)
+            .map(|s| {
+                let mut out = Vec::new();
+                s.dev.save(&mut out);
+                (s.id.clone(), s.dev.state_version(), out)
+            })
+            .collect()
+    }
+
+    /// Loads one device's state by identity.
+    pub fn load_device(
+        &mut self,
+        id: &DeviceId,
+        version: u32,
+        data: &[u8],
+    ) -> Result<(), LoadDeviceError> {
+        let index = self
+            .devices
+            .iter()
+            .position(|s| &s.id == id)
+            .ok_or(LoadDeviceError::NoSuchDevice)? as u32;
+        match self.with_device(index, |d, ctx| d.load(ctx, version, data)) {
+            Ok(Some(r)) => r.map_err(LoadDeviceError::State),
+            Ok(None) => Err(LoadDeviceError::NoSuchDevice),
+            Err(e) => Err(LoadDeviceError::Machine(e)),
         }
     }
 
@@ -515,13 +740,13 @@ mod tests {
                 Box::new(TestDevice::default()),
             )
             .unwrap();
+        let _ = r;
         let dev = m.device::<TestDevice>("tern-test").unwrap();
-        dev.region = Some(r);
         dev.window = Some(window);
         let MemTarget::Device { handle, .. } = m.memory_target(TEST_DEVICE_BASE).unwrap() else {
             panic!("no device")
         };
-        assert_eq!(m.device_read(handle, 0, 4), TEST_DEVICE_ID);
+        assert_eq!(m.device_read(handle, 0, 4).unwrap(), TEST_DEVICE_ID);
         let commits = m.mem.stats().commits;
         m.device_write(handle, 8, 8, 0xFEB4_0000 | 1).unwrap();
         assert_eq!(
@@ -561,13 +786,7 @@ mod tests {
                 Box::new(TestDevice::default()),
             )
             .unwrap();
-        let n = crate::memory::WriteNotifier {
-            addr: 0x20,
-            size: 4,
-            data: None,
-            token: 7,
-        };
-        m.mem.add_write_notifier(r, n).unwrap();
+        m.add_write_notifier(r, 0x20, 4, None, 7).unwrap();
         assert_eq!(
             m.notify_write(TEST_DEVICE_BASE + 0x20, 4, 1).unwrap(),
             Some(7)
@@ -587,6 +806,12 @@ mod tests {
         assert_eq!(m.notify_write(TEST_DEVICE_BASE + 0x20, 4, 1).unwrap(), None);
         assert_eq!(m.notify_write(0xFEC0_0020, 4, 9).unwrap(), Some(7));
         assert_eq!(m.stats.notifier_hits, 2);
+        assert_eq!(
+            m.device::<TestDevice>("tern-test").unwrap().notified,
+            2,
+            "each hit reached the device's notify, not its write"
+        );
+        assert_eq!(m.device::<TestDevice>("tern-test").unwrap().writes, 0);
     }
 
     #[test]

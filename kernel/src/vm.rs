@@ -14,9 +14,10 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 use hv_core::addr::{GuestPhysAddr, HostPhysAddr};
 use hv_core::devices::debug_exit::DebugExit;
+use hv_core::devices::fw_cfg::FwCfg;
 use hv_core::devices::test_device::TestDevice;
 use hv_core::devices::uart::Uart16550;
-use hv_core::emulate::{self, GuestPhysRead, MmioExit};
+use hv_core::emulate::{self, MmioExit};
 use hv_core::ept::{EptStats, PageSizes};
 use hv_core::ept_listener::{EptCounters, EptHost, EptListener, EptMode, RamBlock};
 use hv_core::frames::FrameAllocator;
@@ -26,7 +27,7 @@ use hv_core::machine::{
     Machine, MachineConfig, MachineError, MemTarget, BIOS_BLOCK, TEST_DEVICE_BASE,
     TEST_WINDOW_BASE, TEST_WINDOW_SIZE,
 };
-use hv_core::memory::{FlatView, RangeTarget, WriteNotifier};
+use hv_core::memory::RangeTarget;
 use hv_core::phys::PhysAccess;
 use hv_core::vcpu::{hypercall, ExitAction, StopReason, VcpuExit};
 use hv_core::vmx::exit::Access;
@@ -116,43 +117,6 @@ impl EptHost for KernelEptHost {
     }
 }
 
-/// Guest-physical reads for the instruction emulator, through the
-/// committed flat view (RAM and ROM only).
-struct GuestReader<'a> {
-    view: &'a FlatView,
-    blocks: &'a [(HostPhysAddr, u64)],
-}
-
-impl GuestPhysRead for GuestReader<'_> {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = gpa.checked_add(done as u64).ok_or(())?;
-            let r = self.view.lookup(at).ok_or(())?;
-            let b = match r.target {
-                RangeTarget::Ram(b) | RangeTarget::RamDevice(b) => b,
-                RangeTarget::RomDevice { backing, .. } if r.romd_mode => backing,
-                _ => return Err(()),
-            };
-            let &(hpa, size) = self.blocks.get(b.block as usize).ok_or(())?;
-            let off = b.offset + r.offset_in_region + (at - r.start);
-            let in_range = (r.end() - at as u128).min(u64::MAX as u128) as u64;
-            let n = (buf.len() - done)
-                .min(in_range as usize)
-                .min(size.saturating_sub(off) as usize);
-            if n == 0 {
-                return Err(());
-            }
-            HostMem.read(
-                HostPhysAddr::new(hpa.as_u64() + off),
-                &mut buf[done..done + n],
-            );
-            done += n;
-        }
-        Ok(())
-    }
-}
-
 /// A virtual machine.
 pub struct Vm {
     pub name: String,
@@ -201,6 +165,17 @@ impl Vm {
             0x1000,
             Box::new(TestDevice::default()),
         )?;
+        let ram_bytes = cfg.machine.ram_bytes;
+        let fw = machine.add_device("fw_cfg", Box::new(FwCfg::new(1, ram_bytes)));
+        let io = machine.regions.io;
+        for (i, (port, len)) in [(0x510u16, 2u64), (0x514, 8)].into_iter().enumerate() {
+            let r =
+                machine.add_device_region(fw, if i == 0 { "fwcfg" } else { "fwcfg.dma" }, len)?;
+            machine
+                .mem
+                .add_subregion(io, port.into(), r)
+                .map_err(MachineError::from)?;
+        }
         let ram = machine.regions.ram;
         let window = machine
             .mem
@@ -216,19 +191,9 @@ impl Vm {
             .add_subregion(system, TEST_WINDOW_BASE, window)
             .map_err(MachineError::from)?;
         // A notify register, as a virtio queue has: writes to it are taken
-        // by the notifier fast path, not by the device.
-        let notify = WriteNotifier {
-            addr: 0x20,
-            size: 4,
-            data: None,
-            token: 1,
-        };
-        machine
-            .mem
-            .add_write_notifier(test, notify)
-            .map_err(MachineError::from)?;
+        // by the notifier fast path and reach the device's notify.
+        machine.add_write_notifier(test, 0x20, 4, None, 1)?;
         if let Some(d) = machine.device::<TestDevice>("tern-test") {
-            d.region = Some(test);
             d.window = Some(window);
         }
 
@@ -251,10 +216,11 @@ impl Vm {
             two_mib: vmx.caps.ept_2m_pages(),
             one_gib: vmx.caps.ept_1g_pages(),
         };
-        let ram_blocks = blocks
+        let ram_blocks: Vec<RamBlock> = blocks
             .iter()
             .map(|&(hpa, size)| RamBlock { hpa, size })
             .collect();
+        machine.attach_ram(ram_blocks.clone(), Box::new(HostMem));
         let listener = EptListener::new(
             KernelEptHost,
             sizes,
@@ -534,15 +500,9 @@ impl Vm {
                 return ExitAction::Stop(StopReason::EmulationFailed { gpa });
             }
         };
-        let decoded = {
-            let Ok(view) = self.machine.mem.committed_view(self.machine.memory) else {
-                return ExitAction::Stop(StopReason::VmxInstructionFailed);
-            };
-            let reader = GuestReader {
-                view: &view,
-                blocks: &self.blocks,
-            };
-            emulate::emulate(&mode, &reader, &regs, &exit)
+        let decoded = match self.machine.guest_memory() {
+            Ok(mem) => emulate::emulate(&mode, &mem, &regs, &exit),
+            Err(e) => return self.machine_error(e),
         };
         let acc = match decoded {
             Ok(a) => a,
@@ -588,7 +548,10 @@ impl Vm {
                     Ok(Some(status)) => return ExitAction::Stop(StopReason::Exited(status)),
                     Err(e) => return self.machine_error(e),
                 },
-                None => read_value = self.machine.device_read(handle, offset, size),
+                None => match self.machine.device_read(handle, offset, size) {
+                    Ok(v) => read_value = v,
+                    Err(e) => return self.machine_error(e),
+                },
             }
         }
         acc.finish(read_value, &mut regs);

@@ -1,18 +1,38 @@
-//! Device models. Each is plain state plus register semantics; a VM's
-//! [`Machine`](crate::machine::Machine) maps them into its memory or port
-//! address space as MMIO regions and dispatches accesses by region. Guests
-//! control every value written here, so no input may panic.
+//! Device models and the interface between them and their VM.
+//!
+//! A device is plain state plus register semantics. A VM's
+//! [`Machine`](crate::machine::Machine) maps its regions into the memory or
+//! port address space and dispatches each access by region: the memory API
+//! carries an [`MmioHandle`] that names (device, region of that device), so a
+//! device may own several regions (BARs, MSI-X tables, notify areas).
+//!
+//! Every callback gets a [`DeviceCtx`]: the current virtual time, guest
+//! memory (the current flat view and the VM's RAM), interrupt lines and MSI
+//! messages to raise, memory-map changes to request (applied by the machine
+//! in one transaction after the callback), and a way to stop the VM. Devices
+//! never call each other or the machine directly, so each is testable alone.
+//!
+//! Each device has a stable identity ([`DeviceId`], QEMU's idstr and
+//! instance id) and save/load hooks with a state version, which the
+//! migration stream uses; `load` runs with a context too, so memory-map
+//! changes a loaded state implies go into the caller's transaction.
+//!
+//! Guests control every value written here, so no input may panic.
 
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod test_device;
 pub mod uart;
 
-use crate::memory::RegionId;
+use crate::guest_mem::GuestMemory;
+use crate::irq::{ApicMessage, LineLevel, Nanos};
+use crate::memory::{MmioHandle, RegionId};
+use alloc::string::String;
 use alloc::vec::Vec;
 
 /// A change of the VM's memory map that a device asks for (as PAM or BAR
-/// registers do). All requests of one access are applied in one memory
-/// transaction.
+/// registers do). All requests of one callback are applied in one memory
+/// transaction, abandoned whole if one fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemoryRequest {
     /// Move a region to a new address in its container.
@@ -21,24 +41,179 @@ pub enum MemoryRequest {
     Enable { region: RegionId, on: bool },
 }
 
-/// What a device write asks of the VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DeviceOutcome {
-    /// Nothing beyond the write itself.
-    Done,
-    /// Stop the VM with this exit status (isa-debug-exit).
-    Exit(u32),
-    /// Change the memory map.
-    Memory(Vec<MemoryRequest>),
+/// A device's stable identity, as QEMU names vmstate sections: an idstr
+/// (e.g. `serial`, `0000:00:03.0/virtio-net`) and an instance id that tells
+/// apart devices of the same idstr.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeviceId {
+    pub idstr: String,
+    pub instance: u32,
 }
 
-/// A device register block. Offsets are relative to the region; sizes are
-/// 1, 2, 4 or 8 bytes.
+/// Which of its regions a device is accessed through (its index in the
+/// order the device's regions were registered).
+pub type RegionIndex = u8;
+
+/// Encodes (device, region) into the memory API's opaque handle: the device
+/// index in bits 31:8, the region index in bits 7:0.
+pub const fn region_handle(device: u32, region: RegionIndex) -> MmioHandle {
+    MmioHandle((device << 8) | region as u32)
+}
+
+/// Decodes a handle made by [`region_handle`].
+pub const fn handle_parts(h: MmioHandle) -> (u32, RegionIndex) {
+    (h.0 >> 8, h.0 as u8)
+}
+
+/// Why a saved state could not be loaded. The device is left as it was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// The stream's version is newer than the device knows, or older than
+    /// it still accepts.
+    Version { got: u32, min: u32, max: u32 },
+    /// The bytes end early or have trailing data.
+    Length { expected: usize, got: usize },
+    /// A field has a value the device cannot take.
+    Invalid(&'static str),
+}
+
+impl core::fmt::Display for StateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Version { got, min, max } => {
+                write!(f, "state version {got} (accepted: {min}..={max})")
+            }
+            Self::Length { expected, got } => {
+                write!(f, "state of {got} bytes, expected {expected}")
+            }
+            Self::Invalid(what) => write!(f, "invalid state: {what}"),
+        }
+    }
+}
+
+/// Interrupt lines and messages raised during one callback; the machine
+/// routes them (PIC, I/O APIC, local APICs) when the callback returns.
+#[derive(Clone, Debug, Default)]
+pub struct IrqOut {
+    /// (GSI, level) in the order they were set.
+    pub lines: Vec<(u8, LineLevel)>,
+    /// MSI messages.
+    pub msis: Vec<ApicMessage>,
+}
+
+/// What a device callback may use and ask for.
+pub struct DeviceCtx<'a> {
+    /// Virtual time of the VM.
+    pub now: Nanos,
+    /// Guest memory through the current view.
+    pub mem: GuestMemory<'a>,
+    /// The device's own regions, by [`RegionIndex`].
+    pub regions: &'a [RegionId],
+    irq: &'a mut IrqOut,
+    requests: &'a mut Vec<MemoryRequest>,
+    exit: &'a mut Option<u32>,
+}
+
+impl<'a> DeviceCtx<'a> {
+    /// A context; the machine builds one per callback.
+    pub fn new(
+        now: Nanos,
+        mem: GuestMemory<'a>,
+        regions: &'a [RegionId],
+        irq: &'a mut IrqOut,
+        requests: &'a mut Vec<MemoryRequest>,
+        exit: &'a mut Option<u32>,
+    ) -> Self {
+        Self {
+            now,
+            mem,
+            regions,
+            irq,
+            requests,
+            exit,
+        }
+    }
+
+    /// Sets the level of an interrupt line (a GSI; ISA IRQs 0-15 also reach
+    /// the PIC).
+    pub fn set_irq(&mut self, gsi: u8, level: LineLevel) {
+        self.irq.lines.push((gsi, level));
+    }
+
+    /// Raises and lowers an edge-triggered line.
+    pub fn pulse_irq(&mut self, gsi: u8) {
+        self.set_irq(gsi, LineLevel::High);
+        self.set_irq(gsi, LineLevel::Low);
+    }
+
+    /// Sends an MSI.
+    pub fn msi(&mut self, msg: ApicMessage) {
+        self.irq.msis.push(msg);
+    }
+
+    /// Asks for a change of the memory map.
+    pub fn request(&mut self, r: MemoryRequest) {
+        self.requests.push(r);
+    }
+
+    /// The region registered at `index`, if there is one.
+    pub fn region(&self, index: RegionIndex) -> Option<RegionId> {
+        self.regions.get(usize::from(index)).copied()
+    }
+
+    /// Stops the VM with this exit status once the callback returns.
+    pub fn exit(&mut self, status: u32) {
+        *self.exit = Some(status);
+    }
+}
+
+/// A device model. Offsets are relative to the region; sizes are 1, 2, 4 or
+/// 8 bytes, and an access never crosses the end of the region (the machine
+/// checks).
 pub trait Device {
-    /// Reads `size` bytes at `offset`.
-    fn read(&mut self, offset: u64, size: u8) -> u64;
-    /// Writes `size` bytes at `offset`.
-    fn write(&mut self, offset: u64, size: u8, value: u64) -> DeviceOutcome;
+    /// Reads `size` bytes at `offset` of region `region`.
+    fn read(&mut self, ctx: &mut DeviceCtx, region: RegionIndex, offset: u64, size: u8) -> u64;
+    /// Writes `size` bytes at `offset` of region `region`.
+    fn write(
+        &mut self,
+        ctx: &mut DeviceCtx,
+        region: RegionIndex,
+        offset: u64,
+        size: u8,
+        value: u64,
+    );
+    /// A write matched one of the device's write notifiers (registered with
+    /// `token`); the write itself did not reach `write`.
+    fn notify(&mut self, _ctx: &mut DeviceCtx, _token: u64) {}
+    /// When the device next needs [`Device::poll`] (a timer), if ever.
+    fn next_event(&self, _now: Nanos) -> Option<Nanos> {
+        None
+    }
+    /// Lets time-driven state advance to `ctx.now`.
+    fn poll(&mut self, _ctx: &mut DeviceCtx) {}
+    /// Version of the state [`Device::save`] writes (QEMU's `version_id`);
+    /// 0 for a device without migratable state.
+    fn state_version(&self) -> u32 {
+        0
+    }
+    /// Appends the device's state.
+    fn save(&self, _out: &mut Vec<u8>) {}
+    /// Replaces the device's state with a saved one of `version`; on error
+    /// nothing changed. Memory-map changes go through `ctx`.
+    fn load(&mut self, _ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
+        match (version, data.len()) {
+            (0, 0) => Ok(()),
+            (0, n) => Err(StateError::Length {
+                expected: 0,
+                got: n,
+            }),
+            (v, _) => Err(StateError::Version {
+                got: v,
+                min: 0,
+                max: 0,
+            }),
+        }
+    }
     /// Downcast support for the VM that owns the device.
     fn as_any(&mut self) -> &mut dyn core::any::Any;
 }
@@ -50,5 +225,155 @@ pub const fn all_ones(size: u8) -> u64 {
         2 => 0xffff,
         4 => 0xffff_ffff,
         _ => u64::MAX,
+    }
+}
+
+/// Little-endian state encoding for the save/load hooks: a cursor that
+/// refuses to read past the end.
+pub struct StateReader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> StateReader<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Self { data, at: 0 }
+    }
+
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], StateError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.data.len());
+        let end = end.ok_or(StateError::Length {
+            expected: self.at.saturating_add(n),
+            got: self.data.len(),
+        })?;
+        let b = &self.data[self.at..end];
+        self.at = end;
+        Ok(b)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, StateError> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    pub fn u16(&mut self) -> Result<u16, StateError> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, StateError> {
+        let mut v = [0; 8];
+        v.copy_from_slice(self.bytes(8)?);
+        Ok(u64::from_le_bytes(v))
+    }
+
+    /// Fails unless every byte was consumed.
+    pub fn finish(self) -> Result<(), StateError> {
+        if self.at == self.data.len() {
+            Ok(())
+        } else {
+            Err(StateError::Length {
+                expected: self.at,
+                got: self.data.len(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod testing {
+    //! A machine-free harness for device tests: a context over a small
+    //! guest memory with no RAM mapped.
+    use super::*;
+    use crate::memory::{FlatView, MemorySystem};
+    use crate::phys::mock::MockPhys;
+    use alloc::rc::Rc;
+
+    /// Owns what a [`DeviceCtx`] borrows.
+    pub struct Harness {
+        pub phys: MockPhys,
+        pub view: Rc<FlatView>,
+        pub irq: IrqOut,
+        pub requests: Vec<MemoryRequest>,
+        pub exit: Option<u32>,
+        pub regions: Vec<RegionId>,
+        pub now: Nanos,
+    }
+
+    impl Default for Harness {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl Harness {
+        pub fn new() -> Self {
+            let mut mem = MemorySystem::new();
+            let root = mem.create_container("sys", 1 << 32).unwrap();
+            let space = mem.create_address_space("memory", root).unwrap();
+            Self {
+                phys: MockPhys::new(2 << 20),
+                view: mem.flat_view(space).unwrap(),
+                irq: IrqOut::default(),
+                requests: Vec::new(),
+                exit: None,
+                regions: Vec::new(),
+                now: 0,
+            }
+        }
+
+        /// Runs `f` with a context.
+        pub fn with<R>(&mut self, f: impl FnOnce(&mut DeviceCtx) -> R) -> R {
+            let mem = GuestMemory::new(self.view.clone(), &[], &mut self.phys);
+            let mut ctx = DeviceCtx::new(
+                self.now,
+                mem,
+                &self.regions,
+                &mut self.irq,
+                &mut self.requests,
+                &mut self.exit,
+            );
+            f(&mut ctx)
+        }
+
+        pub fn read(&mut self, d: &mut dyn Device, region: u8, off: u64, size: u8) -> u64 {
+            self.with(|c| d.read(c, region, off, size))
+        }
+
+        pub fn write(&mut self, d: &mut dyn Device, region: u8, off: u64, size: u8, v: u64) {
+            self.with(|c| d.write(c, region, off, size, v))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_carry_device_and_region() {
+        let h = region_handle(0x1234, 7);
+        assert_eq!(handle_parts(h), (0x1234, 7));
+        assert_ne!(region_handle(1, 0), region_handle(0, 1));
+    }
+
+    #[test]
+    fn state_reader_refuses_short_and_long_input() {
+        let data = [1u8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+        let mut r = StateReader::new(&data);
+        assert_eq!(r.u8().unwrap(), 1);
+        assert_eq!(r.u16().unwrap(), 0x0302);
+        assert_eq!(r.u64().unwrap(), 0x0B0A_0908_0706_0504);
+        assert!(r.u8().is_err());
+        r.finish().unwrap();
+        let mut r = StateReader::new(&data);
+        r.u64().unwrap();
+        assert_eq!(
+            r.finish(),
+            Err(StateError::Length {
+                expected: 8,
+                got: 11
+            })
+        );
     }
 }

@@ -7,23 +7,23 @@
 //!   changes are applied in one memory transaction, as a chipset's PAM or a
 //!   PCI BAR write would.
 //! - `0x010` WRITES (read-only): number of writes to the scratch area.
+//! - `0x018` NOTIFIED (read-only): write-notifier hits delivered to it.
 //! - `0x100..0x200` scratch: bytes that read back what was written, at any
 //!   size and alignment inside the area, so every MMIO instruction form can
 //!   be checked end to end.
 
-use super::{all_ones, Device, DeviceOutcome, MemoryRequest};
+use super::{all_ones, Device, DeviceCtx, MemoryRequest, RegionIndex};
 use crate::memory::RegionId;
-use alloc::vec;
 
 /// The test device.
 #[derive(Clone, Debug)]
 pub struct TestDevice {
-    /// Its own MMIO region (moved by LAYOUT).
-    pub region: Option<RegionId>,
     /// The RAM window alias it toggles.
     pub window: Option<RegionId>,
     scratch: [u8; 256],
     pub writes: u64,
+    /// Write-notifier hits delivered to the device.
+    pub notified: u64,
 }
 
 /// The ID register's value.
@@ -32,19 +32,20 @@ pub const TEST_DEVICE_ID: u64 = 0x5445_524E;
 impl Default for TestDevice {
     fn default() -> Self {
         Self {
-            region: None,
             window: None,
             scratch: [0; 256],
             writes: 0,
+            notified: 0,
         }
     }
 }
 
 impl Device for TestDevice {
-    fn read(&mut self, offset: u64, size: u8) -> u64 {
+    fn read(&mut self, _ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, size: u8) -> u64 {
         match offset {
             0 => TEST_DEVICE_ID & all_ones(size),
             0x10 => self.writes & all_ones(size),
+            0x18 => self.notified & all_ones(size),
             0x100..0x200 => {
                 let o = (offset - 0x100) as usize;
                 let mut v = 0u64;
@@ -57,30 +58,28 @@ impl Device for TestDevice {
         }
     }
 
-    fn write(&mut self, offset: u64, size: u8, value: u64) -> DeviceOutcome {
+    fn write(&mut self, ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, size: u8, value: u64) {
         match offset {
             0x8 => {
-                let mut reqs = vec![];
-                if let Some(region) = self.region {
-                    reqs.push(MemoryRequest::Move {
+                if let Some(region) = ctx.region(0) {
+                    ctx.request(MemoryRequest::Move {
                         region,
                         addr: value & !0xfff,
                     });
                 }
                 if let Some(window) = self.window {
                     if value & 1 != 0 {
-                        reqs.push(MemoryRequest::Enable {
+                        ctx.request(MemoryRequest::Enable {
                             region: window,
                             on: true,
                         });
                     } else if value & 2 != 0 {
-                        reqs.push(MemoryRequest::Enable {
+                        ctx.request(MemoryRequest::Enable {
                             region: window,
                             on: false,
                         });
                     }
                 }
-                DeviceOutcome::Memory(reqs)
             }
             0x100..0x200 => {
                 let o = (offset - 0x100) as usize;
@@ -90,10 +89,13 @@ impl Device for TestDevice {
                     }
                 }
                 self.writes += 1;
-                DeviceOutcome::Done
             }
-            _ => DeviceOutcome::Done,
+            _ => {}
         }
+    }
+
+    fn notify(&mut self, _ctx: &mut DeviceCtx, _token: u64) {
+        self.notified += 1;
     }
 
     fn as_any(&mut self) -> &mut dyn core::any::Any {
@@ -104,19 +106,21 @@ impl Device for TestDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::testing::Harness;
 
     #[test]
     fn scratch_reads_back_at_any_size() {
+        let mut h = Harness::new();
         let mut d = TestDevice::default();
-        assert_eq!(d.read(0, 4), TEST_DEVICE_ID);
-        d.write(0x100, 8, 0x1122_3344_5566_7788);
-        assert_eq!(d.read(0x100, 1), 0x88);
-        assert_eq!(d.read(0x101, 2), 0x6677);
-        assert_eq!(d.read(0x104, 4), 0x1122_3344);
+        assert_eq!(h.read(&mut d, 0, 0, 4), TEST_DEVICE_ID);
+        h.write(&mut d, 0, 0x100, 8, 0x1122_3344_5566_7788);
+        assert_eq!(h.read(&mut d, 0, 0x100, 1), 0x88);
+        assert_eq!(h.read(&mut d, 0, 0x101, 2), 0x6677);
+        assert_eq!(h.read(&mut d, 0, 0x104, 4), 0x1122_3344);
         // Straddling the end of the area reads 0xff for the missing bytes.
-        assert_eq!(d.read(0x1ff, 2), 0xff00);
+        assert_eq!(h.read(&mut d, 0, 0x1ff, 2), 0xff00);
         assert_eq!(d.writes, 1);
-        assert_eq!(d.read(0x10, 8), 1);
+        assert_eq!(h.read(&mut d, 0, 0x10, 8), 1);
     }
 
     #[test]
@@ -126,14 +130,19 @@ mod tests {
             .create_mmio("tern-test", 0x1000, crate::memory::MmioHandle(0))
             .unwrap();
         let window = mem.create_container("window", 0x1000).unwrap();
+        let mut h = Harness::new();
+        h.regions = alloc::vec![region];
         let mut d = TestDevice {
-            region: Some(region),
             window: Some(window),
             ..TestDevice::default()
         };
+        h.write(&mut d, 0, 0x8, 8, 0xFEB1_0001);
+        h.write(&mut d, 0, 0x8, 8, 0xFEB0_0002);
+        // Without a window bit only the move is asked for.
+        h.write(&mut d, 0, 0x8, 8, 0xFEB2_0000);
         assert_eq!(
-            d.write(0x8, 8, 0xFEB1_0001),
-            DeviceOutcome::Memory(vec![
+            h.requests,
+            alloc::vec![
                 MemoryRequest::Move {
                     region,
                     addr: 0xFEB1_0000
@@ -142,11 +151,6 @@ mod tests {
                     region: window,
                     on: true
                 },
-            ])
-        );
-        assert_eq!(
-            d.write(0x8, 8, 0xFEB0_0002),
-            DeviceOutcome::Memory(vec![
                 MemoryRequest::Move {
                     region,
                     addr: 0xFEB0_0000
@@ -155,15 +159,11 @@ mod tests {
                     region: window,
                     on: false
                 },
-            ])
-        );
-        // Without a window bit only the move is asked for.
-        assert_eq!(
-            d.write(0x8, 8, 0xFEB2_0000),
-            DeviceOutcome::Memory(vec![MemoryRequest::Move {
-                region,
-                addr: 0xFEB2_0000
-            }])
+                MemoryRequest::Move {
+                    region,
+                    addr: 0xFEB2_0000
+                },
+            ]
         );
     }
 }

@@ -3,7 +3,7 @@
 //! line-control and modem-control registers hold what is written.
 //! Transmitted bytes are collected for the VM to print.
 
-use super::{Device, DeviceOutcome};
+use super::{Device, DeviceCtx, RegionIndex, StateError, StateReader};
 use alloc::vec::Vec;
 
 const LSR_THRE: u8 = 1 << 5;
@@ -38,7 +38,7 @@ impl Uart16550 {
 }
 
 impl Device for Uart16550 {
-    fn read(&mut self, offset: u64, _size: u8) -> u64 {
+    fn read(&mut self, _ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, _size: u8) -> u64 {
         let dlab = self.lcr & LCR_DLAB != 0;
         u64::from(match offset {
             0 if dlab => self.divisor as u8,
@@ -55,7 +55,7 @@ impl Device for Uart16550 {
         })
     }
 
-    fn write(&mut self, offset: u64, _size: u8, value: u64) -> DeviceOutcome {
+    fn write(&mut self, _ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, _size: u8, value: u64) {
         let v = value as u8;
         let dlab = self.lcr & LCR_DLAB != 0;
         match offset {
@@ -74,7 +74,34 @@ impl Device for Uart16550 {
             7 => self.scr = v,
             _ => {}
         }
-        DeviceOutcome::Done
+    }
+
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self, out: &mut alloc::vec::Vec<u8>) {
+        out.extend_from_slice(&[self.ier, self.lcr, self.mcr, self.scr]);
+        out.extend_from_slice(&self.divisor.to_le_bytes());
+    }
+
+    fn load(&mut self, _ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
+        if version != 1 {
+            return Err(StateError::Version {
+                got: version,
+                min: 1,
+                max: 1,
+            });
+        }
+        let mut r = StateReader::new(data);
+        let (ier, lcr, mcr, scr) = (r.u8()?, r.u8()?, r.u8()?, r.u8()?);
+        let divisor = r.u16()?;
+        r.finish()?;
+        if ier & !0x0f != 0 || mcr & !0x1f != 0 {
+            return Err(StateError::Invalid("UART IER or MCR reserved bits"));
+        }
+        (self.ier, self.lcr, self.mcr, self.scr, self.divisor) = (ier, lcr, mcr, scr, divisor);
+        Ok(())
     }
 
     fn as_any(&mut self) -> &mut dyn core::any::Any {
@@ -85,22 +112,49 @@ impl Device for Uart16550 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::testing::Harness;
 
     #[test]
     fn divisor_latch_and_transmit() {
+        let mut h = Harness::new();
         let mut u = Uart16550::new();
-        u.write(3, 1, 0x80);
-        u.write(0, 1, 0x01);
-        u.write(1, 1, 0x00);
+        h.write(&mut u, 0, 3, 1, 0x80);
+        h.write(&mut u, 0, 0, 1, 0x01);
+        h.write(&mut u, 0, 1, 1, 0x00);
         assert_eq!(u.divisor, 1);
-        assert_eq!(u.read(0, 1), 1, "DLAB reads the divisor");
-        u.write(3, 1, 0x03);
-        u.write(0, 1, u64::from(b'o'));
-        u.write(0, 1, u64::from(b'k'));
-        assert_eq!(u.read(5, 1) & 0x20, 0x20, "transmit holding register empty");
+        assert_eq!(h.read(&mut u, 0, 0, 1), 1, "DLAB reads the divisor");
+        h.write(&mut u, 0, 3, 1, 0x03);
+        h.write(&mut u, 0, 0, 1, u64::from(b'o'));
+        h.write(&mut u, 0, 0, 1, u64::from(b'k'));
+        assert_eq!(
+            h.read(&mut u, 0, 5, 1) & 0x20,
+            0x20,
+            "transmit holding register empty"
+        );
         assert_eq!(u.take_output(), b"ok");
         assert!(u.take_output().is_empty());
-        u.write(7, 1, 0x5a);
-        assert_eq!(u.read(7, 1), 0x5a);
+        h.write(&mut u, 0, 7, 1, 0x5a);
+        assert_eq!(h.read(&mut u, 0, 7, 1), 0x5a);
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_changes_nothing() {
+        let mut h = Harness::new();
+        let mut u = Uart16550::new();
+        h.write(&mut u, 0, 3, 1, 0x83);
+        h.write(&mut u, 0, 0, 1, 0x0C);
+        h.write(&mut u, 0, 7, 1, 0x42);
+        let mut saved = alloc::vec::Vec::new();
+        u.save(&mut saved);
+        let mut v = Uart16550::new();
+        h.with(|c| v.load(c, 1, &saved)).unwrap();
+        assert_eq!((v.lcr, v.divisor, v.scr), (0x83, 0x0C, 0x42));
+        let mut bad = saved.clone();
+        bad[0] = 0xF0;
+        let mut w = Uart16550::new();
+        assert!(h.with(|c| w.load(c, 1, &bad)).is_err());
+        assert!(h.with(|c| w.load(c, 2, &saved)).is_err());
+        assert!(h.with(|c| w.load(c, 1, &saved[..5])).is_err());
+        assert_eq!(w, Uart16550::new());
     }
 }
