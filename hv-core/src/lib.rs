@@ -20,6 +20,7 @@ pub mod irq;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod msr;
 pub mod phys;
 pub mod vcpu;
 pub mod vmx;
