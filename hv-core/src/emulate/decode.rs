@@ -60,19 +60,13 @@ pub struct MmioOp {
     pub bitness: Bitness,
 }
 
-/// Why an instruction was not decoded into an [`MmioOp`].
+/// Why no instruction could be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeFailure {
     /// The decoder ran out of bytes.
     NeedMoreBytes,
     /// Not a valid instruction (`#UD` on hardware).
     Invalid,
-    /// Valid, but not a form this emulator handles.
-    Unsupported {
-        insn: InsnBytes,
-        mnemonic: Mnemonic,
-        reason: &'static str,
-    },
 }
 
 /// A decoded, supported instruction with the iced form kept for address
@@ -217,7 +211,7 @@ impl MmioOp {
 }
 
 /// A short reason for an unsupported instruction, for the report.
-fn unsupported_reason(insn: &Instruction) -> &'static str {
+pub(super) fn unsupported_reason(insn: &Instruction) -> &'static str {
     use Mnemonic as M;
     if insn.has_lock_prefix() {
         return "lock prefix (atomic read-modify-write)";
@@ -278,14 +272,13 @@ fn unsupported_reason(insn: &Instruction) -> &'static str {
     }
 }
 
-/// Decodes the instruction at the start of `bytes` (fetched at `rip`) into
-/// an [`MmioOp`], reading source registers from `regs`.
-pub(super) fn decode(
+/// Decodes one instruction at the start of `bytes` (fetched at `rip`):
+/// the iced form and its bytes.
+pub(super) fn decode_insn(
     bitness: Bitness,
     bytes: &InsnBytes,
     rip: u64,
-    regs: &Regs,
-) -> Result<Decoded, DecodeFailure> {
+) -> Result<(Instruction, InsnBytes), DecodeFailure> {
     let Ok(mut decoder) = Decoder::try_new(bitness.bits(), bytes.as_slice(), DecoderOptions::NONE)
     else {
         return Err(DecodeFailure::Invalid);
@@ -298,14 +291,20 @@ pub(super) fn decode(
             _ => DecodeFailure::Invalid,
         });
     }
-    let ib = bytes.truncated(insn.len());
-    let unsupported = |reason: &'static str| DecodeFailure::Unsupported {
-        insn: ib,
-        mnemonic: insn.mnemonic(),
-        reason,
-    };
+    Ok((insn, bytes.truncated(insn.len())))
+}
+
+/// The mov forms as an [`MmioOp`], reading source registers from `regs`.
+/// `Err(None)`: not a mov form (the caller picks the reason);
+/// `Err(Some(reason))`: a mov form this emulator refuses.
+pub(super) fn mov_form(
+    bitness: Bitness,
+    insn: Instruction,
+    ib: InsnBytes,
+    regs: &Regs,
+) -> Result<Decoded, Option<&'static str>> {
     if insn.has_lock_prefix() {
-        return Err(unsupported(unsupported_reason(&insn)));
+        return Err(None);
     }
 
     // (access size, memory operand is operand 0 = write, destination width,
@@ -339,11 +338,11 @@ pub(super) fn decode(
         C::Movsx_r32_rm16 => (2, false, 4, Extend::Sign),
         C::Movsx_r64_rm16 => (2, false, 8, Extend::Sign),
         C::Movsxd_r64_rm32 => (4, false, 8, Extend::Sign),
-        _ => return Err(unsupported(unsupported_reason(&insn))),
+        _ => return Err(None),
     };
     let (mem_operand, other) = if write { (0, 1) } else { (1, 0) };
     if insn.op_kind(mem_operand) != OpKind::Memory {
-        return Err(unsupported("register operand: no memory access"));
+        return Err(Some("register operand: no memory access"));
     }
     let dir = if write {
         let value = match insn.op_kind(other) {
@@ -353,10 +352,10 @@ pub(super) fn decode(
             OpKind::Immediate32to64 => insn.immediate32to64() as u64,
             OpKind::Register => {
                 let (reg, w) = gpr(insn.op_register(other))
-                    .ok_or_else(|| unsupported("source is not a general-purpose register"))?;
+                    .ok_or(Some("source is not a general-purpose register"))?;
                 read_reg(regs, reg, w)
             }
-            _ => return Err(unsupported("unexpected source operand")),
+            _ => return Err(Some("unexpected source operand")),
         };
         MmioDir::Write {
             value: value & mask(size),
@@ -366,9 +365,9 @@ pub(super) fn decode(
             OpKind::Register => gpr(insn.op_register(other)),
             _ => None,
         }
-        .ok_or_else(|| unsupported("destination is not a general-purpose register"))?;
+        .ok_or(Some("destination is not a general-purpose register"))?;
         if w != width {
-            return Err(unsupported("unexpected destination width"));
+            return Err(Some("unexpected destination width"));
         }
         MmioDir::Read(ReadDest { reg, width, extend })
     };

@@ -19,39 +19,94 @@
 //!    the instruction's effective address must match it (otherwise the
 //!    memory operand is not the one that faulted).
 //!
-//! # Use from the EPT-violation handler
+//! # Two entry points
+//!
+//! * [`emulate`] decodes one of the mov forms into a single [`MmioAccess`]
+//!   that the caller performs and completes with [`MmioAccess::finish`].
+//! * [`execute`] performs a whole instruction itself: every data access
+//!   goes through a [`PhysBus`] (which dispatches to RAM, ROM or a
+//!   device), and the registers, RFLAGS and RIP are updated. It handles
+//!   everything `emulate` does plus read-modify-write, compares and memory
+//!   string instructions. [`string_io`] does the same for `ins`/`outs`
+//!   exits ([`StringIo::from_exit`] decodes them) with a [`PortBus`].
 //!
 //! ```text
-//! let mode = CpuMode { cr0, cr3, cr4, efer, cs_base, cs_l, cs_db }; // from the VMCS
+//! let mode = vcpu.cpu_mode()?;           // CRs, EFER, CS.L/D, segment bases
 //! let mut regs = Regs { gpr, rip, rflags };
 //! let exit = MmioExit::from_ept_violation(qualification, guest_phys, guest_linear)?;
-//! let access = emulate(&mode, &guest_ram, &regs, &exit)?; // Err: stop the VM, print it
+//! match execute(&mode, &guest_ram, &mut bus, &mut regs, &exit) {
+//!     Ok(done) => { /* write regs back; done.rip_advanced: instruction completed */ }
+//!     Err(e) => { /* stop the VM and print e; regs are unchanged */ }
+//! }
+//! // or, for the single-access API:
+//! let access = emulate(&mode, &guest_ram, &regs, &exit)?;
 //! let value = match access.write_value() {
 //!     Some(v) => { device.write(access.gpa, access.size(), v); 0 }
 //!     None => device.read(access.gpa, access.size()),
 //! };
 //! access.finish(value, &mut regs); // destination register, RIP, RFLAGS.RF
-//! // write regs.gpr / rip / rflags back to the VMCS and the saved GPRs
 //! ```
 //!
 //! Exits on guest paging-structure accesses (qualification bit 7 set, bit 8
 //! clear) are not instruction operands: [`MmioExit::from_ept_violation`]
 //! refuses them (a caller building [`MmioExit`] by hand must not pass a
 //! linear address for them). The caller remains responsible for what this
-//! module cannot see: after
-//! [`MmioAccess::finish`] the handler should clear STI/MOV-SS blocking in
-//! the interruptibility state and, if RFLAGS.TF was set, inject the
-//! single-step `#DB`.
+//! module cannot see: after a completed instruction the handler should
+//! clear STI/MOV-SS blocking in the interruptibility state and, if
+//! RFLAGS.TF was set, inject the single-step `#DB`.
 //!
 //! # Supported forms
 //!
-//! `mov r/m, r` (88/89), `mov r, r/m` (8A/8B), `mov r/m, imm` (C6/C7),
-//! `movzx` (0F B6/B7), `movsx` (0F BE/BF), `movsxd` (63) and `mov` with a
-//! memory offset (A0–A3), at sizes 1, 2, 4 and 8, with any operand-size,
-//! address-size, REX and segment prefixes (the segment is irrelevant: the
-//! GPA comes from the exit). Everything else (string instructions,
-//! read-modify-write, `xchg`, `lock`, SSE/AVX moves, ...) is an
-//! [`EmulateError::Unsupported`] carrying the bytes and the mnemonic.
+//! Both entry points: `mov r/m, r` (88/89), `mov r, r/m` (8A/8B),
+//! `mov r/m, imm` (C6/C7), `movzx` (0F B6/B7), `movsx` (0F BE/BF),
+//! `movsxd` (63) and `mov` with a memory offset (A0–A3), at sizes 1, 2, 4
+//! and 8, with any operand-size, address-size, REX and segment prefixes.
+//!
+//! [`execute`] only, with `lock` accepted where the CPU accepts it:
+//!
+//! * `add, or, adc, sbb, and, sub, xor` with a memory destination (r/m,reg;
+//!   r/m,imm; r/m,imm8 sign-extended) or a memory source and a register
+//!   destination; `inc, dec, not, neg` of memory; `cmp` (both orders) and
+//!   `test` (read only); `xchg` of memory with a register (no flags).
+//! * `bt, bts, btr, btc` with an immediate (modulo the operand width) or a
+//!   register: the register form's bit offset is signed and may address
+//!   outside the operand, as the SDM says (the access is at
+//!   EA + size * (offset SAR log2(width)), bit offset MOD width); the GPA
+//!   is the exit's, and the linear-address check uses the displaced
+//!   address.
+//! * `movs, stos, lods, cmps, scas` at sizes 1, 2, 4 and 8, with or
+//!   without `rep`/`repe`/`repne` (`F2` on `movs`/`stos`/`lods` acts as
+//!   `rep`, as on hardware), honouring RFLAGS.DF and the address size
+//!   (SI/DI/CX, ESI/EDI/ECX or RSI/RDI/RCX, wrapping within it; a 16-bit
+//!   write keeps bits 63:16, a 32-bit write clears bits 63:32). The source
+//!   is DS (or the override) and the destination ES; in 64-bit mode only
+//!   FS/GS bases are non-zero ([`CpuMode::base`]). Each element is
+//!   translated with the guest's page tables and goes through the
+//!   [`PhysBus`], so either side may be RAM or MMIO; one of the operands'
+//!   first element must be at the exit's GPA.
+//! * Flags are exactly the SDM's: add/adc/sub/sbb/cmp/neg set all six
+//!   status flags (neg: CF = source != 0); and/or/xor/test clear CF and OF
+//!   and leave AF (undefined) 0; inc/dec keep CF; not changes none; bt*
+//!   set only CF (the others undefined, left as they were). Completion
+//!   clears RFLAGS.RF and advances RIP with the code width's wrap.
+//!
+//! `rep` string instructions (and [`string_io`]) do at most one batch per
+//! call: up to [`MAX_REP_ITERATIONS`], stopping before an element of
+//! either operand leaves the page its first element is in. If the count
+//! is not yet 0 RIP stays on the instruction (and RF is left alone) so the
+//! guest executes it again, as KVM does; `rep` with a zero count does
+//! nothing and advances RIP.
+//!
+//! Refused with [`EmulateError::Unsupported`] (carrying the bytes, the
+//! mnemonic and a reason): shifts and rotates, `cmpxchg`/`xadd`, stack and
+//! control-flow operands, SSE/AVX/MMX, `ins`/`outs` through [`execute`]
+//! (they reach [`string_io`]), and anything else. Other errors: a string
+//! element that crosses a page or wraps its offset
+//! ([`EmulateError::ElementSplit`]), a string operand whose page walk fails
+//! ([`EmulateError::OperandWalk`]: the guest would take a #PF, which is not
+//! injected), an exit GPA that is neither string operand
+//! ([`EmulateError::StringMismatch`]), a failed bus access
+//! ([`EmulateError::Bus`]).
 //!
 //! # Limits
 //!
@@ -62,18 +117,39 @@
 //!   without reloading CR3). 1 GiB pages are assumed to be supported.
 //!   5-level paging is refused.
 //! * Segment limits and protection are not checked (the hardware did so
-//!   before the exit).
+//!   for the access that exited; later string elements are not checked).
+//! * [`emulate`] keeps its original linear-address check, which knows only
+//!   CS.base outside 64-bit mode and no FS/GS base (those operands are not
+//!   checked); [`execute`] uses [`CpuMode::seg_base`] for every segment.
+//! * The register form of `bt*` wraps the displaced effective address at
+//!   the address size for the check; with 16-bit addressing the CPU's
+//!   wrap of the displacement could differ only in that check (the GPA is
+//!   always the exit's).
+//! * Read-modify-write is one [`PhysBus::read`] then one
+//!   [`PhysBus::write`]; `lock` atomicity against other vCPUs is the bus's
+//!   business (devices are serialised by the caller).
+//! * On an error after some accesses (a failing write of a
+//!   read-modify-write, a bus error in the middle of a `rep` batch), those
+//!   accesses are not undone; the registers are left unchanged and the
+//!   caller is expected to stop the VM.
 
+mod alu;
+mod bus;
 mod decode;
+mod exec;
 mod fetch;
+mod string;
 mod walk;
 
 #[cfg(test)]
 mod tests;
 
+pub use bus::{BusError, Executed, PhysBus, PortBus};
 pub use decode::{Extend, MmioDir, MmioOp, ReadDest, RegRef};
+pub use exec::execute;
 pub use fetch::{fetch, FetchFault, Fetched, InsnBytes, MAX_INSN_LEN};
 pub use iced_x86::Mnemonic;
+pub use string::{string_io, StringIo, MAX_REP_ITERATIONS};
 pub use walk::{translate, GuestPhysRead, Level, WalkError};
 
 use decode::{DecodeFailure, Decoded};
@@ -124,6 +200,52 @@ pub struct CpuMode {
     pub cs_l: bool,
     /// CS.D/B (32-bit default operand size).
     pub cs_db: bool,
+    /// Segment bases in the encoding order ES, CS, SS, DS, FS, GS (index
+    /// with [`Seg`]), used by [`execute`] and [`string_io`] for data
+    /// operands. The CS entry is not used: [`cs_base`](Self::cs_base) is.
+    /// In 64-bit mode only the FS and GS entries matter (the others count
+    /// as 0, as on hardware). [`emulate`] uses only `cs_base`, as before.
+    pub seg_base: [u64; 6],
+}
+
+/// A segment register, in encoding order (the VM-exit
+/// instruction-information field and [`CpuMode::seg_base`] use it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seg {
+    Es = 0,
+    Cs = 1,
+    Ss = 2,
+    Ds = 3,
+    Fs = 4,
+    Gs = 5,
+}
+
+impl Seg {
+    /// The segment with encoding `n` (0..=5).
+    pub const fn from_index(n: u8) -> Option<Self> {
+        Some(match n {
+            0 => Self::Es,
+            1 => Self::Cs,
+            2 => Self::Ss,
+            3 => Self::Ds,
+            4 => Self::Fs,
+            5 => Self::Gs,
+            _ => return None,
+        })
+    }
+
+    /// The segment of an iced segment register.
+    fn from_register(r: Register) -> Option<Self> {
+        Some(match r {
+            Register::ES => Self::Es,
+            Register::CS => Self::Cs,
+            Register::SS => Self::Ss,
+            Register::DS => Self::Ds,
+            Register::FS => Self::Fs,
+            Register::GS => Self::Gs,
+            _ => return None,
+        })
+    }
 }
 
 /// Code width.
@@ -185,6 +307,38 @@ impl CpuMode {
             Bitness::B32
         } else {
             Bitness::B16
+        }
+    }
+
+    /// The base of `seg` for a data access: 0 for ES, CS, SS and DS in
+    /// 64-bit mode, else `cs_base` for CS and `seg_base` for the others.
+    pub const fn base(&self, seg: Seg) -> u64 {
+        match (seg, self.bitness()) {
+            (Seg::Fs | Seg::Gs, _) => self.seg_base[seg as usize],
+            (_, Bitness::B64) => 0,
+            (Seg::Cs, _) => self.cs_base,
+            _ => self.seg_base[seg as usize],
+        }
+    }
+
+    /// The linear address of `offset` in `seg`: the base plus the offset,
+    /// truncated to 32 bits outside 64-bit mode. The offset must already
+    /// be wrapped to the address size.
+    pub const fn linear(&self, seg: Seg, offset: u64) -> u64 {
+        let la = self.base(seg).wrapping_add(offset);
+        match self.bitness() {
+            Bitness::B64 => la,
+            _ => la & 0xffff_ffff,
+        }
+    }
+
+    /// Advances `rip` by `len` with the code width's wrap (IP, EIP or RIP).
+    pub const fn next_rip(&self, rip: u64, len: u64) -> u64 {
+        let next = rip.wrapping_add(len);
+        match self.bitness() {
+            Bitness::B64 => next,
+            Bitness::B32 => next & 0xffff_ffff,
+            Bitness::B16 => next & 0xffff,
         }
     }
 
@@ -385,6 +539,43 @@ pub enum EmulateError {
         exit_linear: u64,
         operand_linear: u64,
     },
+    /// A [`PhysBus`] or [`PortBus`] access failed. Accesses made before it
+    /// (earlier iterations of a string instruction, the read of a
+    /// read-modify-write) are not undone; the registers are unchanged.
+    Bus {
+        rip: u64,
+        mnemonic: Mnemonic,
+        error: BusError,
+    },
+    /// A string operand's linear address does not translate (the guest
+    /// would take a #PF, which this module does not inject).
+    OperandWalk {
+        rip: u64,
+        mnemonic: Mnemonic,
+        linear: u64,
+        access: AccessKind,
+        error: WalkError,
+    },
+    /// A string element at `linear` crosses a page or wraps around the end
+    /// of its address size.
+    ElementSplit {
+        rip: u64,
+        mnemonic: Mnemonic,
+        linear: u64,
+        size: u8,
+    },
+    /// Neither operand of a string instruction covers the faulting GPA
+    /// (`None`: the instruction has no such operand).
+    StringMismatch {
+        rip: u64,
+        bytes: InsnBytes,
+        mnemonic: Mnemonic,
+        exit_gpa: u64,
+        src_gpa: Option<u64>,
+        dst_gpa: Option<u64>,
+    },
+    /// A [`StringIo`] that cannot come from an INS/OUTS exit in this mode.
+    BadStringIo { reason: &'static str },
 }
 
 impl core::fmt::Display for EmulateError {
@@ -448,6 +639,45 @@ impl core::fmt::Display for EmulateError {
                 "{mnemonic:?} [{bytes}] at rip {rip:#x} accesses linear {operand_linear:#x}, \
                  but the exit faulted at {exit_linear:#x}"
             ),
+            Self::Bus {
+                rip,
+                mnemonic,
+                error,
+            } => write!(f, "{mnemonic:?} at rip {rip:#x}: bus access at {error}"),
+            Self::OperandWalk {
+                rip,
+                mnemonic,
+                linear,
+                access,
+                error,
+            } => write!(
+                f,
+                "{mnemonic:?} at rip {rip:#x}: {access} of linear {linear:#x} does not \
+                 translate: {error}"
+            ),
+            Self::ElementSplit {
+                rip,
+                mnemonic,
+                linear,
+                size,
+            } => write!(
+                f,
+                "{mnemonic:?} at rip {rip:#x}: {size}-byte element at linear {linear:#x} \
+                 crosses a page or wraps its offset"
+            ),
+            Self::StringMismatch {
+                rip,
+                bytes,
+                mnemonic,
+                exit_gpa,
+                src_gpa,
+                dst_gpa,
+            } => write!(
+                f,
+                "{mnemonic:?} [{bytes}] at rip {rip:#x}: neither operand (source {src_gpa:x?}, \
+                 destination {dst_gpa:x?}) is the faulting GPA {exit_gpa:#x}"
+            ),
+            Self::BadStringIo { reason } => write!(f, "string I/O exit: {reason}"),
         }
     }
 }
@@ -468,6 +698,36 @@ fn operand_linear(mode: &CpuMode, regs: &Regs, d: &Decoded) -> Option<u64> {
     Some(if b64 { va } else { va & 0xffff_ffff })
 }
 
+/// Fetches the instruction at `rip` and decodes it with iced at the mode's
+/// bitness.
+fn fetch_insn<M: GuestPhysRead + ?Sized>(
+    mode: &CpuMode,
+    mem: &M,
+    rip: u64,
+) -> Result<(iced_x86::Instruction, InsnBytes), EmulateError> {
+    let fetched = fetch(mode, mem, rip);
+    if let (true, Some(fault)) = (fetched.bytes.is_empty(), fetched.stop) {
+        return Err(EmulateError::Fetch { rip, fault });
+    }
+    decode::decode_insn(mode.bitness(), &fetched.bytes, rip).map_err(|e| match e {
+        DecodeFailure::NeedMoreBytes => match fetched.stop {
+            Some(fault) => EmulateError::Truncated {
+                rip,
+                bytes: fetched.bytes,
+                fault,
+            },
+            None => EmulateError::Invalid {
+                rip,
+                bytes: fetched.bytes,
+            },
+        },
+        DecodeFailure::Invalid => EmulateError::Invalid {
+            rip,
+            bytes: fetched.bytes,
+        },
+    })
+}
+
 /// Fetches and decodes the instruction at `regs.rip` that caused the MMIO
 /// exit `exit`, and checks it against the exit. The returned access says
 /// what to do with the device; [`MmioAccess::finish`] then updates `regs`.
@@ -482,44 +742,15 @@ pub fn emulate<M: GuestPhysRead + ?Sized>(
     if exit.kind == AccessKind::Fetch {
         return Err(EmulateError::FetchFromMmio { gpa: exit.gpa, rip });
     }
-    let fetched = fetch(mode, mem, rip);
-    if let (true, Some(fault)) = (fetched.bytes.is_empty(), fetched.stop) {
-        return Err(EmulateError::Fetch { rip, fault });
-    }
-    let d = match decode::decode(mode.bitness(), &fetched.bytes, rip, regs) {
-        Ok(d) => d,
-        Err(DecodeFailure::NeedMoreBytes) => {
-            return Err(match fetched.stop {
-                Some(fault) => EmulateError::Truncated {
-                    rip,
-                    bytes: fetched.bytes,
-                    fault,
-                },
-                None => EmulateError::Invalid {
-                    rip,
-                    bytes: fetched.bytes,
-                },
-            })
+    let (insn, ib) = fetch_insn(mode, mem, rip)?;
+    let d = decode::mov_form(mode.bitness(), insn, ib, regs).map_err(|reason| {
+        EmulateError::Unsupported {
+            rip,
+            bytes: ib,
+            mnemonic: insn.mnemonic(),
+            reason: reason.unwrap_or_else(|| decode::unsupported_reason(&insn)),
         }
-        Err(DecodeFailure::Invalid) => {
-            return Err(EmulateError::Invalid {
-                rip,
-                bytes: fetched.bytes,
-            })
-        }
-        Err(DecodeFailure::Unsupported {
-            insn,
-            mnemonic,
-            reason,
-        }) => {
-            return Err(EmulateError::Unsupported {
-                rip,
-                bytes: insn,
-                mnemonic,
-                reason,
-            })
-        }
-    };
+    })?;
     let op = d.op;
     let decoded = if op.is_write() {
         AccessKind::Write

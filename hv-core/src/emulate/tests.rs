@@ -7,6 +7,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use proptest::prelude::*;
 
+mod exec;
+
 /// Sparse guest RAM: only the pages that were written exist.
 #[derive(Default, Clone)]
 struct Mem {
@@ -156,6 +158,7 @@ fn mode64(cr3: u64) -> CpuMode {
         cs_base: 0,
         cs_l: true,
         cs_db: false,
+        seg_base: [0; 6],
     }
 }
 

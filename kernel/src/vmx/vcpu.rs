@@ -710,6 +710,14 @@ impl Vcpu {
             cs_base: instr::vmread(guest::CS_BASE)?,
             cs_l: ar & (1 << 13) != 0,
             cs_db: ar & (1 << 14) != 0,
+            seg_base: [
+                instr::vmread(guest::ES_BASE)?,
+                instr::vmread(guest::CS_BASE)?,
+                instr::vmread(guest::SS_BASE)?,
+                instr::vmread(guest::DS_BASE)?,
+                instr::vmread(guest::FS_BASE)?,
+                instr::vmread(guest::GS_BASE)?,
+            ],
         })
     }
 
