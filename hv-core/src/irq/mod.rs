@@ -9,6 +9,11 @@
 //! machine routes them (`machine.rs`), which keeps every model testable on
 //! its own and keeps routing in one place.
 
+pub mod ioapic;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
+
 /// Virtual time in nanoseconds since the VM was created.
 pub type Nanos = u64;
 
