@@ -10,6 +10,10 @@
 //! its own and keeps routing in one place.
 
 pub mod lapic;
+pub mod ioapic;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
 
 /// Virtual time in nanoseconds since the VM was created.
 pub type Nanos = u64;
