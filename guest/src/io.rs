@@ -3,12 +3,12 @@
 
 use core::arch::asm;
 
-fn outb(port: u16, v: u8) {
+pub fn outb(port: u16, v: u8) {
     // SAFETY: port output has no memory effect; the guest owns its ports.
     unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) }
 }
 
-fn inb(port: u16) -> u8 {
+pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for `outb`.
     unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) }
@@ -96,4 +96,41 @@ pub fn rdmsr(msr: u32) -> u64 {
     // expects to end the VM.
     unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) }
     (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes a word to a port.
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: port output has no memory effect.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) }
+}
+
+/// Writes a dword to a port.
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: port output has no memory effect.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack)) }
+}
+
+/// Reads a dword from a physical (identity-mapped) address.
+pub fn read_phys_u32(addr: u64) -> u32 {
+    // SAFETY: the address is in the identity-mapped first 4 GiB (device
+    // registers or RAM the scenario owns).
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+/// `rep insb` of `buf.len()` bytes from `port`.
+pub fn rep_insb(port: u16, buf: &mut [u8]) {
+    // SAFETY: INS writes exactly `buf.len()` bytes at `buf`.
+    unsafe {
+        asm!("rep insb", in("dx") port, inout("rdi") buf.as_mut_ptr() => _,
+             inout("rcx") buf.len() => _, options(nostack))
+    }
+}
+
+/// `rep outsb` of `data` to `port`.
+pub fn rep_outsb(port: u16, data: &[u8]) {
+    // SAFETY: OUTS reads exactly `data.len()` bytes at `data`.
+    unsafe {
+        asm!("rep outsb", in("dx") port, inout("rsi") data.as_ptr() => _,
+             inout("rcx") data.len() => _, options(readonly, nostack))
+    }
 }

@@ -30,13 +30,30 @@
 //!   hypercalls are exactly the ones reported.
 //! - `spinio`: polls a port forever (one VM exit per iteration); only
 //!   Tern's time budget can end it.
-//! - `badmmio`: a read-modify-write on MMIO; Tern must stop the VM.
+//! - `badmmio`: `cmpxchg` on MMIO, which Tern does not emulate; Tern must
+//!   stop the VM.
+//! - `apictimer`: the local APIC timer in one-shot, periodic and
+//!   TSC-deadline modes, each waking a halted vCPU.
+//! - `pit`: PIT interrupts through the 8259 PIC and through the I/O APIC;
+//!   the port 0x61 calibration gate.
+//! - `selfipi`: a fixed IPI and an NMI to self through the ICR; x2APIC mode
+//!   and its self-IPI MSR.
+//! - `fwcfg`: fw_cfg's signature, CPU count and RAM size (port, `rep insb`
+//!   and DMA).
+//! - `msrs`: the MSR table (SWAPGS with KERNEL_GS_BASE, LSTAR, MTRRs,
+//!   constants, refused MSRs raising #GP, TSC and TSC_ADJUST).
+//! - `rmw`: read-modify-write and string instructions on MMIO, with flags.
+//! - `debugregs`: DR0 and DR7 survive exits.
+//! - `sleep`: HLT with interrupts enabled and nothing armed; Tern must stop
+//!   the VM and say that nothing can wake it.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
 #![no_std]
 #![no_main]
 
+mod idt;
 mod io;
 mod mmio;
+mod platform;
 
 use mmio::{Load, Store};
 
@@ -93,9 +110,25 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         }
         "dirty" => dirty(),
         "badmmio" => {
-            say!("guest: read-modify-write on MMIO");
-            mmio::add_one(TEST_BASE + 0x100);
-            Err("add to MMIO returned")
+            say!("guest: cmpxchg on MMIO");
+            mmio::cmpxchg(TEST_BASE + 0x100);
+            Err("cmpxchg on MMIO returned")
+        }
+        "apictimer" => platform::apic_timer(),
+        "pit" => platform::pit_interrupts(),
+        "selfipi" => platform::self_ipi(),
+        "fwcfg" => platform::fw_cfg(
+            info.option("expect_ram_kib")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        ),
+        "msrs" => platform::msrs(),
+        "rmw" => platform::rmw(TEST_BASE),
+        "debugregs" => platform::debug_regs(),
+        "sleep" => {
+            say!("guest: halting with interrupts enabled and no timer armed");
+            platform::sleep_forever();
+            Err("HLT returned")
         }
         other => {
             say!("guest: unknown scenario {other}");

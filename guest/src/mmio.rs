@@ -115,7 +115,82 @@ pub fn load(p: u64, l: Load, preset: u64) -> u64 {
 }
 
 /// `add dword [p], 1`: a read-modify-write Tern does not emulate.
-pub fn add_one(p: u64) {
+pub fn cmpxchg(p: u64) {
     // SAFETY: as for `store`; the scenario expects the VM to be stopped.
-    unsafe { asm!("add dword ptr [{p}], 1", p = in(reg) p, options(nostack)) }
+    unsafe {
+        asm!("cmpxchg dword ptr [{p}], {v:e}", p = in(reg) p, v = in(reg) 1u32,
+             inout("eax") 0u32 => _, options(nostack))
+    }
+}
+
+/// `rep stosd` of `n` dwords of `v` at `p`, then `rep movsb` of `n * 4`
+/// bytes from `p` to `dst`.
+pub fn string_copy(p: u64, v: u32, n: usize, dst: &mut [u8]) {
+    assert!(dst.len() >= n * 4);
+    // SAFETY: STOS writes n dwords at `p` (identity-mapped MMIO), MOVS
+    // reads them back into `dst`, which is long enough.
+    unsafe {
+        asm!("cld", "rep stosd", inout("rdi") p => _, inout("rcx") n => _, in("eax") v, options(nostack));
+        asm!("rep movsb", inout("rsi") p => _, inout("rdi") dst.as_mut_ptr() => _, inout("rcx") n * 4 => _, options(nostack));
+    }
+}
+
+/// A read-modify-write instruction on a dword at `p`.
+#[derive(Clone, Copy)]
+pub enum Rmw {
+    Add(u32),
+    Or(u32),
+    And(u32),
+    Xor(u32),
+    Sub(u32),
+    /// `bts dword [p], n`.
+    Bts(u8),
+    /// `xchg [p], reg`: the old value comes back.
+    Xchg(u32),
+    /// `inc dword [p]`.
+    Inc,
+    /// `neg dword [p]`.
+    Neg,
+}
+
+/// Runs `r` on the dword at `p`; returns (the register result, RFLAGS
+/// after the instruction).
+pub fn rmw(p: u64, r: Rmw) -> (u64, u64) {
+    let flags: u64;
+    let mut out: u64 = 0;
+    // SAFETY: `p` is identity mapped; each instruction reads and writes
+    // only the dword at `p` (and the register operand).
+    unsafe {
+        match r {
+            Rmw::Add(v) => {
+                asm!("add dword ptr [{p}], {v:e}", "pushfq", "pop {f}", p = in(reg) p, v = in(reg) v, f = out(reg) flags)
+            }
+            Rmw::Or(v) => {
+                asm!("or dword ptr [{p}], {v:e}", "pushfq", "pop {f}", p = in(reg) p, v = in(reg) v, f = out(reg) flags)
+            }
+            Rmw::And(v) => {
+                asm!("and dword ptr [{p}], {v:e}", "pushfq", "pop {f}", p = in(reg) p, v = in(reg) v, f = out(reg) flags)
+            }
+            Rmw::Xor(v) => {
+                asm!("xor dword ptr [{p}], {v:e}", "pushfq", "pop {f}", p = in(reg) p, v = in(reg) v, f = out(reg) flags)
+            }
+            Rmw::Sub(v) => {
+                asm!("sub dword ptr [{p}], {v:e}", "pushfq", "pop {f}", p = in(reg) p, v = in(reg) v, f = out(reg) flags)
+            }
+            Rmw::Bts(n) => {
+                asm!("bts dword ptr [{p}], {n:e}", "pushfq", "pop {f}", p = in(reg) p, n = in(reg) u32::from(n), f = out(reg) flags)
+            }
+            Rmw::Xchg(v) => {
+                out = v.into();
+                asm!("xchg dword ptr [{p}], {v:e}", "pushfq", "pop {f}", p = in(reg) p, v = inout(reg) out, f = out(reg) flags)
+            }
+            Rmw::Inc => {
+                asm!("inc dword ptr [{p}]", "pushfq", "pop {f}", p = in(reg) p, f = out(reg) flags)
+            }
+            Rmw::Neg => {
+                asm!("neg dword ptr [{p}]", "pushfq", "pop {f}", p = in(reg) p, f = out(reg) flags)
+            }
+        }
+    }
+    (out, flags)
 }

@@ -21,6 +21,7 @@ use crate::memory::{
     WriteNotifier,
 };
 use crate::phys::PhysAccess;
+use crate::platform::Platform;
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -169,6 +170,8 @@ pub struct Machine {
     pub guest_tsc: u64,
     /// An exit status a device asked for, taken by [`Machine::take_exit`].
     exit: Option<u32>,
+    /// The device index of the interrupt controllers and timers.
+    platform: Option<u32>,
     pub stats: MachineStats,
 }
 
@@ -263,6 +266,7 @@ impl Machine {
             now: 0,
             guest_tsc: 0,
             exit: None,
+            platform: None,
             stats: MachineStats::default(),
         })
     }
@@ -463,11 +467,81 @@ impl Machine {
         Ok(())
     }
 
-    /// Interrupt routing; the platform's interrupt controllers take over
-    /// here once they exist.
+    /// Interrupt lines and MSIs go to the platform's controllers.
     fn route_irqs(&mut self, irq: IrqOut) {
         self.stats.irq_lines += irq.lines.len() as u64;
         self.stats.msis += irq.msis.len() as u64;
+        if let Some(p) = self.platform_mut() {
+            crate::platform::route(p, &irq.lines, &irq.msis);
+        }
+    }
+
+    /// Adds the PC's interrupt controllers and timers (PIC, PIT, port 0x61,
+    /// RTC in the I/O space; I/O APIC and local APIC pages in memory).
+    pub fn add_platform(&mut self, tsc_hz: u64, unix_secs: u64) -> Result<(), MachineError> {
+        if self.platform.is_some() {
+            return Err(MachineError::Config("the platform exists already"));
+        }
+        let p = Platform::new(tsc_hz, unix_secs);
+        let d = self.add_device("platform", Box::new(p));
+        for (name, addr, len, io) in crate::platform::REGIONS {
+            let r = self.add_device_region(d, name, len)?;
+            if io {
+                self.mem.add_subregion(self.regions.io, addr, r)?;
+            } else {
+                // Above RAM and PCI, as QEMU's apic-msi (priority 0x1000).
+                self.mem
+                    .add_subregion_overlap(self.regions.system, addr, r, 0x1000)?;
+            }
+        }
+        self.platform = Some(d);
+        Ok(())
+    }
+
+    /// The interrupt controllers and timers, if the machine has them.
+    pub fn platform_mut(&mut self) -> Option<&mut Platform> {
+        let d = self.platform?;
+        self.devices
+            .get_mut(d as usize)?
+            .dev
+            .as_any()
+            .downcast_mut::<Platform>()
+    }
+
+    /// Sets the virtual time and the guest TSC, then lets every timer
+    /// (platform and devices) catch up; what they raise is routed.
+    pub fn advance(&mut self, now: Nanos, guest_tsc: u64) -> Result<(), MachineError> {
+        self.now = now;
+        self.guest_tsc = guest_tsc;
+        if let Some(p) = self.platform_mut() {
+            p.advance(now, guest_tsc);
+        }
+        for i in 0..self.devices.len() as u32 {
+            if Some(i) == self.platform {
+                continue;
+            }
+            let due = self.devices[i as usize]
+                .dev
+                .next_event(now)
+                .is_some_and(|t| t <= now);
+            if due {
+                self.with_device(i, |d, ctx| d.poll(ctx))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The earliest time a timer (platform or device) needs
+    /// [`Machine::advance`].
+    pub fn next_event(&mut self) -> Option<Nanos> {
+        let now = self.now;
+        let dev = self
+            .devices
+            .iter()
+            .filter_map(|s| s.dev.next_event(now))
+            .min();
+        let plat = self.platform_mut().and_then(|p| p.next_event(now));
+        [dev, plat].into_iter().flatten().min()
     }
 
     /// The exit status a device asked for since the last call.

@@ -131,7 +131,7 @@ pub const fn rule(msr: u32, host: HostMsrFeatures) -> MsrRule {
         // VCNT = 8, FIX, WC.
         IA32_MTRRCAP => Const(0x508),
         // PhysBase: type in 7:0, base in 51:12; PhysMask: valid bit 11.
-        0x200..=0x20F if msr % 2 == 0 => soft(0, 0x000F_FFFF_FFFF_F0FF),
+        0x200..=0x20F if msr.is_multiple_of(2) => soft(0, 0x000F_FFFF_FFFF_F0FF),
         0x200..=0x20F => soft(0, 0x000F_FFFF_FFFF_F800),
         0x250 | 0x258 | 0x259 | 0x268..=0x26F => soft(0, u64::MAX),
         IA32_MTRR_DEF_TYPE => soft(0, 0xCFF),

@@ -23,6 +23,13 @@ pub enum VcpuExit {
     },
     /// VMCALL: number in RAX, arguments in RBX, RCX, RDX.
     Hypercall { nr: u64, args: [u64; 3] },
+    /// String or REP port I/O (`ins`/`outs`), decoded from the exit.
+    StringIo(crate::emulate::StringIo),
+    /// RDMSR (`write: None`) or WRMSR of an MSR the VM owns (the local
+    /// APIC's); the VM completes it or answers [`ExitAction::InjectGp`].
+    Msr { msr: u32, write: Option<u64> },
+    /// MOV to/from CR8 (the local APIC's TPR[7:4]); `gpr` is the register.
+    Cr8 { write: Option<u8>, gpr: u8 },
     /// HLT.
     Halt { interrupts_enabled: bool },
     /// Triple fault.
@@ -38,6 +45,8 @@ pub enum ExitAction {
     /// Enter again without moving RIP (an exception was injected, a timer
     /// expired).
     Retry,
+    /// Inject #GP(0) and enter again without moving RIP.
+    InjectGp,
     /// Stop the VM.
     Stop(StopReason),
 }
@@ -49,6 +58,9 @@ pub enum StopReason {
     Exited(u32),
     /// HLT with interrupts disabled: the vCPU can never run again.
     Halted,
+    /// HLT with interrupts enabled, but no timer is armed and no device
+    /// can raise an interrupt: the vCPU would sleep forever.
+    HaltedForever,
     /// Triple fault.
     TripleFault,
     /// An access to guest-physical memory mapped to nothing.
@@ -96,6 +108,10 @@ impl core::fmt::Display for StopReason {
         match self {
             Self::Exited(s) => write!(f, "guest exited with status {s}"),
             Self::Halted => write!(f, "guest halted with interrupts disabled"),
+            Self::HaltedForever => write!(
+                f,
+                "guest halted with interrupts enabled, but no timer or device can wake it"
+            ),
             Self::TripleFault => write!(f, "guest triple fault"),
             Self::UnmappedAccess { gpa, access } => {
                 write!(f, "guest {} at unmapped GPA {gpa:#x}", access.name())

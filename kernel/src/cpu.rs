@@ -64,6 +64,66 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// DR0-DR3 and DR6, in that order.
+pub fn read_debug_regs() -> [u64; 5] {
+    let (a, b, c, d, e): (u64, u64, u64, u64, u64);
+    // SAFETY: reading debug registers has no effect (CPL 0).
+    unsafe {
+        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3", "mov {}, dr6",
+             out(reg) a, out(reg) b, out(reg) c, out(reg) d, out(reg) e,
+             options(nomem, nostack, preserves_flags))
+    }
+    [a, b, c, d, e]
+}
+
+/// Loads DR0-DR3 and DR6. Tern's own DR7 is always 0x400 (VM exits load
+/// it), so these addresses never trigger in the hypervisor.
+pub fn write_debug_regs(r: &[u64; 5]) {
+    // SAFETY: with DR7 disabled in the host the breakpoint addresses have
+    // no effect; DR6 values come with their fixed bits set.
+    unsafe {
+        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}", "mov dr6, {}",
+             in(reg) r[0], in(reg) r[1], in(reg) r[2], in(reg) r[3], in(reg) r[4],
+             options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: the kernel only reads ports it owns (COM1, the PIT and port
+    // 0x61 during calibration); a port read has no memory effect.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// The TSC frequency in Hz, measured against the PIT (channel 2 gated by
+/// port 0x61, mode 0, 10 ms); 1 GHz when the PIT does not count (the
+/// measurement gives up after 2^26 polls).
+pub fn calibrate_tsc() -> u64 {
+    const PIT_HZ: u64 = 1_193_182;
+    const COUNT: u16 = 11_932; // 10 ms
+    let gate = inb(0x61);
+    outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off
+    outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0
+    outb(0x42, COUNT as u8);
+    outb(0x42, (COUNT >> 8) as u8);
+    let start = rdtsc();
+    let mut polls = 0u64;
+    while inb(0x61) & 0x20 == 0 {
+        polls += 1;
+        if polls >= 1 << 26 {
+            outb(0x61, gate);
+            return 1_000_000_000;
+        }
+    }
+    let ticks = rdtsc().wrapping_sub(start);
+    outb(0x61, gate);
+    (u128::from(ticks) * u128::from(PIT_HZ) / u128::from(COUNT)).max(1) as u64
+}
+
 /// Masks every line of both legacy 8259 PICs: Tern polls its devices and
 /// never takes an interrupt, and a guest must not receive the host's.
 pub fn mask_legacy_pic() {

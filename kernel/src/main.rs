@@ -117,6 +117,8 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         .option("lowmem")
         .and_then(|v| v.parse().ok())
         .unwrap_or(3072);
+    let tsc_hz = cpu::calibrate_tsc();
+    println!("tern: TSC {} kHz", tsc_hz / 1000);
     let mut status = Status::OK;
     for (i, m) in info.modules.iter().enumerate() {
         let cmdline = if m.cmdline.is_empty() {
@@ -146,6 +148,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
                 hv_core::ept_listener::EptMode::Incremental
             },
             print_mtree: info.option("mtree").is_some(),
+            tsc_hz,
         };
         let Some(image) = mem::module_bytes(m) else {
             println!("[{name}] module {i} has an empty or invalid range");
@@ -197,6 +200,16 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             report.ept.tables_freed,
             report.ept.entries_written
         );
+        println!(
+            "[{name}] interrupts: {} delivered ({} through the PIC), {} PIT and {} RTC interrupts, {} APIC messages; {} HLT waits, {} ms halted",
+            report.irq.delivered, report.irq.via_pic, report.irq.pit_irqs, report.irq.rtc_irqs, report.irq.apic_messages, report.halts, report.halt_wait_ms
+        );
+        if report.slices.1 != 0 {
+            println!(
+                "[{name}] time budget: {} of {} slices used",
+                report.slices.0, report.slices.1
+            );
+        }
         println!("[{name}] host memory not returned: {leaked} bytes");
         status = merge(status, Status(report.stop.status()));
     }

@@ -5,7 +5,7 @@
 
 use crate::mem::{Frames, HostMem};
 use crate::vmx::instr;
-use crate::vmx::vcpu::{ExitCounters, StartState, Vcpu, VcpuError};
+use crate::vmx::vcpu::{ExitCounters, StartState, Vcpu, VcpuError, VmHooks};
 use crate::vmx::Vmx;
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -17,15 +17,18 @@ use hv_core::devices::debug_exit::DebugExit;
 use hv_core::devices::fw_cfg::FwCfg;
 use hv_core::devices::test_device::TestDevice;
 use hv_core::devices::uart::Uart16550;
-use hv_core::emulate::{self, MmioExit};
+use hv_core::emulate::{MmioExit, Regs, StringIo};
 use hv_core::ept::{EptStats, PageSizes};
 use hv_core::ept_listener::{EptCounters, EptHost, EptListener, EptMode, RamBlock};
+pub use hv_core::exits::RomWrites;
+use hv_core::exits::{self, ExitDone, ExitError};
 use hv_core::frames::FrameAllocator;
 use hv_core::guest_mem::{GuestRam, RamChunk};
+use hv_core::irq::Nanos;
 use hv_core::loader::{self, LoadError, MULTIBOOT_BOOTLOADER_MAGIC};
 use hv_core::machine::{
-    Machine, MachineConfig, MachineError, MemTarget, BIOS_BLOCK, TEST_DEVICE_BASE,
-    TEST_WINDOW_BASE, TEST_WINDOW_SIZE,
+    Machine, MachineConfig, MachineError, BIOS_BLOCK, TEST_DEVICE_BASE, TEST_WINDOW_BASE,
+    TEST_WINDOW_SIZE,
 };
 use hv_core::memory::RangeTarget;
 use hv_core::phys::PhysAccess;
@@ -60,15 +63,6 @@ impl From<MachineError> for VmError {
     }
 }
 
-/// What guest writes to ROM do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RomWrites {
-    /// Dropped, as on real hardware (the default).
-    Drop,
-    /// The VM is stopped with a report.
-    Stop,
-}
-
 /// How a VM is configured.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -82,7 +76,13 @@ pub struct VmConfig {
     pub ept_mode: EptMode,
     /// Print the memory map when the VM stops.
     pub print_mtree: bool,
+    /// The host TSC frequency (the VM's clock).
+    pub tsc_hz: u64,
 }
+
+/// Seconds since 1970 that a VM's RTC reads when it starts (fixed, so runs
+/// are repeatable): 2026-01-01 00:00:00 UTC.
+const RTC_EPOCH: u64 = 1_767_225_600;
 
 /// The kernel side of the EPT listener: tables in host frames, real INVEPT.
 pub struct KernelEptHost;
@@ -129,6 +129,14 @@ pub struct Vm {
     print_mtree: bool,
     pub mmio_exits: u64,
     pub rom_writes_dropped: u64,
+    tsc_hz: u64,
+    /// Host TSC when the VM was created: its virtual time 0.
+    start_tsc: u64,
+    /// Host TSC ticks a halted vCPU waited.
+    pub halt_wait_tsc: u64,
+    pub halts: u64,
+    /// Time slices used and the budget (0: none), when the vCPU stopped.
+    slices: (u64, u64),
 }
 
 /// What a VM did, for the exit summary.
@@ -143,6 +151,12 @@ pub struct VmReport {
     pub mmio_exits: u64,
     pub notifier_hits: u64,
     pub rom_writes_dropped: u64,
+    pub irq: hv_core::platform::PlatformStats,
+    pub halts: u64,
+    /// Milliseconds a halted vCPU waited.
+    pub halt_wait_ms: u64,
+    /// Time slices used and the budget (0: none).
+    pub slices: (u64, u64),
 }
 
 /// Bytes of the firmware ROM: a pattern the guest can check through both
@@ -165,6 +179,7 @@ impl Vm {
             0x1000,
             Box::new(TestDevice::default()),
         )?;
+        machine.add_platform(cfg.tsc_hz, RTC_EPOCH)?;
         let ram_bytes = cfg.machine.ram_bytes;
         let fw = machine.add_device("fw_cfg", Box::new(FwCfg::new(1, ram_bytes)));
         let io = machine.regions.io;
@@ -248,6 +263,11 @@ impl Vm {
             print_mtree: cfg.print_mtree,
             mmio_exits: 0,
             rom_writes_dropped: 0,
+            tsc_hz: cfg.tsc_hz.max(1),
+            start_tsc: crate::cpu::rdtsc(),
+            halt_wait_tsc: 0,
+            halts: 0,
+            slices: (0, 0),
         };
         let space = vm.machine.memory;
         vm.machine
@@ -331,13 +351,14 @@ impl Vm {
         let Some(mut vcpu) = self.vcpu.take() else {
             return self.report(StopReason::VmxInstructionFailed, ExitCounters::default());
         };
-        let stop = vcpu.run(|exit, vcpu| self.handle(exit, vcpu));
+        let stop = vcpu.run(self);
         self.flush_console(true);
         if !stop.is_guest_exit() {
             crate::println!("[{}] VM stopped: {stop}", self.name);
             vcpu.dump(&self.name);
         }
         let exits = vcpu.exits.clone();
+        self.slices = (vcpu.slices_used, vcpu.budget);
         self.vcpu = Some(vcpu);
         if self.print_mtree {
             self.print_mtree();
@@ -345,7 +366,13 @@ impl Vm {
         self.report(stop, exits)
     }
 
-    fn report(&self, stop: StopReason, exits: ExitCounters) -> VmReport {
+    fn report(&mut self, stop: StopReason, exits: ExitCounters) -> VmReport {
+        let irq = self
+            .machine
+            .platform_mut()
+            .map(|p| p.stats)
+            .unwrap_or_default();
+        let halt_wait_ms = (u128::from(self.halt_wait_tsc) * 1000 / u128::from(self.tsc_hz)) as u64;
         let ept = self.ept.borrow();
         VmReport {
             stop,
@@ -358,6 +385,91 @@ impl Vm {
             mmio_exits: self.mmio_exits,
             notifier_hits: self.machine.stats.notifier_hits,
             rom_writes_dropped: self.rom_writes_dropped,
+            irq,
+            halts: self.halts,
+            halt_wait_ms,
+            slices: self.slices,
+        }
+    }
+
+    /// Virtual time: nanoseconds since the VM was created.
+    fn now(&self, tsc: u64) -> Nanos {
+        let ticks = tsc.wrapping_sub(self.start_tsc);
+        (u128::from(ticks) * 1_000_000_000 / u128::from(self.tsc_hz)) as u64
+    }
+
+    /// Host TSC ticks from `now` to `at`.
+    fn ticks_until(&self, now: Nanos, at: Nanos) -> u64 {
+        let ns = at.saturating_sub(now);
+        (u128::from(ns) * u128::from(self.tsc_hz)).div_ceil(1_000_000_000) as u64
+    }
+
+    /// Lets the machine's timers catch up with the present.
+    fn advance(&mut self, vcpu: &Vcpu) -> Result<Nanos, StopReason> {
+        let now = self.now(crate::cpu::rdtsc());
+        match self.machine.advance(now, vcpu.guest_tsc()) {
+            Ok(()) => Ok(now),
+            Err(e) => {
+                crate::println!("[{}] memory map error: {e}", self.name);
+                Err(StopReason::VmxInstructionFailed)
+            }
+        }
+    }
+
+    /// HLT with interrupts enabled: waits until an interrupt is pending
+    /// (the injection happens before the next entry), charging the wait to
+    /// the VM's budget.
+    fn halt(&mut self, vcpu: &mut Vcpu) -> ExitAction {
+        self.halts += 1;
+        loop {
+            let now = match self.advance(vcpu) {
+                Ok(n) => n,
+                Err(stop) => return ExitAction::Stop(stop),
+            };
+            if self
+                .machine
+                .platform_mut()
+                .is_some_and(|p| p.interrupt_pending())
+            {
+                return ExitAction::Advance(None);
+            }
+            let Some(next) = self.machine.next_event() else {
+                return ExitAction::Stop(StopReason::HaltedForever);
+            };
+            let mut wait = self.ticks_until(now, next).max(1);
+            if let Some(left) = vcpu.budget_left_tsc() {
+                wait = wait.min(left.max(1));
+            }
+            let start = crate::cpu::rdtsc();
+            while crate::cpu::rdtsc().wrapping_sub(start) < wait {
+                core::hint::spin_loop();
+            }
+            let waited = crate::cpu::rdtsc().wrapping_sub(start);
+            self.halt_wait_tsc += waited;
+            if let Some(stop) = vcpu.charge_tsc(waited) {
+                return ExitAction::Stop(stop);
+            }
+        }
+    }
+
+    /// RDMSR/WRMSR of a local-APIC MSR.
+    fn lapic_msr(&mut self, vcpu: &mut Vcpu, msr: u32, write: Option<u64>) -> ExitAction {
+        let tsc = vcpu.guest_tsc();
+        let Some(p) = self.machine.platform_mut() else {
+            return ExitAction::InjectGp;
+        };
+        match write {
+            Some(v) => match p.msr_write(msr, v, tsc) {
+                Ok(()) => ExitAction::Advance(None),
+                Err(_) => ExitAction::InjectGp,
+            },
+            None => match p.msr_read(msr) {
+                Ok(v) => {
+                    vcpu.complete_rdmsr(v);
+                    ExitAction::Advance(None)
+                }
+                Err(_) => ExitAction::InjectGp,
+            },
         }
     }
 
@@ -419,6 +531,23 @@ impl Vm {
                 qualification,
                 linear,
             } => self.mmio(vcpu, gpa, access, qualification, linear),
+            VcpuExit::StringIo(io) => self.string_io(vcpu, &io),
+            VcpuExit::Msr { msr, write } => self.lapic_msr(vcpu, msr, write),
+            VcpuExit::Cr8 { write, gpr } => {
+                let Some(p) = self.machine.platform_mut() else {
+                    return ExitAction::InjectGp;
+                };
+                match write {
+                    Some(v) => p.lapic.set_tpr(v << 4),
+                    None => {
+                        let v = u64::from(p.lapic.tpr() >> 4);
+                        if vcpu.set_gpr_pub(gpr, v).is_err() {
+                            return ExitAction::Stop(StopReason::VmxInstructionFailed);
+                        }
+                    }
+                }
+                ExitAction::Advance(None)
+            }
             VcpuExit::Hypercall { nr, args } => match nr {
                 hypercall::PING => ExitAction::Advance(Some(hypercall::PING_REPLY)),
                 hypercall::EXIT => ExitAction::Stop(StopReason::Exited(args[0] as u32)),
@@ -437,6 +566,9 @@ impl Vm {
                 }
                 _ => ExitAction::Advance(Some(u64::MAX)),
             },
+            VcpuExit::Halt {
+                interrupts_enabled: true,
+            } => self.halt(vcpu),
             VcpuExit::Halt { .. } => ExitAction::Stop(StopReason::Halted),
             VcpuExit::Shutdown => ExitAction::Stop(StopReason::TripleFault),
         }
@@ -447,45 +579,57 @@ impl Vm {
         ExitAction::Stop(StopReason::VmxInstructionFailed)
     }
 
-    /// An access EPT did not map: a device, a ROM write, or nothing.
-    fn mmio(
+    /// After an emulated instruction: console, remaps, device exits.
+    fn after_emulation(
         &mut self,
         vcpu: &mut Vcpu,
         gpa: u64,
-        access: Access,
-        qualification: u64,
-        linear: u64,
+        remaps: u64,
+        r: Result<ExitDone, ExitError>,
+        regs: &Regs,
     ) -> ExitAction {
-        self.mmio_exits += 1;
-        let target = match self.machine.memory_target(gpa) {
-            Ok(t) => t,
-            Err(e) => return self.machine_error(e),
-        };
-        let (device, rom) = match target {
-            MemTarget::Unmapped => {
+        self.flush_console(false);
+        if self.machine.stats.remaps != remaps {
+            if let Some(stop) = self.after_remap(vcpu) {
+                return ExitAction::Stop(stop);
+            }
+        }
+        let done = match r {
+            Ok(d) => d,
+            Err(ExitError::Unmapped { gpa, access }) => {
                 return ExitAction::Stop(StopReason::UnmappedAccess { gpa, access })
             }
-            MemTarget::Device {
-                handle,
-                offset,
-                left,
-            } => (Some((handle, offset, left)), false),
-            MemTarget::Ram { readonly: true, .. } if access == Access::Write => {
-                if self.rom_writes == RomWrites::Stop {
-                    return ExitAction::Stop(StopReason::RomWrite { gpa });
-                }
-                (None, true)
+            Err(ExitError::RomWrite { gpa }) => {
+                return ExitAction::Stop(StopReason::RomWrite { gpa })
             }
-            // RAM in a page that EPT could not map whole (a range that
-            // starts or ends inside a page): not emulated yet.
-            MemTarget::Ram { .. } => {
+            Err(e) => {
                 crate::println!(
-                    "[{}] GPA {gpa:#x} is RAM in a partial page, which Tern does not emulate",
+                    "[{}] cannot emulate the access at GPA {gpa:#x}: {e}",
                     self.name
                 );
                 return ExitAction::Stop(StopReason::EmulationFailed { gpa });
             }
         };
+        self.rom_writes_dropped += done.rom_writes_dropped;
+        if let Some(status) = done.exit_status {
+            return ExitAction::Stop(StopReason::Exited(status));
+        }
+        match vcpu.set_emu_regs(regs) {
+            Ok(()) => ExitAction::Retry,
+            Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+        }
+    }
+
+    /// An access EPT did not map: a device, a ROM write, or nothing.
+    fn mmio(
+        &mut self,
+        vcpu: &mut Vcpu,
+        gpa: u64,
+        _access: Access,
+        qualification: u64,
+        linear: u64,
+    ) -> ExitAction {
+        self.mmio_exits += 1;
         let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
             (Ok(m), Ok(r)) => (m, r),
             _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
@@ -500,65 +644,20 @@ impl Vm {
                 return ExitAction::Stop(StopReason::EmulationFailed { gpa });
             }
         };
-        let decoded = match self.machine.guest_memory() {
-            Ok(mem) => emulate::emulate(&mode, &mem, &regs, &exit),
-            Err(e) => return self.machine_error(e),
+        let remaps = self.machine.stats.remaps;
+        let r = exits::mmio(&mut self.machine, &mode, &mut regs, &exit, self.rom_writes);
+        self.after_emulation(vcpu, gpa, remaps, r, &regs)
+    }
+
+    /// `ins`/`outs`, with or without `rep`.
+    fn string_io(&mut self, vcpu: &mut Vcpu, io: &StringIo) -> ExitAction {
+        let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
+            (Ok(m), Ok(r)) => (m, r),
+            _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
         };
-        let acc = match decoded {
-            Ok(a) => a,
-            Err(e) => {
-                crate::println!(
-                    "[{}] cannot emulate the access at GPA {gpa:#x}: {e}",
-                    self.name
-                );
-                return ExitAction::Stop(StopReason::EmulationFailed { gpa });
-            }
-        };
-        let size = acc.size();
-        let mut read_value = 0;
-        let notified = match acc.write_value() {
-            Some(v) if device.is_some() => match self.machine.notify_write(gpa, size, v) {
-                Ok(n) => n.is_some(),
-                Err(e) => return self.machine_error(e),
-            },
-            _ => false,
-        };
-        if notified {
-            // Taken by the notifier: the device does not see the write.
-        } else if rom {
-            self.rom_writes_dropped += 1;
-        } else if let Some((handle, offset, left)) = device {
-            if u64::from(size) > left {
-                crate::println!(
-                    "[{}] a {size}-byte access at GPA {gpa:#x} crosses the end of its region",
-                    self.name
-                );
-                return ExitAction::Stop(StopReason::EmulationFailed { gpa });
-            }
-            let remaps = self.machine.stats.remaps;
-            match acc.write_value() {
-                Some(v) => match self.machine.device_write(handle, offset, size, v) {
-                    Ok(None) => {
-                        if self.machine.stats.remaps != remaps {
-                            if let Some(stop) = self.after_remap(vcpu) {
-                                return ExitAction::Stop(stop);
-                            }
-                        }
-                    }
-                    Ok(Some(status)) => return ExitAction::Stop(StopReason::Exited(status)),
-                    Err(e) => return self.machine_error(e),
-                },
-                None => match self.machine.device_read(handle, offset, size) {
-                    Ok(v) => read_value = v,
-                    Err(e) => return self.machine_error(e),
-                },
-            }
-        }
-        acc.finish(read_value, &mut regs);
-        match vcpu.set_emu_regs(&regs) {
-            Ok(()) => ExitAction::Retry,
-            Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
-        }
+        let remaps = self.machine.stats.remaps;
+        let r = exits::string_io(&mut self.machine, &mode, &mut regs, io, self.rom_writes);
+        self.after_emulation(vcpu, u64::from(io.port), remaps, r, &regs)
     }
 
     /// Prints the guest's complete console lines, prefixed by the VM name.
@@ -578,6 +677,36 @@ impl Vm {
             crate::println!("[{}] {}", self.name, text);
             self.console_line.clear();
         }
+    }
+}
+
+impl VmHooks for Vm {
+    fn handle(&mut self, exit: VcpuExit, vcpu: &mut Vcpu) -> ExitAction {
+        Vm::handle(self, exit, vcpu)
+    }
+
+    /// Timers catch up; a pending NMI or interrupt is injected if the guest
+    /// can take it, otherwise an interrupt window is requested.
+    fn before_entry(&mut self, vcpu: &mut Vcpu) -> Result<Option<u64>, StopReason> {
+        let now = self.advance(vcpu)?;
+        let fail = |_| StopReason::VmxInstructionFailed;
+        if let Some(p) = self.machine.platform_mut() {
+            if !vcpu.event_queued().map_err(fail)? {
+                if !vcpu.nmi_blocked().map_err(fail)? && p.lapic.take_nmi() {
+                    vcpu.inject_nmi().map_err(fail)?;
+                } else if p.interrupt_pending() {
+                    if vcpu.interrupts_open().map_err(fail)? {
+                        if let Some(v) = p.acknowledge() {
+                            vcpu.inject_interrupt(v).map_err(fail)?;
+                        }
+                        vcpu.interrupt_window(false).map_err(fail)?;
+                    } else {
+                        vcpu.interrupt_window(true).map_err(fail)?;
+                    }
+                }
+            }
+        }
+        Ok(self.machine.next_event().map(|t| self.ticks_until(now, t)))
     }
 }
 

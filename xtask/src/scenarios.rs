@@ -131,7 +131,7 @@ fn cases() -> Vec<Case> {
             status: 120,
             expect: &[
                 "[slow] VM stopped: time budget used up",
-                "preemption timer 3",
+                "[slow] time budget: 3 of 3 slices used",
             ],
             forbid: &["PASS"],
             check: None,
@@ -142,7 +142,7 @@ fn cases() -> Vec<Case> {
             kernel_args: "budget=3",
             guests: &["name=poll scenario=spinio"],
             status: 120,
-            expect: &["[poll] guest: polling a port forever", "[poll] VM stopped: time budget used up", "preemption timer 3"],
+            expect: &["[poll] guest: polling a port forever", "[poll] VM stopped: time budget used up", "[poll] time budget: 3 of 3 slices used"],
             forbid: &["PASS"],
             check: None,
         },
@@ -290,13 +290,14 @@ fn cases() -> Vec<Case> {
             name: "bochs-mmio-unsupported",
             machine: Machine::Bochs,
             kernel_args: "",
-            guests: &["name=rmw scenario=badmmio"],
+            guests: &["name=cx scenario=badmmio"],
             status: 120,
             expect: &[
-                "[rmw] cannot emulate the access at GPA 0xfeb00100",
-                "[rmw] VM stopped: MMIO access at GPA 0xfeb00100 could not be emulated",
+                "[cx] cannot emulate the access at GPA 0xfeb00100",
+                "Cmpxchg",
+                "[cx] VM stopped: MMIO access at GPA 0xfeb00100 could not be emulated",
             ],
-            forbid: &["add to MMIO returned"],
+            forbid: &["cmpxchg on MMIO returned"],
             check: None,
         },
         Case {
@@ -315,6 +316,96 @@ fn cases() -> Vec<Case> {
                 "  00000000000003f8-00000000000003ff (prio 0, i/o): serial",
             ],
             forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-apic-timer",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=timer scenario=apictimer"],
+            status: 0,
+            expect: &[
+                "[timer] guest: one-shot timer woke the halted vCPU",
+                "[timer] guest: periodic timer: 5 interrupts",
+                "[timer] guest: TSC-deadline timer woke the halted vCPU",
+                "[timer] guest: PASS apictimer",
+            ],
+            forbid: &["FAIL"],
+            check: Some(halted_and_woken),
+        },
+        Case {
+            name: "bochs-pit-pic-ioapic",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=pit scenario=pit"],
+            status: 0,
+            expect: &[
+                "[pit] guest: PIT -> PIC: 3 interrupts",
+                "[pit] guest: PIT -> I/O APIC pin 2: 3 interrupts",
+                "[pit] guest: PASS pit",
+                "(3 through the PIC)",
+            ],
+            forbid: &["FAIL"],
+            check: Some(halted_and_woken),
+        },
+        Case {
+            name: "bochs-self-ipi-x2apic",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=ipi scenario=selfipi"],
+            status: 0,
+            expect: &["[ipi] guest: PASS selfipi"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-fw-cfg",
+            machine: Machine::Bochs,
+            kernel_args: "ram=48",
+            guests: &["name=fw scenario=fwcfg expect_ram_kib=49152"],
+            status: 0,
+            expect: &["[fw] guest: fw_cfg: QEMU signature, 1 CPU, 49152 KiB, DMA works", "[fw] guest: PASS fwcfg"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-msr-table",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=msr scenario=msrs"],
+            status: 0,
+            expect: &["[msr] guest: PASS msrs"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-rmw-string-mmio",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=rmw scenario=rmw"],
+            status: 0,
+            expect: &["[rmw] guest: rep outsb reached the UART", "[rmw] guest: PASS rmw"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-debug-registers",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=dr scenario=debugregs"],
+            status: 0,
+            expect: &["[dr] guest: PASS debugregs"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-halt-forever",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=sleepy scenario=sleep"],
+            status: 120,
+            expect: &["[sleepy] VM stopped: guest halted with interrupts enabled, but no timer or device can wake it"],
+            forbid: &["HLT returned"],
             check: None,
         },
         Case {
@@ -358,6 +449,25 @@ fn preempted_several_times(serial: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("expected several preemption-timer exits, got {n}"))
+    }
+}
+
+/// The VM halted at least once and was woken by delivered interrupts.
+fn halted_and_woken(serial: &str) -> Result<(), String> {
+    let line = serial
+        .lines()
+        .find(|l| l.contains("] interrupts: "))
+        .ok_or("no interrupt summary")?;
+    let num = |key: &str| -> Option<u64> {
+        let i = line.find(key)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    let delivered = num(" delivered").ok_or("no delivered count")?;
+    let waits = num(" HLT waits").ok_or("no HLT wait count")?;
+    if delivered >= 3 && waits >= 1 {
+        Ok(())
+    } else {
+        Err(format!("expected interrupts to wake a halted vCPU: {line}"))
     }
 }
 

@@ -927,6 +927,13 @@ impl LocalApic {
         self.s.sipi_vector.take()
     }
 
+    /// LINT0 unmasked in ExtINT mode even while the APIC is software
+    /// disabled, as QEMU resets the BSP's APIC (firmware's virtual-wire
+    /// mode): PIC interrupts reach a CPU whose guest never touched its APIC.
+    pub fn virtual_wire(&mut self) {
+        self.s.lvt[LVT_LINT0] = u32::from(DeliveryMode::ExtInt.bits()) << 8;
+    }
+
     /// Whether the PIC's INTR output reaches the CPU: LINT0 unmasked in
     /// ExtINT mode ("virtual wire"), or the APIC globally disabled. The
     /// caller then takes the vector from the PIC.

@@ -9,8 +9,8 @@
 //! machine routes them (`machine.rs`), which keeps every model testable on
 //! its own and keeps routing in one place.
 
-pub mod lapic;
 pub mod ioapic;
+pub mod lapic;
 pub mod pic;
 pub mod pit;
 pub mod rtc;

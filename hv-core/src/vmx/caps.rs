@@ -352,7 +352,12 @@ impl Controls {
             | PinControls::PREEMPTION_TIMER;
         // MWAIT/MONITOR exit so a guest cannot put the physical CPU to
         // sleep; CR8 accesses exit so the guest never touches the real TPR.
+        // MOV DR exits: the guest's DR7 is kept in the VMCS by Tern (not
+        // every CPU model saves it on exit) and DR0-3/DR6 are switched
+        // between VMs.
         let proc = ProcControls::HLT_EXITING
+            | ProcControls::USE_TSC_OFFSETTING
+            | ProcControls::MOV_DR_EXITING
             | ProcControls::MWAIT_EXITING
             | ProcControls::MONITOR_EXITING
             | ProcControls::CR8_LOAD_EXITING

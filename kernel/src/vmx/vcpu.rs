@@ -8,10 +8,12 @@ use super::instr::{self, EntryResult, GuestRegs, VmxFail};
 use super::Vmx;
 use crate::cpu;
 use crate::mem::Frames;
+use alloc::vec::Vec;
 use hv_core::addr::HostPhysAddr;
 use hv_core::frames::FrameAllocator;
+use hv_core::msr::{self, HostMsrFeatures, MsrRule, SoftMsrs, VmcsMsr};
 use hv_core::vcpu::{ExitAction, StopReason, VcpuExit};
-use hv_core::vmx::caps::{Controls, EntryControls};
+use hv_core::vmx::caps::{Controls, EntryControls, ProcControls};
 use hv_core::vmx::exit::{CrAccess, EptViolation, ExitReason, IoQualification, VmExitInfo};
 use hv_core::vmx::{ControlError, VmxCaps};
 use x86::vmx::vmcs::{control, guest, host, ro};
@@ -78,7 +80,9 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_VMXE: u64 = 1 << 13;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-const MSR_EFER: u32 = 0xC000_0080;
+const MSR_EFER: u32 = msr::IA32_EFER;
+const DR6_RESET: u64 = 0xFFFF_0FF0;
+const DR7_RESET: u64 = 0x400;
 
 /// A virtual CPU and its VMCS.
 pub struct Vcpu {
@@ -92,10 +96,36 @@ pub struct Vcpu {
     pub slice: u32,
     /// Slices the VM may use before it is stopped (0: unlimited).
     pub budget: u64,
-    slices_used: u64,
-    cr8: u64,
+    pub slices_used: u64,
+    /// Preemption-timer units left in the current slice.
+    slice_left: u64,
     /// The last exit, for reports.
     pub last_exit: VmExitInfo,
+    /// An event whose delivery an exit interrupted (IDT-vectoring
+    /// information, error code, instruction length): injected again.
+    reinject: Option<(u32, u32, u32)>,
+    /// MSRs the vCPU keeps itself (see `hv_core::msr`).
+    soft_msrs: SoftMsrs,
+    /// The guest's values of the switched MSRs (`msr::SWITCHED` order).
+    switched: [u64; 5],
+    /// Guest TSC = host TSC + this (the VMCS TSC offset).
+    pub tsc_offset: u64,
+    tsc_adjust: u64,
+    host_msr: HostMsrFeatures,
+    /// MSR numbers whose refusal was already logged.
+    refused_logged: Vec<u32>,
+    /// The guest's DR0-DR3 and DR6 (in the real registers while it runs).
+    debug_regs: [u64; 5],
+}
+
+/// The VM's half of the exit dispatch and of event delivery.
+pub trait VmHooks {
+    /// An exit the vCPU handed up.
+    fn handle(&mut self, exit: VcpuExit, vcpu: &mut Vcpu) -> ExitAction;
+    /// Runs just before every VM entry: time-driven device state, event
+    /// injection. Returns the host TSC ticks until the VM's next timer
+    /// event (the preemption timer is armed no later than that), or a stop.
+    fn before_entry(&mut self, vcpu: &mut Vcpu) -> Result<Option<u64>, StopReason>;
 }
 
 fn rw(field: u32, value: u64) -> Result<(), VmxFail> {
@@ -134,8 +164,18 @@ impl Vcpu {
             slice: 1_000_000,
             budget: 0,
             slices_used: 0,
-            cr8: 0,
+            slice_left: 0,
             last_exit: VmExitInfo::default(),
+            reinject: None,
+            soft_msrs: SoftMsrs::default(),
+            switched: [0; 5],
+            tsc_offset: 0,
+            tsc_adjust: 0,
+            host_msr: HostMsrFeatures {
+                spec_ctrl: cpu::cpuid(7, 0)[3] & (1 << 26) != 0,
+            },
+            refused_logged: Vec::new(),
+            debug_regs: [0, 0, 0, 0, DR6_RESET],
         };
         match v.init(vpid, eptp, start) {
             Ok(()) => Ok(v),
@@ -172,6 +212,7 @@ impl Vcpu {
         rw(control::VPID, vpid.into())?;
         rw(control::EPTP_FULL, eptp)?;
         rw(control::CR3_TARGET_COUNT, 0)?;
+        rw(control::TSC_OFFSET_FULL, 0)?;
         rw(control::VMEXIT_MSR_STORE_COUNT, 0)?;
         rw(control::VMEXIT_MSR_LOAD_COUNT, 0)?;
         rw(control::VMENTRY_MSR_LOAD_COUNT, 0)?;
@@ -285,7 +326,7 @@ impl Vcpu {
         rw(guest::CR3, 0)?;
         rw(guest::CR4, self.caps.fix_cr4(0))?;
         rw(control::CR4_READ_SHADOW, 0)?;
-        rw(guest::DR7, 0x400)?;
+        rw(guest::DR7, DR7_RESET)?;
         rw(guest::RSP, 0)?;
         rw(guest::RIP, start.rip)?;
         rw(guest::RFLAGS, 0x2)?;
@@ -303,19 +344,47 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the vCPU until the VM stops. `handle` is the VM's half of the
-    /// exit dispatch.
-    pub fn run(&mut self, mut handle: impl FnMut(VcpuExit, &mut Self) -> ExitAction) -> StopReason {
+    /// Runs the vCPU until the VM stops. `vm` is the VM's half of the
+    /// exit dispatch and of event delivery.
+    pub fn run(&mut self, vm: &mut impl VmHooks) -> StopReason {
         // SAFETY: the VMCS is this vCPU's own, cleared at creation.
         if unsafe { instr::vmptrld(self.vmcs.as_u64()) }.is_err() {
             return StopReason::VmxInstructionFailed;
         }
-        // The timer counts down across entries (its value is saved at every
-        // exit) and is reloaded only when a slice has run out.
-        if rw(guest::VMX_PREEMPTION_TIMER_VALUE, self.slice.into()).is_err() {
-            return StopReason::VmxInstructionFailed;
+        self.load_switched_msrs();
+        cpu::write_debug_regs(&self.debug_regs);
+        let stop = self.run_loop(vm);
+        self.save_switched_msrs();
+        // The guest's DR0-3/DR6 are kept; the next VM finds reset values.
+        self.debug_regs = cpu::read_debug_regs();
+        cpu::write_debug_regs(&[0, 0, 0, 0, DR6_RESET]);
+        stop
+    }
+
+    fn run_loop(&mut self, vm: &mut impl VmHooks) -> StopReason {
+        let rate = self.caps.preemption_timer_rate();
+        if self.slice_left == 0 {
+            self.slice_left = self.slice.into();
         }
         loop {
+            let until_event = match vm.before_entry(self) {
+                Ok(t) => t,
+                Err(stop) => return stop,
+            };
+            // The timer fires at the end of the slice or at the VM's next
+            // timer event, whichever is first.
+            let mut armed = self.slice_left;
+            if let Some(t) = until_event {
+                armed = armed.min((t >> rate).max(1));
+            }
+            if rw(
+                guest::VMX_PREEMPTION_TIMER_VALUE,
+                armed.min(u32::MAX.into()),
+            )
+            .is_err()
+            {
+                return StopReason::VmxInstructionFailed;
+            }
             // SAFETY: the VMCS holds this CPU's host state and a guest whose
             // memory is confined by EPT.
             match unsafe { instr::enter(&mut self.regs, self.launched) } {
@@ -335,6 +404,17 @@ impl Vcpu {
                 Some(c) => *c += 1,
                 None => self.exits.other += 1,
             }
+            let left = match instr::vmread(guest::VMX_PREEMPTION_TIMER_VALUE) {
+                Ok(v) => v.min(armed),
+                Err(_) => return StopReason::VmxInstructionFailed,
+            };
+            if let Some(stop) = self.charge(armed - left) {
+                return stop;
+            }
+            self.reinject = match self.read_vectoring() {
+                Ok(r) => r,
+                Err(_) => return StopReason::VmxInstructionFailed,
+            };
             let action = if info.entry_failed() {
                 ExitAction::Stop(StopReason::EntryFailure {
                     reason: reason.number(),
@@ -343,7 +423,7 @@ impl Vcpu {
             } else {
                 match self.handle_own(&info) {
                     Ok(Own::Done(a)) => a,
-                    Ok(Own::Up(exit)) => handle(exit, self),
+                    Ok(Own::Up(exit)) => vm.handle(exit, self),
                     Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
                 }
             };
@@ -352,6 +432,133 @@ impl Vcpu {
                 Ok(Some(stop)) => return stop,
                 Err(_) => return StopReason::VmxInstructionFailed,
             }
+        }
+    }
+
+    /// Charges `units` of preemption-timer time (guest time, or host time
+    /// spent for the VM) to the current slice; a finished slice counts
+    /// against the budget. Returns a stop when the budget is used up.
+    pub fn charge(&mut self, mut units: u64) -> Option<StopReason> {
+        while units >= self.slice_left {
+            units -= self.slice_left;
+            self.slice_left = self.slice.into();
+            self.slices_used += 1;
+            if self.budget != 0 && self.slices_used >= self.budget {
+                return Some(StopReason::TimeBudget);
+            }
+        }
+        self.slice_left -= units;
+        None
+    }
+
+    /// Charges host TSC ticks (e.g. a halted vCPU's wait) to the budget.
+    pub fn charge_tsc(&mut self, ticks: u64) -> Option<StopReason> {
+        self.charge(ticks >> self.caps.preemption_timer_rate())
+    }
+
+    /// The host TSC ticks left before the budget stops the VM.
+    pub fn budget_left_tsc(&self) -> Option<u64> {
+        if self.budget == 0 {
+            return None;
+        }
+        let slices = self.budget.saturating_sub(self.slices_used + 1);
+        let units = slices
+            .saturating_mul(self.slice.into())
+            .saturating_add(self.slice_left);
+        Some(units << self.caps.preemption_timer_rate())
+    }
+
+    /// An event that was being delivered when the exit happened.
+    fn read_vectoring(&self) -> Result<Option<(u32, u32, u32)>, VmxFail> {
+        let v = instr::vmread(ro::IDT_VECTORING_INFO)? as u32;
+        if v & (1 << 31) == 0 {
+            return Ok(None);
+        }
+        let err = if v & (1 << 11) != 0 {
+            instr::vmread(ro::IDT_VECTORING_ERR_CODE)? as u32
+        } else {
+            0
+        };
+        let len = instr::vmread(ro::VMEXIT_INSTRUCTION_LEN)? as u32;
+        Ok(Some((v, err, len)))
+    }
+
+    /// Whether an event is already set up for the next entry.
+    pub fn event_queued(&self) -> Result<bool, VmxFail> {
+        Ok(instr::vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD)? & (1 << 31) != 0)
+    }
+
+    /// Whether an external interrupt can be injected now: RFLAGS.IF set and
+    /// no STI or MOV-SS blocking.
+    pub fn interrupts_open(&self) -> Result<bool, VmxFail> {
+        let iff = instr::vmread(guest::RFLAGS)? & (1 << 9) != 0;
+        let blocking = instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 3 != 0;
+        Ok(iff && !blocking)
+    }
+
+    /// Whether NMIs are blocked (by NMI or MOV SS).
+    pub fn nmi_blocked(&self) -> Result<bool, VmxFail> {
+        Ok(instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 0b1010 != 0)
+    }
+
+    /// Injects external interrupt `vector` at the next entry.
+    pub fn inject_interrupt(&mut self, vector: u8) -> Result<(), VmxFail> {
+        rw(
+            control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            u64::from(vector) | (1 << 31),
+        )
+    }
+
+    /// Injects an NMI at the next entry.
+    pub fn inject_nmi(&mut self) -> Result<(), VmxFail> {
+        rw(
+            control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            2 | (2 << 8) | (1 << 31),
+        )
+    }
+
+    /// Asks for an exit as soon as the guest can take an interrupt.
+    pub fn interrupt_window(&mut self, on: bool) -> Result<(), VmxFail> {
+        let bit = u64::from(ProcControls::INTERRUPT_WINDOW_EXITING.bits());
+        let cur = instr::vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS)?;
+        let new = if on { cur | bit } else { cur & !bit };
+        if new != cur {
+            rw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, new)?;
+        }
+        Ok(())
+    }
+
+    /// The guest's TSC now.
+    pub fn guest_tsc(&self) -> u64 {
+        cpu::rdtsc().wrapping_add(self.tsc_offset)
+    }
+
+    /// Sets EDX:EAX for a completed RDMSR.
+    pub fn complete_rdmsr(&mut self, v: u64) {
+        self.regs.rax = v & 0xffff_ffff;
+        self.regs.rdx = v >> 32;
+    }
+
+    /// The value of a WRMSR (EDX:EAX).
+    pub fn wrmsr_value(&self) -> u64 {
+        (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff)
+    }
+
+    fn load_switched_msrs(&self) {
+        for (m, v) in msr::SWITCHED.iter().zip(self.switched) {
+            // SAFETY: these MSRs only matter to SYSCALL/SWAPGS, which Tern
+            // never executes; values were checked when the guest wrote them.
+            unsafe { cpu::wrmsr(*m, v) };
+        }
+    }
+
+    /// Keeps the guest's values and leaves the real MSRs at zero, so the
+    /// next VM cannot see them.
+    fn save_switched_msrs(&mut self) {
+        for (m, v) in msr::SWITCHED.iter().zip(self.switched.iter_mut()) {
+            *v = cpu::rdmsr(*m);
+            // SAFETY: as in `load_switched_msrs`; 0 is valid for each.
+            unsafe { cpu::wrmsr(*m, 0) };
         }
     }
 
@@ -388,8 +595,26 @@ impl Vcpu {
                 Ok(None)
             }
             ExitAction::Retry => Ok(None),
-            ExitAction::Stop(s) => Ok(Some(s)),
+            ExitAction::InjectGp => {
+                self.inject_gp()?;
+                Ok(None)
+            }
+            ExitAction::Stop(s) => return Ok(Some(s)),
         }
+        .map(|r: Option<StopReason>| r)
+        .and_then(|r| {
+            // An event the exit interrupted is delivered again, before
+            // anything new (SDM 27.2.4 / 29.3).
+            if let Some((info, err, len)) = self.reinject.take() {
+                rw(
+                    control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                    u64::from(info & !(1 << 12)),
+                )?;
+                rw(control::VMENTRY_EXCEPTION_ERR_CODE, err.into())?;
+                rw(control::VMENTRY_INSTRUCTION_LEN, len.into())?;
+            }
+            Ok(r)
+        })
     }
 
     /// Injects #GP(0) at the next entry.
@@ -428,6 +653,11 @@ impl Vcpu {
         })
     }
 
+    /// Sets general-purpose register `n` (x86 encoding order).
+    pub fn set_gpr_pub(&mut self, n: u8, v: u64) -> Result<(), VmxFail> {
+        self.set_gpr(n, v)
+    }
+
     fn set_gpr(&mut self, n: u8, v: u64) -> Result<(), VmxFail> {
         let r = &mut self.regs;
         match n {
@@ -460,15 +690,16 @@ impl Vcpu {
                 advance
             }
             ExitReason::CrAccess => self.cr_access(CrAccess::decode(info.qualification)),
+            ExitReason::DrAccess => self.dr_access(info.qualification),
             ExitReason::Rdmsr => self.rdmsr(),
             ExitReason::Wrmsr => self.wrmsr(),
             ExitReason::Xsetbv => self.inject_gp(),
-            ExitReason::PreemptionTimer => {
-                rw(guest::VMX_PREEMPTION_TIMER_VALUE, self.slice.into())?;
-                self.slices_used += 1;
-                if self.budget != 0 && self.slices_used >= self.budget {
-                    return Ok(Own::Done(ExitAction::Stop(StopReason::TimeBudget)));
-                }
+            // The slice or the VM's next timer event ended (accounted in
+            // the loop); the VM polls its devices before the next entry.
+            ExitReason::PreemptionTimer => Ok(Own::Done(ExitAction::Retry)),
+            // The guest can take an interrupt now: the VM injects it.
+            ExitReason::InterruptWindow => {
+                self.interrupt_window(false)?;
                 Ok(Own::Done(ExitAction::Retry))
             }
             // Tern takes no interrupts: one that arrives while the guest runs
@@ -492,9 +723,19 @@ impl Vcpu {
                     })));
                 };
                 if q.string || q.rep {
-                    return Ok(Own::Done(ExitAction::Stop(StopReason::UnsupportedIo {
-                        port: q.port,
-                    })));
+                    let instr_info = instr::vmread(ro::VMEXIT_INSTRUCTION_INFO)? as u32;
+                    return Ok(
+                        match hv_core::emulate::StringIo::from_exit(
+                            info.qualification,
+                            instr_info,
+                            info.instruction_len,
+                        ) {
+                            Ok(io) => Own::Up(VcpuExit::StringIo(io)),
+                            Err(_) => Own::Done(ExitAction::Stop(StopReason::UnsupportedIo {
+                                port: q.port,
+                            })),
+                        },
+                    );
                 }
                 let value = (self.regs.rax & (u64::MAX >> (64 - 8 * u32::from(q.size)))) as u32;
                 Ok(Own::Up(VcpuExit::Io {
@@ -559,15 +800,22 @@ impl Vcpu {
         match leaf {
             1 => {
                 // ECX: hide MONITOR (3), VMX (5), SMX (6), EIST (7), TM2 (8),
-                // PDCM (15), x2APIC (21), TSC deadline (24), XSAVE (26),
-                // OSXSAVE (27); set "hypervisor present" (31).
+                // PDCM (15), XSAVE (26), OSXSAVE (27); show x2APIC (21) and
+                // TSC deadline (24), which the local APIC model emulates;
+                // set "hypervisor present" (31).
                 r[2] &= !((1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15));
-                r[2] &= !((1 << 21) | (1 << 24) | (1 << 26) | (1 << 27));
-                r[2] |= 1 << 31;
-                // EDX: hide MCE (7), APIC (9), MTRR (12), MCA (14), ACPI
-                // thermal (22), TM (29): Tern emulates none of them.
-                r[3] &= !((1 << 7) | (1 << 9) | (1 << 12) | (1 << 14) | (1 << 22) | (1 << 29));
+                r[2] &= !((1 << 26) | (1 << 27));
+                r[2] |= (1 << 21) | (1 << 24) | (1 << 31);
+                // EDX: hide MCE (7), MCA (14), ACPI thermal (22), TM (29);
+                // show APIC (9) and MTRR (12) (the MSR table has them).
+                r[3] &= !((1 << 7) | (1 << 14) | (1 << 22) | (1 << 29));
+                r[3] |= (1 << 9) | (1 << 12);
+                // EBX[31:24]: initial APIC ID 0; one logical processor.
+                r[1] &= 0x0000_FFFF;
+                r[1] |= 1 << 16;
             }
+            // x2APIC topology: this vCPU is x2APIC ID 0.
+            0xB | 0x1F => r[3] = 0,
             // Leaf 7: hide INVPCID (EBX 10) and WAITPKG (ECX 5), which need
             // controls Tern does not set.
             7 => {
@@ -627,14 +875,18 @@ impl Vcpu {
                 self.set_gpr(gpr, v)?;
                 Ok(Own::Done(ExitAction::Advance(None)))
             }
+            // CR8 is the local APIC's TPR[7:4]: the VM's APIC model has it.
             CrAccess::MovTo { cr: 8, gpr } => {
-                self.cr8 = self.gpr(gpr)? & 0xf;
-                Ok(Own::Done(ExitAction::Advance(None)))
+                let v = self.gpr(gpr)?;
+                if v & !0xf != 0 {
+                    return self.inject_gp();
+                }
+                Ok(Own::Up(VcpuExit::Cr8 {
+                    write: Some(v as u8),
+                    gpr,
+                }))
             }
-            CrAccess::MovFrom { cr: 8, gpr } => {
-                self.set_gpr(gpr, self.cr8)?;
-                Ok(Own::Done(ExitAction::Advance(None)))
-            }
+            CrAccess::MovFrom { cr: 8, gpr } => Ok(Own::Up(VcpuExit::Cr8 { write: None, gpr })),
             // CLTS and LMSW touch CR0 bits 3:0, none of them shadowed, so
             // they never exit; CR3 exits only on CPUs that force CR3
             // exiting (handled above).
@@ -644,42 +896,133 @@ impl Vcpu {
         }
     }
 
-    /// The MSRs a guest may read; anything else gets #GP.
-    fn rdmsr(&mut self) -> Result<Own, VmxFail> {
-        let v = match self.regs.rcx as u32 {
-            0x10 => cpu::rdtsc(),
-            0x1A0 => 1, // IA32_MISC_ENABLE: fast strings
-            0xFE => 0,  // MTRR capabilities: none
-            0x174 => instr::vmread(guest::IA32_SYSENTER_CS)?,
-            0x175 => instr::vmread(guest::IA32_SYSENTER_ESP)?,
-            0x176 => instr::vmread(guest::IA32_SYSENTER_EIP)?,
-            0x277 => instr::vmread(guest::IA32_PAT_FULL)?,
-            MSR_EFER => instr::vmread(guest::IA32_EFER_FULL)?,
-            0xC000_0100 => instr::vmread(guest::FS_BASE)?,
-            0xC000_0101 => instr::vmread(guest::GS_BASE)?,
-            _ => return self.inject_gp(),
-        };
-        self.regs.rax = v & 0xffff_ffff;
-        self.regs.rdx = v >> 32;
+    /// MOV to or from a debug register (SDM Vol. 3C, Table 28-4: bits 2:0
+    /// the register, bit 4 the direction, bits 11:8 the GPR). DR7 lives in
+    /// the VMCS; DR0-3 and DR6 in the real registers while the guest runs.
+    fn dr_access(&mut self, q: u64) -> Result<Own, VmxFail> {
+        let mut dr = (q & 7) as u8;
+        let from = q & (1 << 4) != 0;
+        let gpr = ((q >> 8) & 0xF) as u8;
+        // DR4/DR5 alias DR6/DR7 unless CR4.DE, where they are #UD.
+        if dr == 4 || dr == 5 {
+            if instr::vmread(control::CR4_READ_SHADOW)? & (1 << 3) != 0 {
+                rw(
+                    control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                    6 | (3 << 8) | (1 << 31),
+                )?;
+                return Ok(Own::Done(ExitAction::Retry));
+            }
+            dr += 2;
+        }
+        let long = instr::vmread(guest::IA32_EFER_FULL)? & EFER_LMA != 0;
+        if from {
+            let v = match dr {
+                7 => instr::vmread(guest::DR7)?,
+                n => cpu::read_debug_regs()[if n == 6 { 4 } else { usize::from(n) }],
+            };
+            let v = if long { v } else { v & 0xffff_ffff };
+            self.set_gpr(gpr, v)?;
+        } else {
+            let mut v = self.gpr(gpr)?;
+            if !long {
+                v &= 0xffff_ffff;
+            }
+            match dr {
+                // Bits 63:32 must be 0 (#GP); reserved bits read as fixed.
+                6 | 7 if v >> 32 != 0 => return self.inject_gp(),
+                7 => rw(guest::DR7, (v | DR7_RESET) & !0xD800)?,
+                n => {
+                    let mut regs = cpu::read_debug_regs();
+                    let i = if n == 6 { 4 } else { usize::from(n) };
+                    regs[i] = if n == 6 { v | DR6_RESET } else { v };
+                    cpu::write_debug_regs(&regs);
+                }
+            }
+        }
         Ok(Own::Done(ExitAction::Advance(None)))
     }
 
-    fn wrmsr(&mut self) -> Result<Own, VmxFail> {
-        let v = (self.regs.rdx << 32) | (self.regs.rax & 0xffff_ffff);
-        // What real hardware refuses with #GP is refused here too, so that
-        // no value reaches a VMCS field that would fail the next VM entry.
-        let canonical = ((v as i64) << 16 >> 16) as u64 == v;
-        let field = match self.regs.rcx as u32 {
-            0x174 => guest::IA32_SYSENTER_CS,
-            0x175 if canonical => guest::IA32_SYSENTER_ESP,
-            0x176 if canonical => guest::IA32_SYSENTER_EIP,
-            // Each PAT entry must be a valid memory type (0, 1, 4, 5, 6, 7).
-            0x277 if v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7)) => {
-                guest::IA32_PAT_FULL
+    fn refuse_msr(&mut self, m: u32, write: bool) -> Result<Own, VmxFail> {
+        if !self.refused_logged.contains(&m) && self.refused_logged.len() < 64 {
+            self.refused_logged.push(m);
+            let what = if write { "WRMSR" } else { "RDMSR" };
+            log::warn!("guest {what} {m:#x} refused (#GP)");
+        }
+        self.inject_gp()
+    }
+
+    fn vmcs_msr_field(m: VmcsMsr) -> u32 {
+        match m {
+            VmcsMsr::SysenterCs => guest::IA32_SYSENTER_CS,
+            VmcsMsr::SysenterEsp => guest::IA32_SYSENTER_ESP,
+            VmcsMsr::SysenterEip => guest::IA32_SYSENTER_EIP,
+            VmcsMsr::DebugCtl => guest::IA32_DEBUGCTL_FULL,
+            VmcsMsr::Pat => guest::IA32_PAT_FULL,
+            VmcsMsr::Efer => guest::IA32_EFER_FULL,
+            VmcsMsr::FsBase => guest::FS_BASE,
+            VmcsMsr::GsBase => guest::GS_BASE,
+        }
+    }
+
+    /// RDMSR through the policy table (`hv_core::msr`).
+    fn rdmsr(&mut self) -> Result<Own, VmxFail> {
+        let m = self.regs.rcx as u32;
+        let rule = msr::rule(m, self.host_msr);
+        let v = match rule {
+            MsrRule::Tsc => self.guest_tsc(),
+            MsrRule::TscAdjust => self.tsc_adjust,
+            MsrRule::Lapic => {
+                return Ok(Own::Up(VcpuExit::Msr {
+                    msr: m,
+                    write: None,
+                }))
             }
-            0xC000_0100 if canonical => guest::FS_BASE,
-            0xC000_0101 if canonical => guest::GS_BASE,
-            MSR_EFER => {
+            MsrRule::Vmcs(f) => instr::vmread(Self::vmcs_msr_field(f))?,
+            MsrRule::Switched => {
+                // SWAPGS changes KERNEL_GS_BASE without an exit: the real
+                // MSR holds the guest's current value.
+                let i = msr::SWITCHED.iter().position(|&x| x == m).unwrap_or(0);
+                self.switched[i] = cpu::rdmsr(m);
+                self.switched[i]
+            }
+            MsrRule::Soft { .. } | MsrRule::Const(_) => match self.soft_msrs.read(m, rule) {
+                Ok(v) => v,
+                Err(_) => return self.refuse_msr(m, false),
+            },
+            MsrRule::WriteOnly | MsrRule::Refused => return self.refuse_msr(m, false),
+        };
+        self.complete_rdmsr(v);
+        Ok(Own::Done(ExitAction::Advance(None)))
+    }
+
+    /// WRMSR through the policy table. What real hardware refuses with #GP
+    /// is refused here too, so that no value reaches a VMCS field that
+    /// would fail the next VM entry.
+    fn wrmsr(&mut self) -> Result<Own, VmxFail> {
+        let m = self.regs.rcx as u32;
+        let v = self.wrmsr_value();
+        let rule = msr::rule(m, self.host_msr);
+        match rule {
+            MsrRule::Tsc => {
+                let old = self.guest_tsc();
+                self.tsc_offset = v.wrapping_sub(cpu::rdtsc());
+                self.tsc_adjust = self.tsc_adjust.wrapping_add(v.wrapping_sub(old));
+                rw(control::TSC_OFFSET_FULL, self.tsc_offset)?;
+            }
+            MsrRule::TscAdjust => {
+                self.tsc_offset = self
+                    .tsc_offset
+                    .wrapping_add(v.wrapping_sub(self.tsc_adjust));
+                self.tsc_adjust = v;
+                rw(control::TSC_OFFSET_FULL, self.tsc_offset)?;
+            }
+            MsrRule::Lapic => {
+                return Ok(Own::Up(VcpuExit::Msr {
+                    msr: m,
+                    write: Some(v),
+                }))
+            }
+            MsrRule::Vmcs(VmcsMsr::Efer) => {
                 // SCE, LME, NXE may change; LMA follows CR0.PG, not WRMSR.
                 const WRITABLE: u64 = 1 | EFER_LME | (1 << 11);
                 if v & !(WRITABLE | EFER_LMA) != 0 {
@@ -691,11 +1034,38 @@ impl Vcpu {
                     return self.inject_gp();
                 }
                 rw(guest::IA32_EFER_FULL, (v & WRITABLE) | (cur & EFER_LMA))?;
-                return Ok(Own::Done(ExitAction::Advance(None)));
             }
-            _ => return self.inject_gp(),
-        };
-        rw(field, v)?;
+            MsrRule::Vmcs(f) => {
+                let ok = match f {
+                    VmcsMsr::SysenterCs => true,
+                    // Each PAT entry must be a valid memory type.
+                    VmcsMsr::Pat => v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7)),
+                    // LBR (0) and BTF (1) only; the rest is refused.
+                    VmcsMsr::DebugCtl => v & !0b11 == 0,
+                    _ => msr::canonical(v),
+                };
+                if !ok {
+                    return self.inject_gp();
+                }
+                rw(Self::vmcs_msr_field(f), v)?;
+            }
+            MsrRule::Switched => {
+                if m != msr::IA32_STAR && !msr::canonical(v) {
+                    return self.inject_gp();
+                }
+                let i = msr::SWITCHED.iter().position(|&x| x == m).unwrap_or(0);
+                self.switched[i] = v;
+                // SAFETY: checked like hardware checks it; only SYSCALL and
+                // SWAPGS in the guest use these registers.
+                unsafe { cpu::wrmsr(m, v) };
+            }
+            MsrRule::Soft { .. } | MsrRule::Const(_) | MsrRule::WriteOnly => {
+                if self.soft_msrs.write(m, rule, v).is_err() {
+                    return self.inject_gp();
+                }
+            }
+            MsrRule::Refused => return self.refuse_msr(m, true),
+        }
         Ok(Own::Done(ExitAction::Advance(None)))
     }
 

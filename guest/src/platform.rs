@@ -1,0 +1,377 @@
+//! Scenarios for the platform under the guest: interrupts and timers,
+//! fw_cfg, the MSR table, read-modify-write and string MMIO, debug
+//! registers. Each prints what it measured and fails on any difference.
+
+use crate::idt;
+use crate::io;
+use crate::mmio::{self, Rmw};
+use core::arch::asm;
+use core::fmt::Write;
+
+macro_rules! say {
+    ($($t:tt)*) => { let _ = writeln!(io::Serial, $($t)*); };
+}
+
+type R = Result<(), &'static str>;
+
+fn check(what: &'static str, got: u64, want: u64) -> R {
+    if got == want {
+        Ok(())
+    } else {
+        say!("guest: {what}: got {got:#x}, want {want:#x}");
+        Err(what)
+    }
+}
+
+const APIC: u64 = 0xFEE0_0000;
+const IOAPIC: u64 = 0xFEC0_0000;
+
+fn apic_write(reg: u64, v: u32) {
+    io::write_phys_u32(APIC + reg, v);
+}
+
+fn apic_read(reg: u64) -> u32 {
+    io::read_phys_u32(APIC + reg)
+}
+
+/// Software-enables the local APIC (SVR = 0x1FF) with TPR 0.
+fn apic_on() {
+    apic_write(0x80, 0);
+    apic_write(0xF0, 0x1FF);
+}
+
+/// Masks every PIC line.
+fn pic_mask_all() {
+    io::outb(0x21, 0xFF);
+    io::outb(0xA1, 0xFF);
+}
+
+/// PIT channel 0, mode 2 (rate generator), `count` clocks per interrupt.
+fn pit_periodic(count: u16) {
+    io::outb(0x43, 0b0011_0100);
+    io::outb(0x40, count as u8);
+    io::outb(0x40, (count >> 8) as u8);
+}
+
+/// The APIC timer waking a halted vCPU in each mode.
+pub fn apic_timer() -> R {
+    idt::init();
+    pic_mask_all();
+    apic_on();
+    // One-shot: vector 0x30, divide by 1, 2 ms at the 1 GHz APIC clock.
+    apic_write(0x3E0, 0xB);
+    apic_write(0x320, 0x30);
+    apic_write(0x380, 2_000_000);
+    let halts = idt::wait(1000, || idt::count(0x30) >= 1);
+    check("one-shot interrupts", idt::count(0x30), 1)?;
+    check(
+        "one-shot current count after expiry",
+        apic_read(0x390).into(),
+        0,
+    )?;
+    say!("guest: one-shot timer woke the halted vCPU after {halts} HLT");
+    // Nothing more may come from a one-shot timer.
+    idt::spin_with_interrupts(2_000_000);
+    check("one-shot fired again", idt::count(0x30), 1)?;
+
+    // Periodic: vector 0x31, divide by 2 (0x0), 1 ms periods.
+    apic_write(0x3E0, 0x0);
+    apic_write(0x320, 0x31 | (1 << 17));
+    apic_write(0x380, 500_000);
+    let halts = idt::wait(1000, || idt::count(0x31) >= 5);
+    apic_write(0x380, 0);
+    check("periodic interrupts", idt::count(0x31), 5)?;
+    say!("guest: periodic timer: 5 interrupts in {halts} HLT");
+
+    // TSC deadline: vector 0x32.
+    apic_write(0x320, 0x32 | (2 << 17));
+    let deadline = idt::rdtsc() + 1_000_000;
+    idt::wrmsr(0x6E0, deadline);
+    let halts = idt::wait(1000, || idt::count(0x32) >= 1);
+    check("TSC-deadline interrupts", idt::count(0x32), 1)?;
+    if idt::rdtsc() < deadline {
+        return Err("TSC-deadline interrupt before the deadline");
+    }
+    check("deadline MSR cleared after firing", idt::rdmsr(0x6E0), 0)?;
+    say!("guest: TSC-deadline timer woke the halted vCPU after {halts} HLT");
+    Ok(())
+}
+
+/// The PIT through the 8259 PIC (vector 0x20) and through the I/O APIC
+/// (pin 2, vector 0x33).
+pub fn pit_interrupts() -> R {
+    idt::init();
+    // ICW1-4: edge, cascade, ICW4; bases 0x20/0x28; slave on IR2; 8086.
+    for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01)] {
+        io::outb(port, v);
+    }
+    for (port, v) in [(0xA0, 0x11), (0xA1, 0x28), (0xA1, 0x02), (0xA1, 0x01)] {
+        io::outb(port, v);
+    }
+    io::outb(0xA1, 0xFF);
+    io::outb(0x21, 0xFE); // IRQ 0 only
+    pit_periodic(11_932); // 10 ms
+    let halts = idt::wait(1000, || idt::count(0x20) >= 3);
+    check("IRQ 0 through the PIC", idt::count(0x20), 3)?;
+    say!("guest: PIT -> PIC: 3 interrupts in {halts} HLT");
+    // OCW3: read ISR: nothing in service after the EOIs.
+    io::outb(0x20, 0x0B);
+    check("PIC ISR after EOI", io::inb(0x20).into(), 0)?;
+
+    // The same PIT through the I/O APIC: PIC masked, APIC on, pin 2.
+    pic_mask_all();
+    apic_on();
+    io::write_phys_u32(IOAPIC, 0x10 + 2 * 2);
+    io::write_phys_u32(IOAPIC + 0x10, 0x33);
+    io::write_phys_u32(IOAPIC, 0x10 + 2 * 2 + 1);
+    io::write_phys_u32(IOAPIC + 0x10, 0);
+    let halts = idt::wait(1000, || idt::count(0x33) >= 3);
+    check("IRQ 0 through the I/O APIC", idt::count(0x33), 3)?;
+    check("PIC vector while masked", idt::count(0x20), 3)?;
+    say!("guest: PIT -> I/O APIC pin 2: 3 interrupts in {halts} HLT");
+    io::write_phys_u32(IOAPIC, 0x01);
+    check(
+        "I/O APIC version",
+        u64::from(io::read_phys_u32(IOAPIC + 0x10) & 0x00FF_00FF),
+        0x0017_0020,
+    )?;
+    // Port 0x61: channel 2 gated on, mode 0, OUT rises after the count.
+    io::outb(0x61, 0x01);
+    io::outb(0x43, 0b1011_0000);
+    io::outb(0x42, 0xFF);
+    io::outb(0x42, 0x00);
+    let mut polls = 0u64;
+    while io::inb(0x61) & 0x20 == 0 {
+        polls += 1;
+        if polls > 10_000_000 {
+            return Err("PIT channel 2 OUT never rose");
+        }
+    }
+    say!("guest: PIT channel 2 OUT rose after {polls} polls of port 0x61");
+    Ok(())
+}
+
+/// Self IPIs through the ICR: a fixed vector and an NMI.
+pub fn self_ipi() -> R {
+    idt::init();
+    pic_mask_all();
+    apic_on();
+    apic_write(0x300, 0x40 | (1 << 18)); // self shorthand, fixed
+    idt::spin_with_interrupts(10_000);
+    check("self IPI", idt::count(0x40), 1)?;
+    apic_write(0x300, (4 << 8) | (1 << 18)); // self shorthand, NMI
+    idt::spin_with_interrupts(10_000);
+    check("NMI to self", idt::count(2), 1)?;
+    check("APIC base MSR", idt::rdmsr(0x1B) & 0xFFFF_F900, 0xFEE0_0900)?;
+    // x2APIC: enabled through the base MSR, the ID and a self IPI by MSR.
+    idt::wrmsr(0x1B, 0xFEE0_0C00);
+    check("x2APIC ID", idt::rdmsr(0x802), 0)?;
+    idt::wrmsr(0x83F, 0x41);
+    idt::spin_with_interrupts(10_000);
+    check("x2APIC self IPI", idt::count(0x41), 1)?;
+    Ok(())
+}
+
+/// fw_cfg: signature, CPU count, RAM size through the data port (byte by
+/// byte and with `rep insb`), and a DMA read.
+pub fn fw_cfg(ram_kib: u64) -> R {
+    let read = |key: u16, n: usize| -> u64 {
+        io::outw(0x510, key);
+        (0..n).fold(0, |v, i| v | (u64::from(io::inb(0x511)) << (8 * i)))
+    };
+    check(
+        "signature",
+        read(0, 4),
+        u64::from(u32::from_le_bytes(*b"QEMU")),
+    )?;
+    check("CPU count", read(5, 2), 1)?;
+    check("RAM size", read(3, 8), ram_kib * 1024)?;
+    io::outw(0x510, 0);
+    let mut sig = [0u8; 4];
+    io::rep_insb(0x511, &mut sig);
+    if &sig != b"QEMU" {
+        return Err("rep insb of the signature");
+    }
+    // DMA: select the signature and read it into `buf`.
+    #[repr(C, align(16))]
+    struct Dma {
+        control: u32,
+        length: u32,
+        address: u64,
+        buf: [u8; 8],
+    }
+    let mut d = Dma {
+        control: 0,
+        length: 4u32.to_be(),
+        address: 0,
+        buf: [0; 8],
+    };
+    d.address = (core::ptr::addr_of!(d.buf) as u64).to_be();
+    // Select key 0 (the signature, bits 31:16) and read.
+    d.control = (0x08u32 | 0x02).to_be();
+    let addr = core::ptr::addr_of_mut!(d) as u64;
+    io::outl(0x514, 0);
+    io::outl(0x518, (addr as u32).to_be());
+    // SAFETY: the device wrote the descriptor and buffer; read them back
+    // as the CPU sees memory now.
+    let (control, buf) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!(d.control)),
+            core::ptr::read_volatile(core::ptr::addr_of!(d.buf)),
+        )
+    };
+    check("DMA control after the transfer", control.into(), 0)?;
+    if &buf[..4] != b"QEMU" {
+        return Err("DMA read of the signature");
+    }
+    say!("guest: fw_cfg: QEMU signature, 1 CPU, {ram_kib} KiB, DMA works");
+    Ok(())
+}
+
+/// The MSR table: switched, soft, constant and refused MSRs, and the TSC.
+pub fn msrs() -> R {
+    idt::init();
+    idt::set_gp_skip(2);
+    // KERNEL_GS_BASE through WRMSR, then SWAPGS moves it into GS.base.
+    idt::wrmsr(0xC000_0102, 0x1234_5000);
+    idt::wrmsr(0xC000_0101, 0x7777_0000);
+    // SAFETY: SWAPGS exchanges GS.base and KERNEL_GS_BASE; the guest uses
+    // neither for anything else and swaps back below.
+    unsafe { asm!("swapgs", options(nomem, nostack)) };
+    check("GS base after SWAPGS", idt::rdmsr(0xC000_0101), 0x1234_5000)?;
+    check(
+        "KERNEL_GS_BASE after SWAPGS",
+        idt::rdmsr(0xC000_0102),
+        0x7777_0000,
+    )?;
+    // SAFETY: as above.
+    unsafe { asm!("swapgs", options(nomem, nostack)) };
+    idt::wrmsr(0xC000_0082, 0xFFFF_8000_0000_1000);
+    check("LSTAR", idt::rdmsr(0xC000_0082), 0xFFFF_8000_0000_1000)?;
+    idt::wrmsr(0x2FF, 0xC06);
+    check("MTRR_DEF_TYPE", idt::rdmsr(0x2FF), 0xC06)?;
+    check("MTRRCAP", idt::rdmsr(0xFE), 0x508)?;
+    check("MISC_ENABLE", idt::rdmsr(0x1A0), 0x1801)?;
+    check("FEATURE_CONTROL", idt::rdmsr(0x3A), 1)?;
+    check("#GP so far", idt::count(13), 0)?;
+    // Refused: #GP, counted and skipped by the stub.
+    let _ = idt::rdmsr(0xC0DE);
+    idt::wrmsr(0xC000_0082, 0x8000_0000_0000_0000); // not canonical
+    check("refused MSR accesses", idt::count(13), 2)?;
+    // A TSC write moves the TSC and TSC_ADJUST by the same amount.
+    let before = idt::rdtsc();
+    idt::wrmsr(0x10, before + (1 << 40));
+    let after = idt::rdtsc();
+    if after < before + (1 << 40) || after > before + (1 << 40) + 10_000_000 {
+        return Err("TSC after a TSC write");
+    }
+    let adjust = idt::rdmsr(0x3B);
+    if !((1 << 40) - 10_000_000..=(1 << 40)).contains(&adjust) {
+        say!("guest: TSC_ADJUST {adjust:#x}");
+        return Err("TSC_ADJUST after a TSC write");
+    }
+    say!("guest: MSR table: switched, soft, constant, refused and TSC MSRs as expected");
+    Ok(())
+}
+
+fn flags_of(f: u64) -> (bool, bool, bool) {
+    (f & 1 != 0, f & (1 << 6) != 0, f & (1 << 7) != 0)
+}
+
+/// Read-modify-write and string instructions on MMIO (the test device's
+/// scratch area), with the flags they leave.
+pub fn rmw(test_base: u64) -> R {
+    let p = test_base + 0x180;
+    let set = |v: u32| mmio::store(p, mmio::Store::Reg32(v));
+    let get = || mmio::load(p, mmio::Load::Plain32, 0);
+    set(0xFFFF_FFFF);
+    let (_, f) = mmio::rmw(p, Rmw::Add(1));
+    check("add result", get(), 0)?;
+    // CF, ZF set; SF clear.
+    if flags_of(f) != (true, true, false) {
+        return Err("add flags");
+    }
+    set(0x0F0F_0000);
+    mmio::rmw(p, Rmw::Or(0x00F0_000F));
+    check("or", get(), 0x0FFF_000F)?;
+    mmio::rmw(p, Rmw::And(0xFF00_FFFF));
+    check("and", get(), 0x0F00_000F)?;
+    mmio::rmw(p, Rmw::Xor(0x0F00_0000));
+    check("xor", get(), 0x0000_000F)?;
+    let (_, f) = mmio::rmw(p, Rmw::Sub(0x10));
+    check("sub", get(), 0xFFFF_FFFF)?;
+    // Borrow: CF and SF set, ZF clear.
+    if flags_of(f) != (true, false, true) {
+        return Err("sub flags");
+    }
+    set(0x10);
+    let (_, f) = mmio::rmw(p, Rmw::Bts(4));
+    check("bts", get(), 0x10)?;
+    if f & 1 == 0 {
+        return Err("bts CF (bit was set)");
+    }
+    mmio::rmw(p, Rmw::Bts(0));
+    check("bts bit 0", get(), 0x11)?;
+    let (old, _) = mmio::rmw(p, Rmw::Xchg(0xCAFE));
+    check("xchg old value", old, 0x11)?;
+    check("xchg new value", get(), 0xCAFE)?;
+    mmio::rmw(p, Rmw::Inc);
+    check("inc", get(), 0xCAFF)?;
+    let (_, f) = mmio::rmw(p, Rmw::Neg);
+    check("neg", get(), 0xFFFF_3501)?;
+    if f & 1 == 0 {
+        return Err("neg CF");
+    }
+    // rep stosd on MMIO, rep movsb back into RAM.
+    let mut buf = [0u8; 32];
+    mmio::string_copy(test_base + 0x100, 0xA5A5_5A5A, 8, &mut buf);
+    if buf.chunks(4).any(|c| c != 0xA5A5_5A5Au32.to_le_bytes()) {
+        return Err("rep stosd / rep movsb through MMIO");
+    }
+    // rep outsb to the UART.
+    io::rep_outsb(0x3F8, b"guest: rep outsb reached the UART\n");
+    say!("guest: read-modify-write and string MMIO checked");
+    Ok(())
+}
+
+fn dr7() -> u64 {
+    let v: u64;
+    // SAFETY: reading DR7 has no effect.
+    unsafe { asm!("mov {}, dr7", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+fn dr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading DR0 has no effect.
+    unsafe { asm!("mov {}, dr0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Debug registers written by the guest survive exits.
+pub fn debug_regs() -> R {
+    let addr = 0x5000u64;
+    let dr7_value = 0x0001_0402u64; // L0, write breakpoint, 1 byte
+                                    // SAFETY: arms a data breakpoint on a page the guest never writes to
+                                    // in this scenario; DR0/DR7 are the guest's own.
+    unsafe {
+        asm!("mov dr0, {}", in(reg) addr, options(nomem, nostack));
+        asm!("mov dr7, {}", in(reg) dr7_value, options(nomem, nostack));
+    }
+    // Exits of several kinds.
+    let _ = io::cpuid(0);
+    let _ = io::vmcall(0, 0);
+    let _ = io::inb(0x80);
+    check("DR7 after exits", dr7(), dr7_value)?;
+    check("DR0 after exits", dr0(), addr)?;
+    // SAFETY: disarms the breakpoint.
+    unsafe { asm!("mov dr7, {}", in(reg) 0x400u64, options(nomem, nostack)) };
+    say!("guest: DR0 and DR7 kept across CPUID, VMCALL and I/O exits");
+    Ok(())
+}
+
+/// `sti; hlt` with every interrupt source quiet.
+pub fn sleep_forever() {
+    idt::init();
+    idt::wait(1, || false);
+}
