@@ -10,7 +10,7 @@ use heapless::{String, Vec};
 /// The most memory-map entries kept.
 pub const MAX_MEMORY_RANGES: usize = 64;
 /// The most boot modules kept.
-pub const MAX_MODULES: usize = 8;
+pub const MAX_MODULES: usize = 64;
 /// The longest command line kept (longer ones are an error, not truncated).
 pub const MAX_CMDLINE: usize = 512;
 

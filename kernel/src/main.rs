@@ -18,6 +18,7 @@ mod vm;
 mod vmx;
 
 use alloc::string::String;
+use alloc::vec::Vec;
 use boot::{BootInfo, BootProtocol};
 use exit::Status;
 
@@ -120,15 +121,49 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
     let tsc_hz = cpu::calibrate_tsc();
     println!("tern: TSC {} kHz", tsc_hz / 1000);
     let mut status = Status::OK;
-    for (i, m) in info.modules.iter().enumerate() {
-        let cmdline = if m.cmdline.is_empty() {
+    // A boot module with `module-for=NAME` on its line is not a VM: it is
+    // a multiboot module of VM NAME (the rest of its line is its string).
+    fn cmdline_of<'a>(info: &'a BootInfo, m: &'a boot::info::Module) -> &'a str {
+        if m.cmdline.is_empty() {
             info.trailing_args()
         } else {
             m.cmdline.as_str()
-        };
+        }
+    }
+    for (i, m) in info.modules.iter().enumerate() {
+        let cmdline = cmdline_of(info, m);
+        if boot::info::option(cmdline, "module-for").is_some() {
+            continue;
+        }
+        // The VM's name: `name=`, else the image's file name (the first word
+        // when it is a path, as test kernels' argv[0]), else vm<i>.
         let name = boot::info::option(cmdline, "name")
             .map(String::from)
+            .or_else(|| {
+                let first = cmdline.split_whitespace().next()?;
+                let base = first.rsplit('/').next()?;
+                (first.contains('/') || first.contains('.'))
+                    .then(|| base.split('.').next().unwrap_or(base).into())
+            })
             .unwrap_or_else(|| alloc::format!("vm{i}"));
+        let module_lines: Vec<(&boot::info::Module, &str)> = info
+            .modules
+            .iter()
+            .filter_map(|x| {
+                let line = cmdline_of(info, x);
+                (boot::info::option(line, "module-for") == Some(name.as_str())).then_some((x, line))
+            })
+            .collect();
+        let mut modules = Vec::new();
+        for (x, line) in &module_lines {
+            match mem::module_bytes(x) {
+                Some(data) => modules.push(hv_core::loader::Module {
+                    data,
+                    cmdline: line,
+                }),
+                None => println!("[{name}] a module has an empty or invalid range"),
+            }
+        }
         let cfg = vm::VmConfig {
             name: name.clone(),
             machine: hv_core::machine::MachineConfig {
@@ -158,7 +193,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         let before = mem::free_bytes();
         // VPID 0 is the host's; VM i gets i + 1.
         let vpid = u16::try_from(i + 1).unwrap_or(u16::MAX);
-        let report = match vm::Vm::create(vmx, vpid, image, &cfg) {
+        let report = match vm::Vm::create(vmx, vpid, image, &modules, &cfg) {
             Ok(mut vm) => {
                 println!("[{name}] starting: {cmdline}");
                 vm.run()

@@ -167,7 +167,13 @@ pub fn bios_byte(i: u64) -> u8 {
 
 impl Vm {
     /// Builds a VM from a multiboot guest image.
-    pub fn create(vmx: &Vmx, vpid: u16, image: &[u8], cfg: &VmConfig) -> Result<Self, VmError> {
+    pub fn create(
+        vmx: &Vmx,
+        vpid: u16,
+        image: &[u8],
+        modules: &[loader::Module],
+        cfg: &VmConfig,
+    ) -> Result<Self, VmError> {
         let mut machine = Machine::new_pc(&cfg.machine)?;
         machine.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new()))?;
         machine.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit))?;
@@ -283,7 +289,7 @@ impl Vm {
         let rom: Vec<u8> = (0..bios_size).map(bios_byte).collect();
         HostMem.write(bios_hpa, &rom);
         let ram_map = vm.guest_ram()?;
-        let loaded = loader::load_multiboot(image, &cfg.cmdline, &ram_map, &mut HostMem)
+        let loaded = loader::load_multiboot(image, &cfg.cmdline, modules, &ram_map, &mut HostMem)
             .map_err(VmError::Load)?;
         log::info!(
             "[{}] loaded image {:#x}-{:#x}, entry {:#x}, {} MiB RAM",

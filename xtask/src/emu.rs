@@ -307,15 +307,60 @@ fn host_has_vmx() -> bool {
 struct RunArgs {
     emulator: Option<Emulator>,
     guest: String,
+    /// A multiboot image to run instead of Tern's test guest.
+    guest_image: Option<PathBuf>,
+    /// Multiboot modules of the VM: (file, string).
+    modules: Vec<(PathBuf, String)>,
     kernel: String,
+}
+
+/// The VM (and its modules) `run` and `image` start.
+fn guest_specs(a: &RunArgs, images: &Images) -> Vec<GuestSpec> {
+    let image = a
+        .guest_image
+        .clone()
+        .unwrap_or_else(|| images.guest.clone());
+    let mut cmdline = a.guest.clone();
+    // A foreign image gets its file name as argv[0], as QEMU's -kernel.
+    if a.guest_image.is_some() {
+        let name = image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        cmdline = format!("{name} {cmdline}").trim().to_string();
+    }
+    let vm_name = image
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vm0".into());
+    let vm_name = crate::emu::option(&cmdline, "name").unwrap_or(vm_name);
+    let mut specs = vec![GuestSpec { image, cmdline }];
+    for (file, string) in &a.modules {
+        specs.push(GuestSpec {
+            image: file.clone(),
+            cmdline: format!("module-for={vm_name} {string}").trim().to_string(),
+        });
+    }
+    specs
+}
+
+/// The value of `key=` in a command line.
+pub fn option(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .map(String::from)
 }
 
 fn parse_run_args(args: &[String]) -> Result<RunArgs, String> {
     let mut r = RunArgs {
         emulator: None,
         guest: "name=demo scenario=hello expect_ram_kib=32768".into(),
+        guest_image: None,
+        modules: Vec::new(),
         kernel: String::new(),
     };
+    let mut guest_given = false;
     let mut it = args.iter();
     let mut words = Vec::new();
     while let Some(a) = it.next() {
@@ -333,9 +378,36 @@ fn parse_run_args(args: &[String]) -> Result<RunArgs, String> {
                     other => return Err(format!("--emulator bochs|qemu, not {other:?}")),
                 })
             }
-            "--guest" => r.guest = it.next().ok_or("--guest needs its command line")?.clone(),
+            "--guest" => {
+                r.guest = it.next().ok_or("--guest needs its command line")?.clone();
+                guest_given = true;
+            }
+            "--guest-image" => {
+                let f = PathBuf::from(it.next().ok_or("--guest-image needs a file")?);
+                if !f.is_file() {
+                    return Err(format!("--guest-image: {} is not a file", f.display()));
+                }
+                r.guest_image = Some(f);
+            }
+            "--module" => {
+                let m = it.next().ok_or("--module needs FILE[=STRING]")?;
+                let (f, string) = m.split_once('=').unwrap_or((m, ""));
+                if !Path::new(f).is_file() {
+                    return Err(format!("--module: {f} is not a file"));
+                }
+                r.modules.push((PathBuf::from(f), string.to_string()));
+            }
+            w if w.starts_with("--") => {
+                return Err(format!(
+                    "unknown option {w}; options: --emulator bochs|qemu, --guest 'ARGS', --guest-image FILE, --module FILE[=STRING]"
+                ))
+            }
             w => words.push(w.to_string()),
         }
+    }
+    // A foreign image gets no test-guest arguments unless given.
+    if r.guest_image.is_some() && !guest_given {
+        r.guest.clear();
     }
     // `run` shows the VM's memory map at the end unless told otherwise.
     if !words.iter().any(|w| w.starts_with("mtree")) {
@@ -350,10 +422,7 @@ pub fn image_cmd(args: &[String]) -> Result<(), String> {
     let a = parse_run_args(args)?;
     let images = build_all()?;
     let out = crate::root().join("target/tern.iso");
-    let guests = [GuestSpec {
-        image: images.guest.clone(),
-        cmdline: a.guest,
-    }];
+    let guests = guest_specs(&a, &images);
     make_iso(&images, &a.kernel, &guests, &out)?;
     println!("xtask: wrote {}", out.display());
     Ok(())
@@ -368,10 +437,7 @@ pub fn run_cmd(args: &[String]) -> Result<(), String> {
         Emulator::Bochs
     });
     let images = build_all()?;
-    let guests = [GuestSpec {
-        image: images.guest.clone(),
-        cmdline: a.guest,
-    }];
+    let guests = guest_specs(&a, &images);
     println!("xtask: running Tern under {emulator:?}");
     let timeout = Duration::from_secs(600);
     let out = match emulator {

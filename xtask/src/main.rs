@@ -2,9 +2,14 @@
 //!
 //! - `build`: the hypervisor and the test guest for `x86_64-unknown-none`.
 //! - `image [--guest ARGS] [KERNEL ARGS]`: a GRUB rescue ISO (multiboot2 entry).
-//! - `run [--emulator bochs|qemu] [--guest ARGS] [KERNEL ARGS]`: boots Tern with
-//!   the test guest and shows its console. QEMU with KVM when `/dev/kvm`
-//!   exists and the host CPU has VMX, Bochs otherwise.
+//! - `run [--emulator bochs|qemu] [--guest ARGS] [--guest-image FILE]
+//!   [--module FILE[=STRING]] [KERNEL ARGS]`: boots Tern with the test guest
+//!   (or any multiboot image, with multiboot modules) and shows its console.
+//!   QEMU with KVM when `/dev/kvm` exists and the host CPU has VMX, Bochs
+//!   otherwise.
+//! - `run-suite DIR`: every test kernel of a directory (kvm-unit-tests'
+//!   `x86/` with its `unittests.cfg`) as a Tern guest in Bochs, one line
+//!   each and a summary table.
 //! - `test`: host unit tests, then every bare-metal scenario under Bochs
 //!   (VMX) and QEMU TCG (boot path, no-VMX report).
 //! - `bench`: the criterion benchmarks (arguments go to criterion).
@@ -15,6 +20,7 @@ mod deps;
 mod emu;
 mod mtree;
 mod scenarios;
+mod suite;
 
 use std::path::PathBuf;
 
@@ -52,7 +58,10 @@ fn main() {
         Some("test") => scenarios::test_cmd(rest),
         Some("mtree") => mtree::main(rest),
         Some("bench") => bench(rest),
-        _ => Err("usage: cargo xtask <build|image|run|test|bench|mtree> [args]".to_string()),
+        Some("run-suite") => suite::run_suite(rest),
+        _ => Err(
+            "usage: cargo xtask <build|image|run|run-suite|test|bench|mtree> [args]".to_string(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");
