@@ -320,3 +320,207 @@ pub fn string_io(
     let r = emulate::string_io(mode, &bus, &mut &bus, &mut &bus, regs, io);
     finish(bus, r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::HostPhysAddr;
+    use crate::devices::debug_exit::DebugExit;
+    use crate::devices::test_device::TestDevice;
+    use crate::devices::uart::Uart16550;
+    use crate::ept_listener::RamBlock;
+    use crate::machine::{MachineConfig, BIOS_SIZE, TEST_DEVICE_BASE};
+    use crate::phys::mock::MockPhys;
+
+    const RAM: u64 = 4 << 20;
+    const CODE: u64 = 0x1000;
+
+    /// A PC with RAM in a mock host memory, the test device, a UART and
+    /// debug-exit; `code` at guest 0x1000.
+    fn machine(code: &[u8]) -> Machine {
+        let mut m = Machine::new_pc(&MachineConfig {
+            ram_bytes: RAM,
+            lowmem: 3 << 30,
+        })
+        .unwrap();
+        m.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new()))
+            .unwrap();
+        m.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit))
+            .unwrap();
+        let pci = m.regions.pci;
+        let r = m
+            .map_mmio(
+                "tern-test",
+                pci,
+                TEST_DEVICE_BASE,
+                0x1000,
+                Box::new(TestDevice::default()),
+            )
+            .unwrap();
+        m.add_write_notifier(r, 0x20, 4, None, 5).unwrap();
+        let phys = MockPhys::new(8 << 20);
+        let blocks = vec![
+            RamBlock {
+                hpa: HostPhysAddr::new(0x10_0000),
+                size: RAM,
+            },
+            RamBlock {
+                hpa: HostPhysAddr::new(0x60_0000),
+                size: BIOS_SIZE,
+            },
+        ];
+        m.attach_ram(blocks, Box::new(phys));
+        m.guest_memory().unwrap().write(CODE, code).unwrap();
+        m
+    }
+
+    /// 32-bit protected mode, paging off.
+    fn mode() -> CpuMode {
+        CpuMode {
+            cr0: 0x11,
+            cs_db: true,
+            ..CpuMode::default()
+        }
+    }
+
+    fn regs(rax: u64) -> Regs {
+        let mut r = Regs {
+            rip: CODE,
+            rflags: 2,
+            ..Regs::default()
+        };
+        r.gpr[Regs::RAX] = rax;
+        r
+    }
+
+    fn write_exit(gpa: u64) -> MmioExit {
+        MmioExit {
+            gpa,
+            kind: emulate::AccessKind::Write,
+            linear: None,
+        }
+    }
+
+    fn scratch(m: &mut Machine, off: u64) -> u64 {
+        let MemTarget::Device { handle, .. } = m.memory_target(TEST_DEVICE_BASE).unwrap() else {
+            panic!("no test device")
+        };
+        m.device_read(handle, 0x100 + off, 4).unwrap()
+    }
+
+    #[test]
+    fn read_modify_write_reaches_the_device_with_flags() {
+        // add dword [eax], 1
+        let mut m = machine(&[0x83, 0x00, 0x01]);
+        let p = TEST_DEVICE_BASE + 0x100;
+        let MemTarget::Device { handle, .. } = m.memory_target(p).unwrap() else {
+            panic!()
+        };
+        m.device_write(handle, 0x100, 4, 0xFFFF_FFFF).unwrap();
+        let mut r = regs(p);
+        let done = mmio(&mut m, &mode(), &mut r, &write_exit(p), RomWrites::Drop).unwrap();
+        assert_eq!(scratch(&mut m, 0), 0);
+        assert_eq!(r.rip, CODE + 3);
+        // 0xFFFFFFFF + 1: CF, PF, AF, ZF set (bits 0, 2, 4, 6).
+        assert_eq!(r.rflags & 0x8D5, 0x55);
+        assert_eq!(done.executed.mem_accesses, 2, "one read, one write");
+    }
+
+    #[test]
+    fn rep_stos_writes_every_element_to_the_device() {
+        // rep stosb
+        let mut m = machine(&[0xF3, 0xAA]);
+        let p = TEST_DEVICE_BASE + 0x110;
+        let mut r = regs(0x5A);
+        r.gpr[Regs::RDI] = p;
+        r.gpr[Regs::RCX] = 4;
+        let done = mmio(&mut m, &mode(), &mut r, &write_exit(p), RomWrites::Drop).unwrap();
+        assert_eq!(scratch(&mut m, 0x10), 0x5A5A_5A5A);
+        assert_eq!((r.gpr[Regs::RCX], r.gpr[Regs::RDI]), (0, p + 4));
+        assert!(done.executed.rip_advanced);
+        assert_eq!(done.executed.mem_accesses, 4);
+    }
+
+    #[test]
+    fn rom_writes_follow_the_policy_and_unmapped_is_an_error() {
+        // mov [eax], eax
+        let code = [0x89, 0x00];
+        let rom = 0xFFFE_0100;
+        let mut m = machine(&code);
+        let mut r = regs(rom);
+        let done = mmio(&mut m, &mode(), &mut r, &write_exit(rom), RomWrites::Drop).unwrap();
+        assert_eq!(done.rom_writes_dropped, 1);
+        assert_eq!(r.rip, CODE + 2);
+        let mut r = regs(rom);
+        assert_eq!(
+            mmio(&mut m, &mode(), &mut r, &write_exit(rom), RomWrites::Stop),
+            Err(ExitError::RomWrite { gpa: rom })
+        );
+        assert_eq!(r.rip, CODE, "nothing applied");
+        let mut r = regs(0xC000_0000);
+        assert_eq!(
+            mmio(
+                &mut m,
+                &mode(),
+                &mut r,
+                &write_exit(0xC000_0000),
+                RomWrites::Drop
+            ),
+            Err(ExitError::Unmapped {
+                gpa: 0xC000_0000,
+                access: Access::Write
+            })
+        );
+    }
+
+    #[test]
+    fn notifier_hits_reach_notify_not_write() {
+        let mut m = machine(&[0x89, 0x00]);
+        let p = TEST_DEVICE_BASE + 0x20;
+        let mut r = regs(p);
+        let done = mmio(&mut m, &mode(), &mut r, &write_exit(p), RomWrites::Drop).unwrap();
+        assert_eq!(done.notified, 1);
+        let d = m.device::<TestDevice>("tern-test").unwrap();
+        assert_eq!((d.notified, d.writes), (1, 0));
+    }
+
+    #[test]
+    fn string_port_io_and_device_exits() {
+        let mut m = machine(&[0xF3, 0x6E]); // rep outsb
+        m.guest_memory().unwrap().write(0x2000, b"hi").unwrap();
+        let mut r = regs(0);
+        r.gpr[Regs::RSI] = 0x2000;
+        r.gpr[Regs::RCX] = 2;
+        let io = StringIo {
+            port: 0x3F8,
+            size: 1,
+            input: false,
+            rep: true,
+            addr_size: 4,
+            seg: 3,
+            insn_len: 2,
+        };
+        string_io(&mut m, &mode(), &mut r, &io, RomWrites::Drop).unwrap();
+        assert_eq!(
+            m.device::<Uart16550>("serial").unwrap().take_output(),
+            b"hi"
+        );
+        assert_eq!(r.rip, CODE + 2);
+        // outsd to isa-debug-exit: the device's exit status comes back.
+        m.guest_memory()
+            .unwrap()
+            .write(0x2000, &7u32.to_le_bytes())
+            .unwrap();
+        let mut r = regs(0);
+        r.gpr[Regs::RSI] = 0x2000;
+        let io = StringIo {
+            port: 0xF4,
+            size: 4,
+            rep: false,
+            insn_len: 1,
+            ..io
+        };
+        let done = string_io(&mut m, &mode(), &mut r, &io, RomWrites::Drop).unwrap();
+        assert_eq!(done.exit_status, Some(7));
+    }
+}

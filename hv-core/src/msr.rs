@@ -18,7 +18,7 @@
 //! | MTRR variable (0x200-0x20F), fixed (0x250, 0x258-0x259, 0x268-0x26F), DEF_TYPE (0x2FF) | soft: stored and read back, no effect (EPT maps guest RAM write-back) |
 //! | SYSENTER_CS/ESP/EIP (0x174-0x176), DEBUGCTL (0x1D9), PAT (0x277), EFER, FS_BASE, GS_BASE | [`MsrRule::Vmcs`]: guest-state fields, loaded and saved by VM entry and exit |
 //! | STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE (0xC0000081-84, 0xC0000102) | [`MsrRule::Switched`]: the guest's values are in the real MSRs while it runs (SYSCALL and SWAPGS use them without exiting); the vCPU saves them when it stops |
-//! | MISC_ENABLE (0x1A0) | soft: fast strings, BTS and PEBS unavailable; writes may not change it |
+//! | MISC_ENABLE (0x1A0) | soft: fast strings, BTS and PEBS unavailable (bits 7, 11, 12 read-only, the rest stored) |
 //! | MCG_CAP (0x179), MCG_STATUS (0x17A) | read 0 (no banks), writes of 0 only |
 
 /// Where a guest-visible MSR lives.
@@ -144,8 +144,9 @@ pub const fn rule(msr: u32, host: HostMsrFeatures) -> MsrRule {
         IA32_FS_BASE => Vmcs(VmcsMsr::FsBase),
         IA32_GS_BASE => Vmcs(VmcsMsr::GsBase),
         IA32_STAR | IA32_LSTAR | IA32_CSTAR | IA32_FMASK | IA32_KERNEL_GS_BASE => Switched,
-        // Fast strings (0), BTS unavailable (11), PEBS unavailable (12).
-        IA32_MISC_ENABLE => soft(0x1801, 0),
+        // Fast strings (0), BTS unavailable (11), PEBS unavailable (12);
+        // the rest is storage, as KVM keeps it (bits 7, 11, 12 read-only).
+        IA32_MISC_ENABLE => soft(0x1801, !0x1880),
         IA32_MCG_CAP | IA32_MCG_STATUS => Const(0),
         _ => Refused,
     }
@@ -234,7 +235,13 @@ mod tests {
         let misc = rule(IA32_MISC_ENABLE, HOST);
         assert_eq!(s.read(IA32_MISC_ENABLE, misc), Ok(0x1801));
         assert_eq!(s.write(IA32_MISC_ENABLE, misc, 0x1801), Ok(()));
-        assert_eq!(s.write(IA32_MISC_ENABLE, misc, 0x1800), Err(MsrFault));
+        assert_eq!(
+            s.write(IA32_MISC_ENABLE, misc, 0x1001),
+            Err(MsrFault),
+            "BTS bit is read-only"
+        );
+        assert_eq!(s.write(IA32_MISC_ENABLE, misc, 0x4_00C5_1809), Ok(()));
+        assert_eq!(s.read(IA32_MISC_ENABLE, misc), Ok(0x4_00C5_1809));
         let def = rule(IA32_MTRR_DEF_TYPE, HOST);
         assert_eq!(s.write(IA32_MTRR_DEF_TYPE, def, 0xC06), Ok(()));
         assert_eq!(s.read(IA32_MTRR_DEF_TYPE, def), Ok(0xC06));

@@ -78,6 +78,12 @@ impl ExitCounters {
 const CR0_NE: u64 = 1 << 5;
 const CR0_PG: u64 = 1 << 31;
 const CR4_VMXE: u64 = 1 << 13;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_SMXE: u64 = 1 << 14;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4 bits of features CPUID hides: writes setting them get #GP, so the
+/// guest cannot turn on what it was told is absent.
+const CR4_HIDDEN: u64 = CR4_VMXE | CR4_SMXE | CR4_OSXSAVE;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const MSR_EFER: u32 = msr::IA32_EFER;
@@ -219,7 +225,7 @@ impl Vcpu {
         // CR0.NE and CR4.VMXE are forced on by VMX: the guest sees its own
         // values through the read shadows.
         rw(control::CR0_GUEST_HOST_MASK, CR0_NE)?;
-        rw(control::CR4_GUEST_HOST_MASK, CR4_VMXE)?;
+        rw(control::CR4_GUEST_HOST_MASK, CR4_HIDDEN)?;
         Ok(())
     }
 
@@ -858,14 +864,28 @@ impl Vcpu {
         Ok(Own::Done(ExitAction::Advance(None)))
     }
 
+    /// MOV to CR4 (SDM: #GP for reserved bits, for hidden features, and for
+    /// clearing PAE in IA-32e mode).
+    fn write_cr4(&mut self, v: u64) -> Result<Own, VmxFail> {
+        let long = instr::vmread(guest::IA32_EFER_FULL)? & EFER_LMA != 0;
+        let reserved = v & !(self.caps.cr4_fixed1 | CR4_VMXE) != 0;
+        if v & CR4_HIDDEN != 0 || reserved || (long && v & CR4_PAE == 0) {
+            return self.inject_gp();
+        }
+        rw(control::CR4_READ_SHADOW, v)?;
+        rw(guest::CR4, self.caps.fix_cr4(v))?;
+        Ok(Own::Done(ExitAction::Advance(None)))
+    }
+
     fn cr_access(&mut self, a: CrAccess) -> Result<Own, VmxFail> {
         match a {
             CrAccess::MovTo { cr: 0, gpr } => {
                 let v = self.gpr(gpr)?;
                 self.write_cr0(v)
             }
-            // The only CR4 bit that exits is VMXE, which CPUID hides.
-            CrAccess::MovTo { cr: 4, .. } => self.inject_gp(),
+            // Only writes that change an owned bit (a feature CPUID hides)
+            // exit.
+            CrAccess::MovTo { cr: 4, gpr } => self.write_cr4(self.gpr(gpr)?),
             CrAccess::MovTo { cr: 3, gpr } => {
                 rw(guest::CR3, self.gpr(gpr)?)?;
                 Ok(Own::Done(ExitAction::Advance(None)))
