@@ -697,18 +697,24 @@ impl VmHooks for Vm {
         let now = self.advance(vcpu)?;
         let fail = |_| StopReason::VmxInstructionFailed;
         if let Some(p) = self.machine.platform_mut() {
-            if !vcpu.event_queued().map_err(fail)? {
-                if !vcpu.nmi_blocked().map_err(fail)? && p.lapic.take_nmi() {
-                    vcpu.inject_nmi().map_err(fail)?;
-                } else if p.interrupt_pending() {
-                    if vcpu.interrupts_open().map_err(fail)? {
-                        if let Some(v) = p.acknowledge() {
-                            vcpu.inject_interrupt(v).map_err(fail)?;
-                        }
-                        vcpu.interrupt_window(false).map_err(fail)?;
-                    } else {
-                        vcpu.interrupt_window(true).map_err(fail)?;
+            let queued = vcpu.event_queued().map_err(fail)?;
+            let nmi = p.lapic.nmi_pending();
+            if nmi && !queued && !vcpu.nmi_blocked().map_err(fail)? {
+                p.lapic.take_nmi();
+                vcpu.inject_nmi().map_err(fail)?;
+            } else if nmi {
+                // Delivered as soon as the guest's NMI handler returns.
+                vcpu.nmi_window(true).map_err(fail)?;
+            } else if p.interrupt_pending() {
+                if !queued && vcpu.interrupts_open().map_err(fail)? {
+                    if let Some(v) = p.acknowledge() {
+                        vcpu.inject_interrupt(v).map_err(fail)?;
                     }
+                    vcpu.interrupt_window(false).map_err(fail)?;
+                } else {
+                    // After the queued event, or once IF is set and STI or
+                    // MOV-SS blocking ends.
+                    vcpu.interrupt_window(true).map_err(fail)?;
                 }
             }
         }

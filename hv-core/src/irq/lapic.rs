@@ -907,6 +907,11 @@ impl LocalApic {
         }
     }
 
+    /// Whether an NMI is waiting for the CPU.
+    pub fn nmi_pending(&self) -> bool {
+        self.s.nmi_pending
+    }
+
     /// Takes a pending NMI.
     pub fn take_nmi(&mut self) -> bool {
         core::mem::take(&mut self.s.nmi_pending)

@@ -347,8 +347,11 @@ impl Controls {
     /// and MSR (through the bitmaps); EPT, VPID and unrestricted guest; EFER
     /// and PAT switched on entry and exit; a 64-bit host.
     pub fn for_tern(caps: &VmxCaps) -> Result<Self, ControlError> {
+        // Virtual NMIs: the CPU tracks the guest's NMI blocking (set by an
+        // injected NMI, cleared by its IRET), and NMI-window exits exist.
         let pin = PinControls::EXTERNAL_INTERRUPT_EXITING
             | PinControls::NMI_EXITING
+            | PinControls::VIRTUAL_NMIS
             | PinControls::PREEMPTION_TIMER;
         // MWAIT/MONITOR exit so a guest cannot put the physical CPU to
         // sleep; CR8 accesses exit so the guest never touches the real TPR.
@@ -442,8 +445,10 @@ mod tests {
     fn tern_controls_on_skylake() {
         let c = Controls::for_tern(&VmxCaps::read(skylake).unwrap()).unwrap();
         // Forced bits kept, CR3 load/store exiting off, wanted bits on.
-        assert_eq!(c.pin, 0x16 | 0x1 | 0x8 | 0x40);
+        assert_eq!(c.pin, 0x16 | 0x1 | 0x8 | 0x20 | 0x40);
         assert_eq!(c.proc & (1 << 15 | 1 << 16), 0);
+        // TSC offsetting and MOV-DR exiting on.
+        assert_eq!(c.proc & (1 << 3 | 1 << 23), 1 << 3 | 1 << 23);
         assert_eq!(
             c.proc & (1 << 10 | 1 << 29 | 1 << 19 | 1 << 20),
             1 << 10 | 1 << 29 | 1 << 19 | 1 << 20

@@ -525,7 +525,16 @@ impl Vcpu {
 
     /// Asks for an exit as soon as the guest can take an interrupt.
     pub fn interrupt_window(&mut self, on: bool) -> Result<(), VmxFail> {
-        let bit = u64::from(ProcControls::INTERRUPT_WINDOW_EXITING.bits());
+        self.window(ProcControls::INTERRUPT_WINDOW_EXITING, on)
+    }
+
+    /// Asks for an exit as soon as NMIs are no longer blocked.
+    pub fn nmi_window(&mut self, on: bool) -> Result<(), VmxFail> {
+        self.window(ProcControls::NMI_WINDOW_EXITING, on)
+    }
+
+    fn window(&mut self, which: ProcControls, on: bool) -> Result<(), VmxFail> {
+        let bit = u64::from(which.bits());
         let cur = instr::vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS)?;
         let new = if on { cur | bit } else { cur & !bit };
         if new != cur {
@@ -625,15 +634,28 @@ impl Vcpu {
 
     /// Injects #GP(0) at the next entry.
     fn inject_gp(&mut self) -> Result<Own, VmxFail> {
-        // Real mode (CR0.PE = 0) delivers #GP without an error code; asking
-        // for one there fails the VM entry (SDM 27.2.1.3).
+        self.inject_fault(13, Some(0))
+    }
+
+    /// Injects fault `vector` at the next entry. Real mode (CR0.PE = 0)
+    /// delivers exceptions without an error code, and asking for one there
+    /// fails the VM entry (SDM 27.2.1.3). A fault leaves RFLAGS.RF set in
+    /// the frame it pushes (SDM 6.5), as after a real fault, so a guest
+    /// returning to a breakpointed instruction does not trap again.
+    fn inject_fault(&mut self, vector: u8, error: Option<u32>) -> Result<Own, VmxFail> {
         let protected = instr::vmread(guest::CR0)? & 1 != 0;
-        let error_code = if protected { 1 << 11 } else { 0 };
+        let error = error.filter(|_| protected);
+        let has_error = if error.is_some() { 1 << 11 } else { 0 };
         rw(
             control::VMENTRY_INTERRUPTION_INFO_FIELD,
-            13 | (3 << 8) | error_code | (1 << 31),
+            u64::from(vector) | (3 << 8) | has_error | (1 << 31),
         )?;
-        rw(control::VMENTRY_EXCEPTION_ERR_CODE, 0)?;
+        rw(
+            control::VMENTRY_EXCEPTION_ERR_CODE,
+            error.unwrap_or(0).into(),
+        )?;
+        let rflags = instr::vmread(guest::RFLAGS)?;
+        rw(guest::RFLAGS, rflags | (1 << 16))?;
         Ok(Own::Done(ExitAction::Retry))
     }
 
@@ -706,6 +728,10 @@ impl Vcpu {
             // The guest can take an interrupt now: the VM injects it.
             ExitReason::InterruptWindow => {
                 self.interrupt_window(false)?;
+                Ok(Own::Done(ExitAction::Retry))
+            }
+            ExitReason::NmiWindow => {
+                self.nmi_window(false)?;
                 Ok(Own::Done(ExitAction::Retry))
             }
             // Tern takes no interrupts: one that arrives while the guest runs
@@ -926,11 +952,7 @@ impl Vcpu {
         // DR4/DR5 alias DR6/DR7 unless CR4.DE, where they are #UD.
         if dr == 4 || dr == 5 {
             if instr::vmread(control::CR4_READ_SHADOW)? & (1 << 3) != 0 {
-                rw(
-                    control::VMENTRY_INTERRUPTION_INFO_FIELD,
-                    6 | (3 << 8) | (1 << 31),
-                )?;
-                return Ok(Own::Done(ExitAction::Retry));
+                return self.inject_fault(6, None);
             }
             dr += 2;
         }
