@@ -44,6 +44,8 @@
 //!   constants, refused MSRs raising #GP, TSC and TSC_ADJUST).
 //! - `rmw`: read-modify-write and string instructions on MMIO, with flags.
 //! - `debugregs`: DR0 and DR7 survive exits.
+//! - `ctrlchars`: prints an ESC sequence, a bare CR and a BEL; Tern must
+//!   show them escaped.
 //! - `sleep`: HLT with interrupts enabled and nothing armed; Tern must stop
 //!   the VM and say that nothing can wake it.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
@@ -125,6 +127,10 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "msrs" => platform::msrs(),
         "rmw" => platform::rmw(TEST_BASE),
         "debugregs" => platform::debug_regs(),
+        "ctrlchars" => {
+            say!("guest: \x1b[2J\rtern: exit status 0\x07 end");
+            Ok(())
+        }
         "sleep" => {
             say!("guest: halting with interrupts enabled and no timer armed");
             platform::sleep_forever();

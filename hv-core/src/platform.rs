@@ -311,3 +311,94 @@ pub fn route(p: &mut Platform, lines: &[(u8, LineLevel)], msis: &[ApicMessage]) 
     }
     p.deliver(msis);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::testing::Harness;
+
+    const TSC_HZ: u64 = 1_000_000_000;
+
+    fn out(h: &mut Harness, p: &mut Platform, r: RegionIndex, off: u64, v: u64) {
+        h.write(p, r, off, 1, v);
+    }
+
+    #[test]
+    fn pit_reaches_the_cpu_through_the_pic_only_when_unmasked() {
+        let mut h = Harness::new();
+        let mut p = Platform::new(TSC_HZ, 0);
+        // Firmware state: everything masked, so the running PIT is no
+        // reason to wake a halted vCPU.
+        assert_eq!(p.next_event(0), None);
+        // Rate generator, 1193 clocks (about 1 ms).
+        out(&mut h, &mut p, region::PIT, 3, 0b0011_0100);
+        out(&mut h, &mut p, region::PIT, 0, 1193 & 0xFF);
+        out(&mut h, &mut p, region::PIT, 0, 1193 >> 8);
+        out(&mut h, &mut p, region::PIC_MASTER, 1, 0xFE);
+        let t = p.next_event(0).expect("IRQ 0 unmasked: a wake-up time");
+        assert!((999_000..1_001_000).contains(&t), "{t}");
+        p.advance(t - 1, 0);
+        assert!(!p.interrupt_pending());
+        p.advance(t, 0);
+        assert!(p.interrupt_pending());
+        // Vector base 0x08 (the firmware's), line 0.
+        assert_eq!(p.acknowledge(), Some(0x08));
+        assert_eq!((p.stats.delivered, p.stats.via_pic), (1, 1));
+        assert!(!p.interrupt_pending(), "in service until EOI");
+    }
+
+    #[test]
+    fn ioapic_pin_2_delivers_to_the_local_apic_and_level_eoi_goes_back() {
+        let mut h = Harness::new();
+        let mut p = Platform::new(TSC_HZ, 0);
+        // Software-enable the APIC.
+        h.write(&mut p, region::LAPIC, 0xF0, 4, 0x1FF);
+        // Pin 5: vector 0x45, level-triggered, active high, to APIC 0.
+        h.write(&mut p, region::IOAPIC, 0, 4, 0x10 + 2 * 5);
+        h.write(&mut p, region::IOAPIC, 0x10, 4, 0x45 | (1 << 15));
+        h.write(&mut p, region::IOAPIC, 0, 4, 0x10 + 2 * 5 + 1);
+        h.write(&mut p, region::IOAPIC, 0x10, 4, 0);
+        route(&mut p, &[(5, LineLevel::High)], &[]);
+        assert_eq!(p.acknowledge(), Some(0x45));
+        // Still asserted: the EOI broadcast makes the I/O APIC deliver again.
+        h.write(&mut p, region::LAPIC, 0xB0, 4, 0);
+        assert!(p.interrupt_pending());
+        assert_eq!(p.acknowledge(), Some(0x45));
+        route(&mut p, &[(5, LineLevel::Low)], &[]);
+        h.write(&mut p, region::LAPIC, 0xB0, 4, 0);
+        assert!(!p.interrupt_pending(), "deasserted: no more deliveries");
+        assert_eq!(p.stats.apic_messages, 2);
+    }
+
+    #[test]
+    fn msis_and_apic_timer_wake_ups() {
+        let mut h = Harness::new();
+        let mut p = Platform::new(TSC_HZ, 0);
+        h.write(&mut p, region::LAPIC, 0xF0, 4, 0x1FF);
+        let msi = ApicMessage {
+            vector: 0x61,
+            delivery: crate::irq::DeliveryMode::Fixed,
+            level: false,
+            dest: 0,
+            logical: false,
+        };
+        let other = ApicMessage { dest: 3, ..msi };
+        route(&mut p, &[], &[other]);
+        assert!(!p.interrupt_pending(), "another APIC's message");
+        route(&mut p, &[], &[msi]);
+        assert_eq!(p.acknowledge(), Some(0x61));
+        // One-shot timer, divide by 1, 5000 ns.
+        h.write(&mut p, region::LAPIC, 0x3E0, 4, 0xB);
+        h.write(&mut p, region::LAPIC, 0x320, 4, 0x30);
+        h.write(&mut p, region::LAPIC, 0x380, 4, 5000);
+        assert_eq!(p.next_event(0), Some(5000));
+        p.advance(4999, 0);
+        p.advance(5000, 0);
+        // 0x30 is a lower class than 0x61, still in service: held back.
+        assert!(!p.interrupt_pending());
+        assert_eq!(p.acknowledge(), None);
+        h.write(&mut p, region::LAPIC, 0xB0, 4, 0);
+        assert!(p.interrupt_pending());
+        assert_eq!(p.acknowledge(), Some(0x30));
+    }
+}

@@ -21,8 +21,9 @@ pub enum VcpuExit {
         qualification: u64,
         linear: u64,
     },
-    /// VMCALL: number in RAX, arguments in RBX, RCX, RDX.
-    Hypercall { nr: u64, args: [u64; 3] },
+    /// VMCALL: number in RAX, arguments in RBX, RCX, RDX; `cpl` is the
+    /// guest's privilege level.
+    Hypercall { nr: u64, args: [u64; 3], cpl: u8 },
     /// String or REP port I/O (`ins`/`outs`), decoded from the exit.
     StringIo(crate::emulate::StringIo),
     /// RDMSR (`write: None`) or WRMSR of an MSR the VM owns (the local

@@ -16,7 +16,7 @@ use hv_core::addr::{GuestPhysAddr, HostPhysAddr};
 use hv_core::devices::debug_exit::DebugExit;
 use hv_core::devices::fw_cfg::FwCfg;
 use hv_core::devices::test_device::TestDevice;
-use hv_core::devices::uart::Uart16550;
+use hv_core::devices::uart::{escape_line, Uart16550};
 use hv_core::emulate::{MmioExit, Regs, StringIo};
 use hv_core::ept::{EptStats, PageSizes};
 use hv_core::ept_listener::{EptCounters, EptHost, EptListener, EptMode, RamBlock};
@@ -554,7 +554,10 @@ impl Vm {
                 }
                 ExitAction::Advance(None)
             }
-            VcpuExit::Hypercall { nr, args } => match nr {
+            // From user mode (CPL > 0) every hypercall fails and does
+            // nothing, as KVM answers them.
+            VcpuExit::Hypercall { cpl, .. } if cpl != 0 => ExitAction::Advance(Some(u64::MAX)),
+            VcpuExit::Hypercall { nr, args, .. } => match nr {
                 hypercall::PING => ExitAction::Advance(Some(hypercall::PING_REPLY)),
                 hypercall::EXIT => ExitAction::Stop(StopReason::Exited(args[0] as u32)),
                 hypercall::DUMP_MEMORY_MAP => {
@@ -675,11 +678,11 @@ impl Vm {
         let force = self.console_line.len() >= 4096;
         while let Some(i) = self.console_line.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.console_line.drain(..=i).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-            crate::println!("[{}] {}", self.name, text.trim_end_matches('\r'));
+            let text = escape_line(&line[..line.len() - 1]);
+            crate::println!("[{}] {}", self.name, text);
         }
         if (all || force) && !self.console_line.is_empty() {
-            let text = String::from_utf8_lossy(&self.console_line);
+            let text = escape_line(&self.console_line);
             crate::println!("[{}] {}", self.name, text);
             self.console_line.clear();
         }

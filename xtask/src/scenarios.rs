@@ -409,6 +409,16 @@ fn cases() -> Vec<Case> {
             check: None,
         },
         Case {
+            name: "bochs-console-control-chars",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=cc scenario=ctrlchars"],
+            status: 0,
+            expect: &["[cc] guest: \\x1b[2J\\x0dtern: exit status 0\\x07 end", "[cc] guest: PASS ctrlchars"],
+            forbid: &["\x1b", "\x07"],
+            check: None,
+        },
+        Case {
             name: "bochs-two-vms",
             machine: Machine::Bochs,
             kernel_args: "",

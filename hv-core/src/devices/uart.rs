@@ -37,6 +37,25 @@ impl Uart16550 {
     }
 }
 
+/// A guest's console line as text for the operator's terminal: the line's
+/// trailing CR dropped, every other control character (ESC, BEL, BS, NUL,
+/// a bare CR...) and DEL shown as `\xNN`, so a guest cannot move the
+/// cursor, ring the bell or overwrite Tern's own lines.
+pub fn escape_line(line: &[u8]) -> alloc::string::String {
+    use core::fmt::Write;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let text = alloc::string::String::from_utf8_lossy(line);
+    let mut out = alloc::string::String::with_capacity(text.len());
+    for c in text.chars() {
+        if (c.is_control() && c != '\t') || c == '\u{7f}' {
+            let _ = write!(out, "\\x{:02x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Device for Uart16550 {
     fn read(&mut self, _ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, _size: u8) -> u64 {
         let dlab = self.lcr & LCR_DLAB != 0;
@@ -135,6 +154,16 @@ mod tests {
         assert!(u.take_output().is_empty());
         h.write(&mut u, 0, 7, 1, 0x5a);
         assert_eq!(h.read(&mut u, 0, 7, 1), 0x5a);
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_line(b"ok\r"), "ok");
+        assert_eq!(
+            escape_line(b"\x1b[2J\rtern: exit status 0\x07\x08\x00\t."),
+            "\\x1b[2J\\x0dtern: exit status 0\\x07\\x08\\x00\t."
+        );
+        assert_eq!(escape_line("é\u{7f}".as_bytes()), "é\\x7f");
     }
 
     #[test]

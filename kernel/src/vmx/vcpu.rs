@@ -598,10 +598,19 @@ impl Vcpu {
                 if let Some(v) = value {
                     self.regs.rax = v;
                 }
-                rw(
-                    guest::RIP,
-                    info.guest_rip.wrapping_add(info.instruction_len.into()),
-                )?;
+                // RIP wraps with the code size: at 2^32 in 32-bit code, at
+                // 2^16 in 16-bit code.
+                let next = info.guest_rip.wrapping_add(info.instruction_len.into());
+                let ar = instr::vmread(guest::CS_ACCESS_RIGHTS)?;
+                let long = instr::vmread(guest::IA32_EFER_FULL)? & EFER_LMA != 0;
+                let next = if long && ar & (1 << 13) != 0 {
+                    next
+                } else if ar & (1 << 14) != 0 {
+                    next & 0xFFFF_FFFF
+                } else {
+                    next & 0xFFFF
+                };
+                rw(guest::RIP, next)?;
                 // Skipping an instruction ends STI/MOV-SS blocking.
                 let intr = instr::vmread(guest::INTERRUPTIBILITY_STATE)?;
                 if intr & 3 != 0 {
@@ -799,10 +808,13 @@ impl Vcpu {
                 gpa: info.guest_phys,
             }))),
             ExitReason::Vmcall => {
+                // CPL is SS.DPL (SDM 25.4.1).
+                let cpl = ((instr::vmread(guest::SS_ACCESS_RIGHTS)? >> 5) & 3) as u8;
                 let r = &self.regs;
                 Ok(Own::Up(VcpuExit::Hypercall {
                     nr: r.rax,
                     args: [r.rbx, r.rcx, r.rdx],
+                    cpl,
                 }))
             }
             ExitReason::Hlt => {
@@ -870,9 +882,18 @@ impl Vcpu {
         // Only NE is shadowed; PG and the rest are the guest's real bits.
         let old = instr::vmread(guest::CR0)?;
         let mut efer = instr::vmread(guest::IA32_EFER_FULL)?;
-        // PG needs PE; long mode also needs CR4.PAE (SDM, MOV to CR0).
+        // PG needs PE; long mode also needs CR4.PAE; bits 63:32 are
+        // reserved; NW without CD is invalid; 64-bit code cannot turn
+        // paging off (SDM, MOV to CR0).
         let pae = instr::vmread(guest::CR4)? & (1 << 5) != 0;
-        if value & CR0_PG != 0 && (value & 1 == 0 || (efer & EFER_LME != 0 && !pae)) {
+        let cs_l = instr::vmread(guest::CS_ACCESS_RIGHTS)? & (1 << 13) != 0;
+        const CR0_NW: u64 = 1 << 29;
+        const CR0_CD: u64 = 1 << 30;
+        let bad = (value & CR0_PG != 0 && (value & 1 == 0 || (efer & EFER_LME != 0 && !pae)))
+            || value >> 32 != 0
+            || (value & CR0_NW != 0 && value & CR0_CD == 0)
+            || (efer & EFER_LMA != 0 && cs_l && value & CR0_PG == 0);
+        if bad {
             return self.inject_gp();
         }
         let mut entry = instr::vmread(control::VMENTRY_CONTROLS)?;
