@@ -271,6 +271,41 @@ fn finish(bus: Shared, r: Result<Executed, EmulateError>) -> Result<ExitDone, Ex
     }
 }
 
+/// What a plain `in`/`out` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortDone {
+    /// RAX after the instruction: an `in` merges the value into its low
+    /// bytes (`in al`/`in ax` keep the rest, `in eax` zero-extends).
+    pub rax: u64,
+    /// A device asked the VM to stop with this status.
+    pub exit_status: Option<u32>,
+}
+
+/// A plain (not string) `in` or `out` of `size` bytes; for `out`, the value
+/// is RAX's low bytes.
+pub fn port_io(
+    m: &mut Machine,
+    port: u16,
+    size: u8,
+    write: bool,
+    rax: u64,
+) -> Result<PortDone, ExitError> {
+    let mask = crate::devices::all_ones(size.min(4));
+    if write {
+        let exit_status = m
+            .pio_write(port, size, rax & mask)
+            .map_err(ExitError::Machine)?;
+        return Ok(PortDone { rax, exit_status });
+    }
+    let v = m.pio_read(port, size).map_err(ExitError::Machine)? & mask;
+    let rax = match size {
+        1 | 2 => (rax & !mask) | v,
+        _ => v,
+    };
+    let exit_status = m.take_exit();
+    Ok(PortDone { rax, exit_status })
+}
+
 /// An EPT violation on `exit.gpa`: checks the target, then emulates the
 /// instruction at `regs.rip` against the machine.
 pub fn mmio(
@@ -482,6 +517,21 @@ mod tests {
         assert_eq!(done.notified, 1);
         let d = m.device::<TestDevice>("tern-test").unwrap();
         assert_eq!((d.notified, d.writes), (1, 0));
+    }
+
+    #[test]
+    fn port_reads_merge_into_rax_and_writes_reach_devices() {
+        let mut m = machine(&[]);
+        // Scratch register of the UART.
+        port_io(&mut m, 0x3FF, 1, true, 0xAB).unwrap();
+        let r = port_io(&mut m, 0x3FF, 1, false, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(r.rax, 0x1122_3344_5566_77AB, "in al keeps the rest");
+        let r = port_io(&mut m, 0x80, 2, false, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(r.rax, 0x1122_3344_5566_FFFF, "nothing there: all ones");
+        let r = port_io(&mut m, 0x80, 4, false, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(r.rax, 0xFFFF_FFFF, "in eax zero-extends");
+        let r = port_io(&mut m, 0xF4, 4, true, 0xDEAD_0000_0000_0003).unwrap();
+        assert_eq!(r.exit_status, Some(3));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use hv_core::emulate::{MmioExit, Regs, StringIo};
 use hv_core::ept::{EptStats, PageSizes};
 use hv_core::ept_listener::{EptCounters, EptHost, EptListener, EptMode, RamBlock};
 pub use hv_core::exits::RomWrites;
-use hv_core::exits::{self, ExitDone, ExitError};
+use hv_core::exits::{self, ExitDone, ExitError, PortDone};
 use hv_core::frames::FrameAllocator;
 use hv_core::guest_mem::{GuestRam, RamChunk};
 use hv_core::irq::Nanos;
@@ -496,14 +496,12 @@ impl Vm {
     fn handle(&mut self, exit: VcpuExit, vcpu: &mut Vcpu) -> ExitAction {
         match exit {
             VcpuExit::Io {
-                port,
-                size,
-                access: Access::Write,
-                value,
+                port, size, access, ..
             } => {
                 let remaps = self.machine.stats.remaps;
-                let out = self.machine.pio_write(port, size, value.into());
-                if port == 0x3F8 {
+                let write = access == Access::Write;
+                let r = exits::port_io(&mut self.machine, port, size, write, vcpu.regs.rax);
+                if write && port == 0x3F8 {
                     self.flush_console(false);
                 }
                 if self.machine.stats.remaps != remaps {
@@ -511,25 +509,17 @@ impl Vm {
                         return ExitAction::Stop(stop);
                     }
                 }
-                match out {
-                    Ok(None) => ExitAction::Advance(None),
-                    Ok(Some(status)) => ExitAction::Stop(StopReason::Exited(status)),
-                    Err(e) => self.machine_error(e),
+                match r {
+                    Ok(PortDone {
+                        exit_status: Some(s),
+                        ..
+                    }) => ExitAction::Stop(StopReason::Exited(s)),
+                    Ok(d) => ExitAction::Advance(Some(d.rax)),
+                    Err(e) => {
+                        crate::println!("[{}] port {port:#x}: {e}", self.name);
+                        ExitAction::Stop(StopReason::VmxInstructionFailed)
+                    }
                 }
-            }
-            // Reads (the I/O qualification has no fetches).
-            VcpuExit::Io { port, size, .. } => {
-                let v = match self.machine.pio_read(port, size) {
-                    Ok(v) => v,
-                    Err(e) => return self.machine_error(e),
-                };
-                let rax = vcpu.regs.rax;
-                let merged = match size {
-                    1 => (rax & !0xff) | v,
-                    2 => (rax & !0xffff) | v,
-                    _ => v, // a 32-bit destination zero-extends
-                };
-                ExitAction::Advance(Some(merged))
             }
             VcpuExit::Mmio {
                 gpa,
@@ -581,11 +571,6 @@ impl Vm {
             VcpuExit::Halt { .. } => ExitAction::Stop(StopReason::Halted),
             VcpuExit::Shutdown => ExitAction::Stop(StopReason::TripleFault),
         }
-    }
-
-    fn machine_error(&self, e: MachineError) -> ExitAction {
-        crate::println!("[{}] memory map error: {e}", self.name);
-        ExitAction::Stop(StopReason::VmxInstructionFailed)
     }
 
     /// After an emulated instruction: console, remaps, device exits.
