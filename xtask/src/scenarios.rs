@@ -567,6 +567,11 @@ pub fn test_cmd(args: &[String]) -> Result<(), String> {
             return Err("host unit tests failed".into());
         }
     }
+    if let Some(f) = filter {
+        if !cases().iter().any(|c| c.name.contains(f.as_str())) {
+            return Err(format!("no scenario matches {f:?}"));
+        }
+    }
     let images = build_all()?;
     let (mut passed, mut failed) = (0, 0);
     for case in cases()
