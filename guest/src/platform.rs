@@ -257,7 +257,8 @@ pub fn msrs() -> R {
     // Refused: #GP, counted and skipped by the stub.
     let _ = idt::rdmsr(0xC0DE);
     idt::wrmsr(0xC000_0082, 0x8000_0000_0000_0000); // not canonical
-    check("refused MSR accesses", idt::count(13), 2)?;
+    idt::wrmsr(0xC000_0084, 1 << 32); // SFMASK bits 63:32 are reserved
+    check("refused MSR accesses", idt::count(13), 3)?;
     // A TSC write moves the TSC and TSC_ADJUST by the same amount.
     let before = idt::rdtsc();
     idt::wrmsr(0x10, before + (1 << 40));
@@ -348,10 +349,12 @@ fn dr0() -> u64 {
     v
 }
 
-/// Debug registers written by the guest survive exits.
+/// Debug registers written by the guest survive exits, and a data
+/// breakpoint armed before them fires after them.
 pub fn debug_regs() -> R {
+    idt::init();
     let addr = 0x5000u64;
-    let dr7_value = 0x0001_0402u64; // L0, write breakpoint, 1 byte
+    let dr7_value = 0x0001_0402u64; // G0, write breakpoint, 1 byte
                                     // SAFETY: arms a data breakpoint on a page the guest never writes to
                                     // in this scenario; DR0/DR7 are the guest's own.
     unsafe {
@@ -364,6 +367,11 @@ pub fn debug_regs() -> R {
     let _ = io::inb(0x80);
     check("DR7 after exits", dr7(), dr7_value)?;
     check("DR0 after exits", dr0(), addr)?;
+    check("#DB before the write", idt::count(1), 0)?;
+    // SAFETY: 0x5000 is guest RAM the scenario owns; the write traps (#DB)
+    // after it completes.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, 1) };
+    check("#DB from the data breakpoint", idt::count(1), 1)?;
     // SAFETY: disarms the breakpoint.
     unsafe { asm!("mov dr7, {}", in(reg) 0x400u64, options(nomem, nostack)) };
     say!("guest: DR0 and DR7 kept across CPUID, VMCALL and I/O exits");

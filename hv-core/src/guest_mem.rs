@@ -128,6 +128,11 @@ impl<'a> GuestMemory<'a> {
         self.write(gpa, v.as_bytes())
     }
 
+    /// Whether every byte of the range is writable RAM.
+    pub fn is_writable(&self, gpa: u64, len: u64) -> bool {
+        self.pieces(gpa, len, true).is_ok()
+    }
+
     /// Whether every byte of the range is RAM or ROM.
     pub fn is_memory(&self, gpa: u64, len: u64) -> bool {
         self.pieces(gpa, len, false).is_ok()

@@ -209,9 +209,15 @@ impl Platform {
         .min()
     }
 
+    /// Whether the PIC's vector may go to the CPU: through LINT0 in
+    /// virtual-wire mode, or an ExtINT message (I/O APIC pin, MSI).
+    fn pic_path(&self) -> bool {
+        (self.lapic.lint0_extint() || self.lapic.extint_pending()) && self.pic.output()
+    }
+
     /// Whether a maskable interrupt is waiting for the CPU.
     pub fn interrupt_pending(&self) -> bool {
-        self.lapic.pending_vector().is_some() || (self.lapic.lint0_extint() && self.pic.output())
+        self.lapic.pending_vector().is_some() || self.pic_path()
     }
 
     /// Takes the interrupt the CPU is about to receive: the vector (the
@@ -220,7 +226,8 @@ impl Platform {
         let v = if let Some(v) = self.lapic.pending_vector() {
             self.lapic.acknowledge(v);
             v
-        } else if self.lapic.lint0_extint() && self.pic.output() {
+        } else if self.pic_path() {
+            self.lapic.take_extint();
             self.stats.via_pic += 1;
             self.pic.acknowledge()
         } else {

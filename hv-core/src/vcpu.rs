@@ -31,6 +31,10 @@ pub enum VcpuExit {
     Msr { msr: u32, write: Option<u64> },
     /// MOV to/from CR8 (the local APIC's TPR[7:4]); `gpr` is the register.
     Cr8 { write: Option<u8>, gpr: u8 },
+    /// MOV to CR0 that turns on PAE paging (checked otherwise): the VM
+    /// reads the four PDPTEs at `cr3` and completes it, or answers
+    /// [`ExitAction::InjectGp`] for a reserved bit in a present PDPTE.
+    PaePdptes { cr3: u64, cr0: u64 },
     /// HLT.
     Halt { interrupts_enabled: bool },
     /// Triple fault.
@@ -146,6 +150,19 @@ impl core::fmt::Display for StopReason {
     }
 }
 
+/// Reads the PAE PDPTEs at `cr3` (bits 31:5 of CR3 locate them) and
+/// checks them: a present entry with a reserved bit (2:1, 8:5, or any bit
+/// at or above `phys_bits`, SDM 4.4.1) is a #GP of the MOV to CR0.
+pub fn check_pdptes(raw: [u64; 4], phys_bits: u8) -> Option<[u64; 4]> {
+    let high = u64::MAX
+        .checked_shl(u32::from(phys_bits.min(63)))
+        .unwrap_or(0);
+    let reserved = 0b1_1110_0110 | high;
+    raw.iter()
+        .all(|&e| e & 1 == 0 || e & reserved == 0)
+        .then_some(raw)
+}
+
 /// Hypercall numbers (VMCALL with the number in RAX). Results in RAX;
 /// unknown numbers return `u64::MAX`.
 pub mod hypercall {
@@ -165,6 +182,30 @@ pub mod hypercall {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pdptes_with_reserved_bits_are_refused() {
+        let ok = [0x1000 | 1, 0x2000 | 1, 0, 0x8000_0000_0000_0006];
+        assert_eq!(
+            check_pdptes(ok, 36),
+            Some(ok),
+            "not-present entries are not checked"
+        );
+        assert_eq!(
+            check_pdptes([0x1000 | 1 | 0x20, 0, 0, 0], 36),
+            None,
+            "bit 5"
+        );
+        assert_eq!(
+            check_pdptes([(1 << 36) | 1, 0, 0, 0], 36),
+            None,
+            "above MAXPHYADDR"
+        );
+        assert_eq!(
+            check_pdptes([(1 << 36) | 1, 0, 0, 0], 40),
+            Some([(1 << 36) | 1, 0, 0, 0])
+        );
+    }
 
     #[test]
     fn stop_status_separates_guest_and_tern() {

@@ -407,7 +407,8 @@ impl Vm {
     /// Host TSC ticks from `now` to `at`.
     fn ticks_until(&self, now: Nanos, at: Nanos) -> u64 {
         let ns = at.saturating_sub(now);
-        (u128::from(ns) * u128::from(self.tsc_hz)).div_ceil(1_000_000_000) as u64
+        let ticks = (u128::from(ns) * u128::from(self.tsc_hz)).div_ceil(1_000_000_000);
+        u64::try_from(ticks).unwrap_or(u64::MAX)
     }
 
     /// Lets the machine's timers catch up with the present.
@@ -425,19 +426,22 @@ impl Vm {
     /// HLT with interrupts enabled: waits until an interrupt is pending
     /// (the injection happens before the next entry), charging the wait to
     /// the VM's budget.
-    fn halt(&mut self, vcpu: &mut Vcpu) -> ExitAction {
+    fn halt(&mut self, vcpu: &mut Vcpu, interrupts_enabled: bool) -> ExitAction {
         self.halts += 1;
         loop {
             let now = match self.advance(vcpu) {
                 Ok(n) => n,
                 Err(stop) => return ExitAction::Stop(stop),
             };
-            if self
-                .machine
-                .platform_mut()
-                .is_some_and(|p| p.interrupt_pending())
-            {
+            // An NMI always ends HLT; a maskable interrupt only with IF = 1.
+            let wake = self.machine.platform_mut().is_some_and(|p| {
+                p.lapic.nmi_pending() || (interrupts_enabled && p.interrupt_pending())
+            });
+            if wake {
                 return ExitAction::Advance(None);
+            }
+            if !interrupts_enabled {
+                return ExitAction::Stop(StopReason::Halted);
             }
             let Some(next) = self.machine.next_event() else {
                 return ExitAction::Stop(StopReason::HaltedForever);
@@ -565,10 +569,22 @@ impl Vm {
                 }
                 _ => ExitAction::Advance(Some(u64::MAX)),
             },
-            VcpuExit::Halt {
-                interrupts_enabled: true,
-            } => self.halt(vcpu),
-            VcpuExit::Halt { .. } => ExitAction::Stop(StopReason::Halted),
+            VcpuExit::PaePdptes { cr3, cr0 } => {
+                let base = cr3 & 0xFFFF_FFE0;
+                let raw = match self.machine.guest_memory() {
+                    Ok(m) => m.read_obj::<[u64; 4]>(base).ok(),
+                    Err(_) => None,
+                };
+                let phys_bits = (crate::cpu::cpuid(0x8000_0008, 0)[0] & 0xFF) as u8;
+                match raw.and_then(|r| hv_core::vcpu::check_pdptes(r, phys_bits)) {
+                    Some(p) => match vcpu.apply_cr0(cr0, Some(p)) {
+                        Ok(()) => ExitAction::Advance(None),
+                        Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+                    },
+                    None => ExitAction::InjectGp,
+                }
+            }
+            VcpuExit::Halt { interrupts_enabled } => self.halt(vcpu, interrupts_enabled),
             VcpuExit::Shutdown => ExitAction::Stop(StopReason::TripleFault),
         }
     }
@@ -685,26 +701,27 @@ impl VmHooks for Vm {
         let now = self.advance(vcpu)?;
         let fail = |_| StopReason::VmxInstructionFailed;
         if let Some(p) = self.machine.platform_mut() {
-            let queued = vcpu.event_queued().map_err(fail)?;
-            let nmi = p.lapic.nmi_pending();
-            if nmi && !queued && !vcpu.nmi_blocked().map_err(fail)? {
-                p.lapic.take_nmi();
-                vcpu.inject_nmi().map_err(fail)?;
-            } else if nmi {
-                // Delivered as soon as the guest's NMI handler returns.
-                vcpu.nmi_window(true).map_err(fail)?;
-            } else if p.interrupt_pending() {
-                if !queued && vcpu.interrupts_open().map_err(fail)? {
-                    if let Some(v) = p.acknowledge() {
-                        vcpu.inject_interrupt(v).map_err(fail)?;
-                    }
-                    vcpu.interrupt_window(false).map_err(fail)?;
+            let mut queued = vcpu.event_queued().map_err(fail)?;
+            if p.lapic.nmi_pending() {
+                if !queued && !vcpu.nmi_blocked().map_err(fail)? {
+                    p.lapic.take_nmi();
+                    vcpu.inject_nmi().map_err(fail)?;
+                    queued = true;
                 } else {
-                    // After the queued event, or once IF is set and STI or
-                    // MOV-SS blocking ends.
-                    vcpu.interrupt_window(true).map_err(fail)?;
+                    // As soon as NMIs are unblocked (the handler's IRET,
+                    // the end of a STI shadow).
+                    vcpu.nmi_window(true).map_err(fail)?;
                 }
             }
+            if p.interrupt_pending() && !queued && vcpu.interrupts_open().map_err(fail)? {
+                if let Some(v) = p.acknowledge() {
+                    vcpu.inject_interrupt(v).map_err(fail)?;
+                }
+            }
+            // Another interrupt waiting (behind the one just injected, a
+            // queued event, IF = 0 or an STI shadow): exit as soon as the
+            // guest can take it.
+            vcpu.interrupt_window(p.interrupt_pending()).map_err(fail)?;
         }
         Ok(self.machine.next_event().map(|t| self.ticks_until(now, t)))
     }

@@ -153,7 +153,12 @@ impl FwCfg {
         b
     }
 
-    /// Runs the DMA descriptor at `addr`.
+    /// Runs the DMA descriptor at `addr`, in QEMU's order: select, then
+    /// read, write (refused) or skip; a descriptor asking for none of them
+    /// is a successful no-op. The length is the guest's (up to 4 GiB): the
+    /// destination must be guest RAM as a whole before anything is copied,
+    /// bytes past the item's end are zeroes, written a page at a time, so
+    /// the work is bounded by guest RAM.
     fn dma(&mut self, ctx: &mut DeviceCtx, addr: u64) {
         let Ok(d) = ctx.mem.read_obj::<DmaAccess>(addr) else {
             self.dma_errors += 1;
@@ -163,21 +168,16 @@ impl FwCfg {
         if control & CTL_SELECT != 0 {
             self.select((control >> 16) as u16);
         }
-        let len = d.length.get() as usize;
+        let len = u64::from(d.length.get());
         let ok = if control & CTL_READ != 0 {
-            let start = self.offset;
-            let data: Vec<u8> = (0..len).map(|_| self.next_byte()).collect();
-            let written = ctx.mem.write(d.address.get(), &data).is_ok();
-            if !written {
-                self.offset = start;
-            }
-            written
-        } else if control & CTL_SKIP != 0 {
-            self.offset = self.offset.saturating_add(len);
-            true
+            self.dma_read(ctx, d.address.get(), len)
+        } else if control & CTL_WRITE != 0 {
+            false
         } else {
-            // Writes (and descriptors that ask for nothing) are refused.
-            control & CTL_WRITE == 0 && control & CTL_SELECT != 0
+            if control & CTL_SKIP != 0 {
+                self.offset = self.offset.saturating_add(len as usize);
+            }
+            true
         };
         let status = if ok { 0 } else { CTL_ERROR };
         if ok {
@@ -187,6 +187,29 @@ impl FwCfg {
         }
         // The device clears the control word (or leaves the error bit).
         let _ = ctx.mem.write(addr, &status.to_be_bytes());
+    }
+
+    fn dma_read(&mut self, ctx: &mut DeviceCtx, dst: u64, len: u64) -> bool {
+        if !ctx.mem.is_writable(dst, len) {
+            return false;
+        }
+        let item: &[u8] = self.items.get(&self.selector).map_or(&[], Vec::as_slice);
+        let data = item.get(self.offset..).unwrap_or(&[]);
+        let n = data.len().min(len as usize);
+        if ctx.mem.write(dst, &data[..n]).is_err() {
+            return false;
+        }
+        let zeroes = [0u8; 4096];
+        let mut at = n as u64;
+        while at < len {
+            let k = (len - at).min(zeroes.len() as u64);
+            if ctx.mem.write(dst + at, &zeroes[..k as usize]).is_err() {
+                return false;
+            }
+            at += k;
+        }
+        self.offset = self.offset.saturating_add(len as usize);
+        true
     }
 }
 
@@ -358,6 +381,20 @@ mod tests {
         // Writes are refused.
         let (status, _) = run(&mut h, &mut f, desc(CTL_WRITE, 4, 0x2000));
         assert_eq!(status, CTL_ERROR);
-        assert_eq!((f.dma_transfers, f.dma_errors), (1, 2));
+        // A 4 GiB read into 64 KiB of RAM is refused up front.
+        let (status, _) = run(
+            &mut h,
+            &mut f,
+            desc(sel | CTL_SELECT | CTL_READ, u32::MAX, 0x2000),
+        );
+        assert_eq!(status, CTL_ERROR);
+        // Asking for nothing is a successful no-op.
+        let (status, _) = run(&mut h, &mut f, desc(0, 4, 0x2000));
+        assert_eq!(status, 0);
+        // Past the end of the item, zeroes.
+        let (status, out) = run(&mut h, &mut f, desc(sel | CTL_SELECT | CTL_READ, 8, 0x2000));
+        assert_eq!(status, 0);
+        assert_eq!(&out, b"QEMU\0\0\0\0");
+        assert_eq!((f.dma_transfers, f.dma_errors), (3, 3));
     }
 }

@@ -917,6 +917,11 @@ impl LocalApic {
         core::mem::take(&mut self.s.nmi_pending)
     }
 
+    /// Whether an ExtINT message (from an I/O APIC pin or an MSI) waits.
+    pub fn extint_pending(&self) -> bool {
+        self.s.extint_pending
+    }
+
     /// Takes a pending ExtINT message (the vector then comes from the PIC).
     pub fn take_extint(&mut self) -> bool {
         core::mem::take(&mut self.s.extint_pending)

@@ -355,12 +355,8 @@ impl Controls {
             | PinControls::PREEMPTION_TIMER;
         // MWAIT/MONITOR exit so a guest cannot put the physical CPU to
         // sleep; CR8 accesses exit so the guest never touches the real TPR.
-        // MOV DR exits: the guest's DR7 is kept in the VMCS by Tern (not
-        // every CPU model saves it on exit) and DR0-3/DR6 are switched
-        // between VMs.
         let proc = ProcControls::HLT_EXITING
             | ProcControls::USE_TSC_OFFSETTING
-            | ProcControls::MOV_DR_EXITING
             | ProcControls::MWAIT_EXITING
             | ProcControls::MONITOR_EXITING
             | ProcControls::CR8_LOAD_EXITING
@@ -374,14 +370,19 @@ impl Controls {
         // The remaining preemption-timer count is saved at every exit, so a
         // guest that exits often still uses up its slices; external
         // interrupts are acknowledged on exit so none stays pending.
+        // The guest's DR7 and DEBUGCTL are saved at every exit and loaded at
+        // every entry (an exit sets DR7 to 0x400: without the load, guest
+        // breakpoints would be off whenever it runs).
         let exit = ExitControls::HOST_ADDRESS_SPACE_SIZE
+            | ExitControls::SAVE_DEBUG_CONTROLS
             | ExitControls::ACK_INTERRUPT_ON_EXIT
             | ExitControls::SAVE_PREEMPTION_TIMER
             | ExitControls::SAVE_EFER
             | ExitControls::LOAD_EFER
             | ExitControls::SAVE_PAT
             | ExitControls::LOAD_PAT;
-        let entry = EntryControls::LOAD_EFER | EntryControls::LOAD_PAT;
+        let entry =
+            EntryControls::LOAD_EFER | EntryControls::LOAD_PAT | EntryControls::LOAD_DEBUG_CONTROLS;
         Ok(Self {
             pin: caps.pin.adjust(ControlKind::Pin, pin.bits())?,
             proc: caps.proc.adjust(ControlKind::Proc, proc.bits())?,
@@ -447,8 +448,11 @@ mod tests {
         // Forced bits kept, CR3 load/store exiting off, wanted bits on.
         assert_eq!(c.pin, 0x16 | 0x1 | 0x8 | 0x20 | 0x40);
         assert_eq!(c.proc & (1 << 15 | 1 << 16), 0);
-        // TSC offsetting and MOV-DR exiting on.
-        assert_eq!(c.proc & (1 << 3 | 1 << 23), 1 << 3 | 1 << 23);
+        // TSC offsetting on, MOV-DR exiting off; debug controls saved and
+        // loaded.
+        assert_eq!(c.proc & (1 << 3 | 1 << 23), 1 << 3);
+        assert_eq!(c.entry & (1 << 2), 1 << 2);
+        assert_eq!(c.exit & (1 << 2), 1 << 2);
         assert_eq!(
             c.proc & (1 << 10 | 1 << 29 | 1 << 19 | 1 << 20),
             1 << 10 | 1 << 29 | 1 << 19 | 1 << 20

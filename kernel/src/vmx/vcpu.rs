@@ -120,8 +120,10 @@ pub struct Vcpu {
     host_msr: HostMsrFeatures,
     /// MSR numbers whose refusal was already logged.
     refused_logged: Vec<u32>,
-    /// The guest's DR0-DR3 and DR6 (in the real registers while it runs).
+    /// The guest's DR0-DR3 and DR6 (in the real registers while it runs;
+    /// DR7 is in the VMCS, saved and loaded by every exit and entry).
     debug_regs: [u64; 5],
+    vpid: u16,
 }
 
 /// The VM's half of the exit dispatch and of event delivery.
@@ -182,6 +184,7 @@ impl Vcpu {
             },
             refused_logged: Vec::new(),
             debug_regs: [0, 0, 0, 0, DR6_RESET],
+            vpid,
         };
         match v.init(vpid, eptp, start) {
             Ok(()) => Ok(v),
@@ -471,7 +474,14 @@ impl Vcpu {
         let units = slices
             .saturating_mul(self.slice.into())
             .saturating_add(self.slice_left);
-        Some(units << self.caps.preemption_timer_rate())
+        let rate = self.caps.preemption_timer_rate();
+        let ticks = units << rate;
+        // Saturate when the shift loses bits (a huge budget).
+        Some(if ticks >> rate == units {
+            ticks
+        } else {
+            u64::MAX
+        })
     }
 
     /// An event that was being delivered when the exit happened.
@@ -502,9 +512,11 @@ impl Vcpu {
         Ok(iff && !blocking)
     }
 
-    /// Whether NMIs are blocked (by NMI or MOV SS).
+    /// Whether an NMI cannot be injected now: blocked by NMI, or in a STI
+    /// or MOV-SS shadow (an entry may fail when an NMI is injected with
+    /// STI blocking, SDM 27.3.1.5).
     pub fn nmi_blocked(&self) -> Result<bool, VmxFail> {
-        Ok(instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 0b1010 != 0)
+        Ok(instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 0b1011 != 0)
     }
 
     /// Injects external interrupt `vector` at the next entry.
@@ -727,7 +739,6 @@ impl Vcpu {
                 advance
             }
             ExitReason::CrAccess => self.cr_access(CrAccess::decode(info.qualification)),
-            ExitReason::DrAccess => self.dr_access(info.qualification),
             ExitReason::Rdmsr => self.rdmsr(),
             ExitReason::Wrmsr => self.wrmsr(),
             ExitReason::Xsetbv => self.inject_gp(),
@@ -880,8 +891,7 @@ impl Vcpu {
 
     fn write_cr0(&mut self, value: u64) -> Result<Own, VmxFail> {
         // Only NE is shadowed; PG and the rest are the guest's real bits.
-        let old = instr::vmread(guest::CR0)?;
-        let mut efer = instr::vmread(guest::IA32_EFER_FULL)?;
+        let efer = instr::vmread(guest::IA32_EFER_FULL)?;
         // PG needs PE; long mode also needs CR4.PAE; bits 63:32 are
         // reserved; NW without CD is invalid; 64-bit code cannot turn
         // paging off (SDM, MOV to CR0).
@@ -896,6 +906,36 @@ impl Vcpu {
         if bad {
             return self.inject_gp();
         }
+        // Turning on PAE paging (not IA-32e) loads the four PDPTEs from
+        // guest memory, which the VM reads; it finishes with `apply_cr0`.
+        if value & CR0_PG != 0 && pae && efer & EFER_LME == 0 {
+            let cr3 = instr::vmread(guest::CR3)?;
+            return Ok(Own::Up(VcpuExit::PaePdptes { cr3, cr0: value }));
+        }
+        self.apply_cr0(value, None)?;
+        Ok(Own::Done(ExitAction::Advance(None)))
+    }
+
+    /// Completes a checked MOV to CR0 (with the PDPTEs when it turns on PAE
+    /// paging): EFER.LMA and the IA-32e entry control follow PG, and the
+    /// guest's TLB is flushed when PG, PE or WP change, as the instruction
+    /// does.
+    pub fn apply_cr0(&mut self, value: u64, pdptes: Option<[u64; 4]>) -> Result<(), VmxFail> {
+        let old = instr::vmread(guest::CR0)?;
+        let mut efer = instr::vmread(guest::IA32_EFER_FULL)?;
+        if let Some(p) = pdptes {
+            for (f, v) in [
+                guest::PDPTE0_FULL,
+                guest::PDPTE1_FULL,
+                guest::PDPTE2_FULL,
+                guest::PDPTE3_FULL,
+            ]
+            .into_iter()
+            .zip(p)
+            {
+                rw(f, v)?;
+            }
+        }
         let mut entry = instr::vmread(control::VMENTRY_CONTROLS)?;
         if value & CR0_PG != 0 && old & CR0_PG == 0 && efer & EFER_LME != 0 {
             efer |= EFER_LMA;
@@ -908,7 +948,11 @@ impl Vcpu {
         rw(control::VMENTRY_CONTROLS, entry)?;
         rw(control::CR0_READ_SHADOW, value)?;
         rw(guest::CR0, self.caps.fix_cr0(value, true))?;
-        Ok(Own::Done(ExitAction::Advance(None)))
+        const CR0_WP: u64 = 1 << 16;
+        if (old ^ value) & (CR0_PG | CR0_WP | 1) != 0 {
+            instr::invvpid_single(self.vpid)?;
+        }
+        Ok(())
     }
 
     /// MOV to CR4 (SDM: #GP for reserved bits, for hidden features, and for
@@ -961,48 +1005,6 @@ impl Vcpu {
                 reason: 28,
             }))),
         }
-    }
-
-    /// MOV to or from a debug register (SDM Vol. 3C, Table 28-4: bits 2:0
-    /// the register, bit 4 the direction, bits 11:8 the GPR). DR7 lives in
-    /// the VMCS; DR0-3 and DR6 in the real registers while the guest runs.
-    fn dr_access(&mut self, q: u64) -> Result<Own, VmxFail> {
-        let mut dr = (q & 7) as u8;
-        let from = q & (1 << 4) != 0;
-        let gpr = ((q >> 8) & 0xF) as u8;
-        // DR4/DR5 alias DR6/DR7 unless CR4.DE, where they are #UD.
-        if dr == 4 || dr == 5 {
-            if instr::vmread(control::CR4_READ_SHADOW)? & (1 << 3) != 0 {
-                return self.inject_fault(6, None);
-            }
-            dr += 2;
-        }
-        let long = instr::vmread(guest::IA32_EFER_FULL)? & EFER_LMA != 0;
-        if from {
-            let v = match dr {
-                7 => instr::vmread(guest::DR7)?,
-                n => cpu::read_debug_regs()[if n == 6 { 4 } else { usize::from(n) }],
-            };
-            let v = if long { v } else { v & 0xffff_ffff };
-            self.set_gpr(gpr, v)?;
-        } else {
-            let mut v = self.gpr(gpr)?;
-            if !long {
-                v &= 0xffff_ffff;
-            }
-            match dr {
-                // Bits 63:32 must be 0 (#GP); reserved bits read as fixed.
-                6 | 7 if v >> 32 != 0 => return self.inject_gp(),
-                7 => rw(guest::DR7, (v | DR7_RESET) & !0xD800)?,
-                n => {
-                    let mut regs = cpu::read_debug_regs();
-                    let i = if n == 6 { 4 } else { usize::from(n) };
-                    regs[i] = if n == 6 { v | DR6_RESET } else { v };
-                    cpu::write_debug_regs(&regs);
-                }
-            }
-        }
-        Ok(Own::Done(ExitAction::Advance(None)))
     }
 
     fn refuse_msr(&mut self, m: u32, write: bool) -> Result<Own, VmxFail> {
@@ -1113,7 +1115,15 @@ impl Vcpu {
                 rw(Self::vmcs_msr_field(f), v)?;
             }
             MsrRule::Switched => {
-                if m != msr::IA32_STAR && !msr::canonical(v) {
+                // STAR takes any value; SFMASK has bits 63:32 reserved; the
+                // others are addresses. A value the CPU would refuse must
+                // never reach WRMSR here (a #GP in the host is fatal).
+                let ok = match m {
+                    msr::IA32_STAR => true,
+                    msr::IA32_FMASK => v >> 32 == 0,
+                    _ => msr::canonical(v),
+                };
+                if !ok {
                     return self.inject_gp();
                 }
                 let i = msr::SWITCHED.iter().position(|&x| x == m).unwrap_or(0);
