@@ -44,6 +44,8 @@
 //!   constants, refused MSRs raising #GP, TSC and TSC_ADJUST).
 //! - `rmw`: read-modify-write and string instructions on MMIO, with flags.
 //! - `debugregs`: DR0 and DR7 survive exits.
+//! - `plant` then `clean` (two VMs): the first writes x87/SSE/MXCSR, debug
+//!   registers and the SYSCALL/GS MSRs; the second must see reset values.
 //! - `ctrlchars`: prints an ESC sequence, a bare CR and a BEL; Tern must
 //!   show them escaped.
 //! - `sleep`: HLT with interrupts enabled and nothing armed; Tern must stop
@@ -127,6 +129,8 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "msrs" => platform::msrs(),
         "rmw" => platform::rmw(TEST_BASE),
         "debugregs" => platform::debug_regs(),
+        "plant" => platform::plant(),
+        "clean" => platform::clean(),
         "ctrlchars" => {
             say!("guest: \x1b[2J\rtern: exit status 0\x07 end");
             Ok(())

@@ -383,3 +383,83 @@ pub fn sleep_forever() {
     idt::init();
     idt::wait(1, || false);
 }
+
+/// Turns on SSE for the guest (CR4.OSFXSR/OSXMMEXCPT, CR0.MP, not EM).
+fn sse_on() {
+    // SAFETY: changes only how the guest's own FPU/SSE instructions behave.
+    unsafe {
+        asm!(
+            "mov {t}, cr4", "or {t}, 0x600", "mov cr4, {t}",
+            "mov {t}, cr0", "and {t}, ~4", "or {t}, 2", "mov cr0, {t}",
+            t = out(reg) _, options(nomem, nostack)
+        )
+    }
+}
+
+const PLANT_XMM: u64 = 0x1122_3344_5566_7788;
+const PLANT_MXCSR: u32 = 0x7F80;
+
+/// Writes guest-visible CPU state that VMX does not switch: x87, SSE and
+/// MXCSR, DR0-3, the SYSCALL and swapgs MSRs. The next VM must see none of
+/// it (scenario `clean`).
+pub fn plant() -> R {
+    sse_on();
+    let mxcsr = PLANT_MXCSR;
+    // SAFETY: loads the guest's own SSE/x87/debug registers.
+    unsafe {
+        asm!("movq xmm0, {v}", "movq xmm7, {v}", v = in(reg) PLANT_XMM, options(nomem, nostack));
+        asm!("ldmxcsr [{m}]", m = in(reg) &mxcsr, options(nostack));
+        asm!("fld1", "fld1", options(nomem, nostack));
+        asm!("mov dr0, {v}", "mov dr3, {v}", v = in(reg) 0x1234_5000u64, options(nomem, nostack));
+    }
+    for m in [0xC000_0081u32, 0xC000_0082, 0xC000_0083, 0xC000_0102] {
+        idt::wrmsr(m, 0xFFFF_8000_1234_0000);
+    }
+    idt::wrmsr(0xC000_0084, 0x4700);
+    say!("guest: planted x87, SSE, MXCSR, DR0/DR3, STAR/LSTAR/CSTAR/SFMASK/KERNEL_GS_BASE");
+    Ok(())
+}
+
+/// Checks that this VM starts with reset values where `plant` wrote.
+pub fn clean() -> R {
+    sse_on();
+    let (xmm0, xmm7, dr0, dr3, dr6, dr7): (u64, u64, u64, u64, u64, u64);
+    let mut mxcsr = 0u32;
+    let (fsw, fcw): (u16, u16);
+    let mut cw = 0u16;
+    // SAFETY: reads the guest's own SSE/x87/debug registers.
+    unsafe {
+        asm!("movq {a}, xmm0", "movq {b}, xmm7", a = out(reg) xmm0, b = out(reg) xmm7, options(nomem, nostack));
+        asm!("stmxcsr [{m}]", m = in(reg) &mut mxcsr, options(nostack));
+        asm!("fnstsw ax", out("ax") fsw, options(nomem, nostack));
+        asm!("fnstcw [{m}]", m = in(reg) &mut cw, options(nostack));
+        fcw = cw;
+        asm!("mov {}, dr0", out(reg) dr0, options(nomem, nostack));
+        asm!("mov {}, dr3", out(reg) dr3, options(nomem, nostack));
+        asm!("mov {}, dr6", out(reg) dr6, options(nomem, nostack));
+        asm!("mov {}, dr7", out(reg) dr7, options(nomem, nostack));
+    }
+    check("XMM0", xmm0, 0)?;
+    check("XMM7", xmm7, 0)?;
+    check("MXCSR", mxcsr.into(), 0x1F80)?;
+    check("x87 stack top (FSW 13:11)", ((fsw >> 11) & 7).into(), 0)?;
+    check("x87 control word", fcw.into(), 0x37F)?;
+    check("DR0", dr0, 0)?;
+    check("DR3", dr3, 0)?;
+    check("DR6", dr6 & 0xFFFF_FFFF, 0xFFFF_0FF0)?;
+    check("DR7", dr7, 0x400)?;
+    for m in [
+        0xC000_0081u32,
+        0xC000_0082,
+        0xC000_0083,
+        0xC000_0084,
+        0xC000_0102,
+    ] {
+        if idt::rdmsr(m) != 0 {
+            say!("guest: MSR {m:#x} = {:#x}", idt::rdmsr(m));
+            return Err("an MSR kept the previous VM's value");
+        }
+    }
+    say!("guest: x87, SSE, MXCSR, debug registers and SYSCALL/GS MSRs are at reset values");
+    Ok(())
+}

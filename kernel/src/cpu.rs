@@ -64,6 +64,53 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// An FXSAVE image: the x87, MMX and SSE state with MXCSR (the guest state
+/// Tern switches between VMs; Tern itself is built without SSE and never
+/// touches it).
+#[repr(C, align(16))]
+#[derive(Clone)]
+pub struct FxArea(pub [u8; 512]);
+
+impl FxArea {
+    /// The state after reset (FINIT and MXCSR's reset value): FCW 0x37F,
+    /// all registers empty or zero, MXCSR 0x1F80.
+    pub fn reset() -> Self {
+        let mut a = [0u8; 512];
+        a[0..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        a[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
+        Self(a)
+    }
+}
+
+/// Saves the x87/SSE state.
+pub fn fxsave(a: &mut FxArea) {
+    // SAFETY: the area is 512 bytes, 16-byte aligned and ours; CR4.OSFXSR
+    // is set and CR0.EM/TS clear (`enable_fxsr`).
+    unsafe { asm!("fxsave64 [{}]", in(reg) a.0.as_mut_ptr(), options(nostack, preserves_flags)) }
+}
+
+/// Loads the x87/SSE state.
+pub fn fxrstor(a: &FxArea) {
+    // SAFETY: as for `fxsave`; the image came from FXSAVE or `reset`, so
+    // MXCSR has no reserved bit set.
+    unsafe { asm!("fxrstor64 [{}]", in(reg) a.0.as_ptr(), options(nostack, preserves_flags)) }
+}
+
+/// Lets the host save and restore guests' x87/SSE state: CR4.OSFXSR and
+/// OSXMMEXCPT on, CR0.EM and TS off, MP on.
+pub fn enable_fxsr() {
+    use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
+    // SAFETY: Tern is built soft-float and executes no x87/SSE code of its
+    // own; these bits only allow FXSAVE/FXRSTOR of guest state.
+    unsafe {
+        let mut cr0 = Cr0::read();
+        cr0.remove(Cr0Flags::EMULATE_COPROCESSOR | Cr0Flags::TASK_SWITCHED);
+        cr0.insert(Cr0Flags::MONITOR_COPROCESSOR);
+        Cr0::write(cr0);
+        Cr4::update(|f| f.insert(Cr4Flags::OSFXSR | Cr4Flags::OSXMMEXCPT_ENABLE));
+    }
+}
+
 /// DR0-DR3 and DR6, in that order.
 pub fn read_debug_regs() -> [u64; 5] {
     let (a, b, c, d, e): (u64, u64, u64, u64, u64);

@@ -409,6 +409,20 @@ fn cases() -> Vec<Case> {
             check: None,
         },
         Case {
+            name: "bochs-cpu-state-not-shared-between-vms",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=plant scenario=plant", "name=clean scenario=clean"],
+            status: 0,
+            expect: &[
+                "[plant] guest: PASS plant",
+                "[clean] guest: x87, SSE, MXCSR, debug registers and SYSCALL/GS MSRs are at reset values",
+                "[clean] guest: PASS clean",
+            ],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
             name: "bochs-console-control-chars",
             machine: Machine::Bochs,
             kernel_args: "",

@@ -58,6 +58,7 @@ pub fn enable() -> Result<Vmx, VmxError> {
         return Err(VmxError::Missing(MissingFeature::DisabledByFirmware));
     }
     let caps = VmxCaps::read(read_cap).map_err(VmxError::Missing)?;
+    cpu::enable_fxsr();
     log::debug!("VMX caps: {caps:x?}");
 
     // SAFETY: forcing CR0/CR4 into the VMX fixed bits (NE, and VMXE) keeps

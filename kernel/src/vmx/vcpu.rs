@@ -124,6 +124,8 @@ pub struct Vcpu {
     /// DR7 is in the VMCS, saved and loaded by every exit and entry).
     debug_regs: [u64; 5],
     vpid: u16,
+    /// The guest's x87/SSE state while it does not run.
+    fpu: alloc::boxed::Box<cpu::FxArea>,
 }
 
 /// The VM's half of the exit dispatch and of event delivery.
@@ -185,6 +187,7 @@ impl Vcpu {
             refused_logged: Vec::new(),
             debug_regs: [0, 0, 0, 0, DR6_RESET],
             vpid,
+            fpu: alloc::boxed::Box::new(cpu::FxArea::reset()),
         };
         match v.init(vpid, eptp, start) {
             Ok(()) => Ok(v),
@@ -360,11 +363,17 @@ impl Vcpu {
         if unsafe { instr::vmptrld(self.vmcs.as_u64()) }.is_err() {
             return StopReason::VmxInstructionFailed;
         }
+        // The guest's CPU state that VMX does not switch (x87/SSE, DR0-3,
+        // DR6, the SYSCALL/SWAPGS MSRs) is in the real registers while it
+        // runs: loaded here, and when it stops saved and reset, so no other
+        // VM (nor Tern) ever runs with it.
         self.load_switched_msrs();
         cpu::write_debug_regs(&self.debug_regs);
+        cpu::fxrstor(&self.fpu);
         let stop = self.run_loop(vm);
+        cpu::fxsave(&mut self.fpu);
+        cpu::fxrstor(&cpu::FxArea::reset());
         self.save_switched_msrs();
-        // The guest's DR0-3/DR6 are kept; the next VM finds reset values.
         self.debug_regs = cpu::read_debug_regs();
         cpu::write_debug_regs(&[0, 0, 0, 0, DR6_RESET]);
         stop
