@@ -498,6 +498,20 @@ impl Machine {
         Ok(())
     }
 
+    /// Adds QEMU's pc-testdev (ports 0xE0, 0xE4, 0xE8, 0x2000 and 64 KiB of
+    /// iomem at 0xFF000000), which kvm-unit-tests uses.
+    pub fn add_pc_testdev(&mut self) -> Result<(), MachineError> {
+        use crate::devices::pc_testdev::{PcTestdev, IOMEM_BASE, IOMEM_LEN, PORTS};
+        let d = self.add_device("pc-testdev", Box::new(PcTestdev::default()));
+        for (name, port, len) in PORTS {
+            let r = self.add_device_region(d, name, len)?;
+            self.mem.add_subregion(self.regions.io, port.into(), r)?;
+        }
+        let r = self.add_device_region(d, "pc-testdev-iomem", IOMEM_LEN)?;
+        self.mem.add_subregion(self.regions.system, IOMEM_BASE, r)?;
+        Ok(())
+    }
+
     /// The interrupt controllers and timers, if the machine has them.
     pub fn platform_mut(&mut self) -> Option<&mut Platform> {
         let d = self.platform?;

@@ -184,6 +184,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             },
             print_mtree: info.option("mtree").is_some(),
             tsc_hz,
+            testdev: info.option("testdev").is_some(),
         };
         let Some(image) = mem::module_bytes(m) else {
             println!("[{name}] module {i} has an empty or invalid range");

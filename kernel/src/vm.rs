@@ -78,6 +78,8 @@ pub struct VmConfig {
     pub print_mtree: bool,
     /// The host TSC frequency (the VM's clock).
     pub tsc_hz: u64,
+    /// Add QEMU's pc-testdev (kvm-unit-tests' test device).
+    pub testdev: bool,
 }
 
 /// Seconds since 1970 that a VM's RTC reads when it starts (fixed, so runs
@@ -186,6 +188,9 @@ impl Vm {
             Box::new(TestDevice::default()),
         )?;
         machine.add_platform(cfg.tsc_hz, RTC_EPOCH)?;
+        if cfg.testdev {
+            machine.add_pc_testdev()?;
+        }
         let ram_bytes = cfg.machine.ram_bytes;
         let fw = machine.add_device("fw_cfg", Box::new(FwCfg::new(1, ram_bytes)));
         let io = machine.regions.io;

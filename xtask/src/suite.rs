@@ -214,12 +214,12 @@ pub fn run_suite(args: &[String]) -> Result<(), String> {
         return Err(format!("no test kernels in {}", dir.display()));
     }
     let images = build_all()?;
-    // kvm-unit-tests' environment (its one multiboot module): Tern has no
-    // pc-testdev (ports 0xe0, 0xe4, 0x2000), which TEST_DEVICE=0 says, as
-    // kvm-unit-tests' own runner does for machines without one.
+    // kvm-unit-tests' environment (its one multiboot module), as its own
+    // runner passes it; the VMs get pc-testdev (`testdev`), as QEMU's
+    // `-device pc-testdev` in kvm-unit-tests' x86/run.
     let env = crate::root().join("target/xtask/suite-env");
     fs::create_dir_all(crate::root().join("target/xtask")).map_err(|e| e.to_string())?;
-    fs::write(&env, "TEST_DEVICE=0\n").map_err(|e| e.to_string())?;
+    fs::write(&env, "TERN=1\n").map_err(|e| e.to_string())?;
     let mut results: Vec<(Test, Outcome)> = Vec::new();
     let runnable: Vec<Test> = tests.iter().filter(|t| t.skip.is_none()).cloned().collect();
     let mut next = 0;
@@ -244,7 +244,7 @@ pub fn run_suite(args: &[String]) -> Result<(), String> {
             .collect();
         // budget= counts 1M-tick slices: 20 ms each at Bochs' 50 MHz TSC.
         let slices = timeout * 50;
-        let kernel_args = format!("ram={ram} budget={slices}");
+        let kernel_args = format!("ram={ram} budget={slices} testdev");
         let wall: u64 = batch.iter().map(|t| t.timeout_s + 5).sum::<u64>() + 60;
         boot += 1;
         let out = run_bochs(

@@ -21,6 +21,7 @@
 
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod pc_testdev;
 pub mod test_device;
 pub mod uart;
 

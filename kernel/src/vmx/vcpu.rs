@@ -632,11 +632,7 @@ impl Vcpu {
                     next & 0xFFFF
                 };
                 rw(guest::RIP, next)?;
-                // Skipping an instruction ends STI/MOV-SS blocking.
-                let intr = instr::vmread(guest::INTERRUPTIBILITY_STATE)?;
-                if intr & 3 != 0 {
-                    rw(guest::INTERRUPTIBILITY_STATE, intr & !3)?;
-                }
+                self.instruction_completed()?;
                 Ok(None)
             }
             ExitAction::Retry => Ok(None),
@@ -863,16 +859,21 @@ impl Vcpu {
         };
         match leaf {
             1 => {
-                // ECX: hide MONITOR (3), VMX (5), SMX (6), EIST (7), TM2 (8),
-                // PDCM (15), XSAVE (26), OSXSAVE (27); show x2APIC (21) and
-                // TSC deadline (24), which the local APIC model emulates;
-                // set "hypervisor present" (31).
-                r[2] &= !((1 << 3) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 15));
-                r[2] &= !((1 << 26) | (1 << 27));
+                // ECX: hide DTES64 (2), MONITOR (3), DS-CPL (4), VMX (5),
+                // SMX (6), EIST (7), TM2 (8), SDBG (11), PDCM (15), XSAVE
+                // (26), OSXSAVE (27): Tern emulates none of them (and
+                // refuses their MSRs); show x2APIC (21) and TSC deadline
+                // (24), which the local APIC model emulates; set
+                // "hypervisor present" (31).
+                for bit in [2, 3, 4, 5, 6, 7, 8, 11, 15, 26, 27] {
+                    r[2] &= !(1 << bit);
+                }
                 r[2] |= (1 << 21) | (1 << 24) | (1 << 31);
-                // EDX: hide MCE (7), MCA (14), ACPI thermal (22), TM (29);
-                // show APIC (9) and MTRR (12) (the MSR table has them).
-                r[3] &= !((1 << 7) | (1 << 14) | (1 << 22) | (1 << 29));
+                // EDX: hide MCE (7), MCA (14), DS (21), ACPI thermal (22),
+                // TM (29), PBE (31); show APIC (9) and MTRR (12).
+                for bit in [7, 14, 21, 22, 29, 31] {
+                    r[3] &= !(1 << bit);
+                }
                 r[3] |= (1 << 9) | (1 << 12);
                 // EBX[31:24]: initial APIC ID 0; one logical processor.
                 r[1] &= 0x0000_FFFF;
@@ -881,13 +882,36 @@ impl Vcpu {
             // x2APIC topology: this vCPU is x2APIC ID 0.
             0xB | 0x1F => r[3] = 0,
             // Leaf 7: hide INVPCID (EBX 10) and WAITPKG (ECX 5), which need
-            // controls Tern does not set.
+            // controls Tern does not set, and every feature whose CR4 bit
+            // the guest cannot set under VMX (CR4_FIXED1).
             7 => {
                 r[1] &= !(1 << 10);
                 r[2] &= !(1 << 5);
+                // MPX (EBX 14) and Intel PT (EBX 25) have MSRs Tern
+                // refuses; so do ARCH_CAPABILITIES (EDX 29), L1D_FLUSH
+                // (EDX 28) and CORE_CAPABILITIES (EDX 30).
+                r[1] &= !((1 << 14) | (1 << 25));
+                r[3] &= !((1 << 28) | (1 << 29) | (1 << 30));
+                let cr4_ok = |bit: u32| self.caps.cr4_fixed1 & (1u64 << bit) != 0;
+                // (register, CPUID bit, CR4 bit)
+                for (reg, bit, cr4) in [
+                    (1, 0, 16),  // FSGSBASE
+                    (1, 7, 20),  // SMEP
+                    (1, 20, 21), // SMAP
+                    (2, 2, 11),  // UMIP
+                    (2, 3, 22),  // PKU
+                    (2, 7, 23),  // CET shadow stacks
+                    (2, 16, 12), // LA57
+                    (2, 31, 24), // PKS
+                ] {
+                    if !cr4_ok(cr4) {
+                        r[reg] &= !(1 << bit);
+                    }
+                }
             }
-            // Power management, PMU and XSAVE state: nothing is offered.
-            6 | 0xA | 0xD => r = [0; 4],
+            // Power management, PMU, XSAVE state and Intel PT: nothing is
+            // offered.
+            6 | 0xA | 0xD | 0x14 => r = [0; 4],
             // RDTSCP needs a control Tern does not set.
             0x8000_0001 => r[3] &= !(1 << 27),
             _ => {}
@@ -1191,12 +1215,31 @@ impl Vcpu {
         for (i, v) in r.gpr.iter().enumerate() {
             self.set_gpr(i as u8, *v)?;
         }
+        let moved = instr::vmread(guest::RIP)? != r.rip;
         rw(guest::RIP, r.rip)?;
         rw(guest::RFLAGS, r.rflags)?;
-        // The instruction completed: STI/MOV-SS blocking ends.
+        // A `rep` iteration batch that left RIP on the instruction has not
+        // completed it yet.
+        if moved {
+            self.instruction_completed()?;
+        }
+        Ok(())
+    }
+
+    /// After Tern completed an instruction for the guest (skipped or
+    /// emulated): STI/MOV-SS blocking ends, and with RFLAGS.TF set the
+    /// single-step #DB the instruction owes is made pending (DR6.BS in the
+    /// pending debug exceptions), as the CPU would raise it.
+    fn instruction_completed(&mut self) -> Result<(), VmxFail> {
         let intr = instr::vmread(guest::INTERRUPTIBILITY_STATE)?;
         if intr & 3 != 0 {
             rw(guest::INTERRUPTIBILITY_STATE, intr & !3)?;
+        }
+        let tf = instr::vmread(guest::RFLAGS)? & (1 << 8) != 0;
+        let btf = instr::vmread(guest::IA32_DEBUGCTL_FULL)? & 2 != 0;
+        if tf && !btf {
+            let pending = instr::vmread(guest::PENDING_DBG_EXCEPTIONS)?;
+            rw(guest::PENDING_DBG_EXCEPTIONS, pending | (1 << 14))?;
         }
         Ok(())
     }
