@@ -44,6 +44,10 @@
 //!   constants, refused MSRs raising #GP, TSC and TSC_ADJUST).
 //! - `rmw`: read-modify-write and string instructions on MMIO, with flags.
 //! - `debugregs`: DR0 and DR7 survive exits.
+//! - `hcflood`: memory-map hypercalls forever; only the time budget ends it.
+//! - `cr`: CR0 and CR8 writes the SDM refuses raise #GP; CR8 is the TPR.
+//! - `fuzz`: random MSR, CPUID and port accesses (`seed=`); the VM must
+//!   still be running.
 //! - `plant` then `clean` (two VMs): the first writes x87/SSE/MXCSR, debug
 //!   registers and the SYSCALL/GS MSRs; the second must see reset values.
 //! - `ctrlchars`: prints an ESC sequence, a bare CR and a BEL; Tern must
@@ -129,6 +133,13 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "msrs" => platform::msrs(),
         "rmw" => platform::rmw(TEST_BASE),
         "debugregs" => platform::debug_regs(),
+        "hcflood" => platform::hypercall_flood(),
+        "cr" => platform::control_registers(),
+        "fuzz" => platform::fuzz(
+            info.option("seed")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0x5EED),
+        ),
         "plant" => platform::plant(),
         "clean" => platform::clean(),
         "ctrlchars" => {

@@ -463,3 +463,125 @@ pub fn clean() -> R {
     say!("guest: x87, SSE, MXCSR, debug registers and SYSCALL/GS MSRs are at reset values");
     Ok(())
 }
+
+/// Memory-map hypercalls forever (each one prints the whole map): only the
+/// time budget can end it, which proves Tern charges the VM for the time
+/// it spends on its exits.
+pub fn hypercall_flood() -> R {
+    say!("guest: memory-map hypercalls forever");
+    loop {
+        io::vmcall(2, 0);
+    }
+}
+
+/// CR writes Tern must refuse with #GP (SDM, MOV to CR0/CR8): each write
+/// also flips CR0.NE, so that it exits to Tern instead of being checked by
+/// the CPU.
+pub fn control_registers() -> R {
+    idt::init();
+    let cr0: u64;
+    // SAFETY: reads CR0.
+    unsafe { asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack)) };
+    let ne = 1u64 << 5;
+    let nw = 1u64 << 29;
+    let cd = 1u64 << 30;
+    let try_cr0 = |v: u64| {
+        // SAFETY: a faulting write is skipped by the #GP stub (3 bytes:
+        // `mov cr0, rax` is 0F 22 C0); a successful one is undone below.
+        unsafe { asm!("mov cr0, rax", in("rax") v, options(nomem, nostack)) }
+    };
+    idt::set_gp_skip(3);
+    try_cr0(((cr0 ^ ne) | nw) & !cd); // NW without CD
+    check("#GP for NW without CD", idt::count(13), 1)?;
+    try_cr0((cr0 ^ ne) | (1 << 32)); // a reserved bit
+    check("#GP for CR0 bits 63:32", idt::count(13), 2)?;
+    try_cr0((cr0 ^ ne) & !(1 << 31)); // paging off in 64-bit code
+    check("#GP for clearing PG in 64-bit mode", idt::count(13), 3)?;
+    // CR8 bits 63:4 are reserved (`mov cr8, rax` is 44 0F 22 C0).
+    idt::set_gp_skip(4);
+    // SAFETY: a faulting write is skipped by the #GP stub.
+    unsafe { asm!("mov cr8, rax", in("rax") 0x10u64, options(nomem, nostack)) };
+    check("#GP for CR8 reserved bits", idt::count(13), 4)?;
+    let cr8: u64;
+    // SAFETY: a valid TPR write, then read back.
+    unsafe {
+        asm!("mov cr8, rax", in("rax") 0x5u64, options(nomem, nostack));
+        asm!("mov {}, cr8", out(reg) cr8, options(nomem, nostack));
+    }
+    check("CR8 reads back the TPR", cr8, 5)?;
+    check(
+        "TPR through the xAPIC page",
+        u64::from(apic_read(0x80)),
+        0x50,
+    )?;
+    // SAFETY: TPR back to 0.
+    unsafe { asm!("mov cr8, rax", in("rax") 0u64, options(nomem, nostack)) };
+    say!("guest: CR0 and CR8 writes the SDM refuses raised #GP");
+    Ok(())
+}
+
+/// Random MSR, CPUID and port accesses with interrupts off: the VM must
+/// still be running afterwards (refused MSRs raise #GP, which the stub
+/// skips).
+pub fn fuzz(seed: u64) -> R {
+    idt::init();
+    idt::set_gp_skip(2);
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut msrs, mut leaves, mut ports) = (0u32, 0u32, 0u32);
+    for _ in 0..1500 {
+        let r = next();
+        let base = [
+            0u32,
+            0x1B,
+            0x170,
+            0x200,
+            0x800,
+            0xC000_0080,
+            0xC000_0100,
+            0x4000_0000,
+        ][(r % 8) as usize];
+        let msr = base.wrapping_add(((r >> 8) % 0x100) as u32);
+        // Leave paging (EFER) and the guest's own GS base alone: the
+        // guest could not continue to report.
+        if matches!(msr, 0xC000_0080 | 0xC000_0100 | 0xC000_0101) {
+            continue;
+        }
+        if r & (1 << 40) != 0 {
+            idt::wrmsr(msr, next());
+        } else {
+            let _ = idt::rdmsr(msr);
+        }
+        msrs += 1;
+    }
+    for _ in 0..500 {
+        let r = next();
+        let leaf = [0u32, 0x4000_0000, 0x8000_0000][(r % 3) as usize] + ((r >> 8) % 0x30) as u32;
+        let _ = io::cpuid(leaf);
+        leaves += 1;
+    }
+    for _ in 0..1500 {
+        let r = next();
+        let port = (r >> 16) as u16;
+        // Not isa-debug-exit (it would end the VM) nor the console.
+        if (0xF4..0xF8).contains(&port) || (0x3F8..0x400).contains(&port) {
+            continue;
+        }
+        if r & 1 != 0 {
+            io::outb(port, (r >> 32) as u8);
+        } else {
+            let _ = io::inb(port);
+        }
+        ports += 1;
+    }
+    say!(
+        "guest: fuzz: {msrs} MSR, {leaves} CPUID and {ports} port accesses, {} #GP; still running",
+        idt::count(13)
+    );
+    Ok(())
+}

@@ -201,6 +201,8 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             }
             Err(e) => {
                 println!("[{name}] cannot create the VM: {e}");
+                let leaked = before.saturating_sub(mem::free_bytes());
+                println!("[{name}] host memory not returned: {leaked} bytes");
                 status = merge(status, Status::VM_STOPPED);
                 continue;
             }

@@ -423,6 +423,54 @@ fn cases() -> Vec<Case> {
             check: None,
         },
         Case {
+            name: "bochs-malicious-elf-refused",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &[
+                "@evil-zero-phentsize name=evil1",
+                "@evil-overlapping name=evil2",
+                "name=good scenario=hello expect_ram_kib=32768",
+            ],
+            status: 120,
+            expect: &[
+                "[evil1] cannot create the VM: cannot load the guest image: unsupported ELF: program header entries too small",
+                "[evil2] cannot create the VM: cannot load the guest image: unsupported ELF: segments larger than guest RAM together",
+                "[good] guest: PASS hello",
+            ],
+            forbid: &["FAIL"],
+            check: Some(three_returned_memory),
+        },
+        Case {
+            name: "bochs-hypercall-flood-budget",
+            machine: Machine::Bochs,
+            kernel_args: "budget=3",
+            guests: &["name=flood scenario=hcflood"],
+            status: 120,
+            expect: &["[flood] guest: memory-map hypercalls forever", "[flood] VM stopped: time budget used up", "[flood] time budget: 3 of 3 slices used"],
+            forbid: &["PASS"],
+            check: None,
+        },
+        Case {
+            name: "bochs-control-register-faults",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=cr scenario=cr"],
+            status: 0,
+            expect: &["[cr] guest: CR0 and CR8 writes the SDM refuses raised #GP", "[cr] guest: PASS cr"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
+            name: "bochs-fuzz-then-next-vm",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=fuzz scenario=fuzz seed=12345", "name=after scenario=hello expect_ram_kib=32768"],
+            status: 0,
+            expect: &["; still running", "[fuzz] guest: PASS fuzz", "[after] guest: PASS hello"],
+            forbid: &["FAIL", "hypervisor exception"],
+            check: None,
+        },
+        Case {
             name: "bochs-console-control-chars",
             machine: Machine::Bochs,
             kernel_args: "",
@@ -495,6 +543,21 @@ fn halted_and_woken(serial: &str) -> Result<(), String> {
     }
 }
 
+/// The two refused VMs and the good one give back all host memory.
+fn three_returned_memory(serial: &str) -> Result<(), String> {
+    let n = serial
+        .lines()
+        .filter(|l| l.ends_with("host memory not returned: 0 bytes"))
+        .count();
+    if n == 3 {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected three VMs to give back all host memory, {n} did"
+        ))
+    }
+}
+
 fn both_returned_memory(serial: &str) -> Result<(), String> {
     let n = serial
         .lines()
@@ -534,15 +597,62 @@ fn judge(case: &Case, out: &RunOutput) -> Result<(), String> {
     Ok(())
 }
 
+/// Multiboot ELF32 images that contradict the format, for the loader's
+/// scenario: `zero-phentsize` (65,535 program headers of size 0: the same
+/// 30 MiB segment again and again) and `overlapping` (two 30 MiB segments
+/// at the same address, more than guest RAM together).
+fn evil_image(kind: &str) -> Result<std::path::PathBuf, String> {
+    let mut f = vec![0u8; 0x200];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 1;
+    f[5] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes());
+    f[18..20].copy_from_slice(&3u16.to_le_bytes());
+    f[24..28].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    f[28..32].copy_from_slice(&52u32.to_le_bytes());
+    let (phentsize, phnum) = if kind == "zero-phentsize" {
+        (0u16, 0xFFFFu16)
+    } else {
+        (32, 2)
+    };
+    f[42..44].copy_from_slice(&phentsize.to_le_bytes());
+    f[44..46].copy_from_slice(&phnum.to_le_bytes());
+    for ph in [52usize, 84] {
+        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        f[ph + 4..ph + 8].copy_from_slice(&0x100u32.to_le_bytes());
+        f[ph + 12..ph + 16].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        f[ph + 16..ph + 20].copy_from_slice(&0x100u32.to_le_bytes());
+        f[ph + 20..ph + 24].copy_from_slice(&(30u32 << 20).to_le_bytes());
+    }
+    // The multiboot header (flags 0) at 0x100.
+    let magic = 0x1BAD_B002u32;
+    f[0x100..0x104].copy_from_slice(&magic.to_le_bytes());
+    f[0x108..0x10c].copy_from_slice(&0u32.wrapping_sub(magic).to_le_bytes());
+    let dir = crate::root().join("target/xtask");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let path = dir.join(format!("evil-{kind}.elf"));
+    std::fs::write(&path, f).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
 fn run_case(case: &Case, images: &Images) -> Result<RunOutput, String> {
-    let guests: Vec<GuestSpec> = case
-        .guests
-        .iter()
-        .map(|c| GuestSpec {
-            image: images.guest.clone(),
-            cmdline: (*c).to_string(),
-        })
-        .collect();
+    let mut guests: Vec<GuestSpec> = Vec::new();
+    for c in case.guests {
+        // `@evil-KIND ARGS` runs a generated malformed image.
+        let image = match c
+            .strip_prefix('@')
+            .and_then(|x| x.split_whitespace().next())
+        {
+            Some(kind) => evil_image(kind.trim_start_matches("evil-"))?,
+            None => images.guest.clone(),
+        };
+        let cmdline = if c.starts_with('@') {
+            c.split_once(' ').map_or("", |(_, rest)| rest).to_string()
+        } else {
+            (*c).to_string()
+        };
+        guests.push(GuestSpec { image, cmdline });
+    }
     let timeout = Duration::from_secs(180);
     match case.machine {
         Machine::Bochs => run_bochs(case.name, images, case.kernel_args, &guests, timeout, false),

@@ -81,9 +81,14 @@ const CR4_VMXE: u64 = 1 << 13;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_SMXE: u64 = 1 << 14;
 const CR4_OSXSAVE: u64 = 1 << 18;
+const CR4_PKE: u64 = 1 << 22;
+const CR4_CET: u64 = 1 << 23;
+const CR4_PKS: u64 = 1 << 24;
 /// CR4 bits of features CPUID hides: writes setting them get #GP, so the
-/// guest cannot turn on what it was told is absent.
-const CR4_HIDDEN: u64 = CR4_VMXE | CR4_SMXE | CR4_OSXSAVE;
+/// guest cannot turn on what it was told is absent. PKE, CET and PKS are
+/// hidden because their state (PKRU, CET MSRs, PKRS) is not switched
+/// between VMs.
+const CR4_HIDDEN: u64 = CR4_VMXE | CR4_SMXE | CR4_OSXSAVE | CR4_PKE | CR4_CET | CR4_PKS;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const MSR_EFER: u32 = msr::IA32_EFER;
@@ -105,6 +110,8 @@ pub struct Vcpu {
     pub slices_used: u64,
     /// Preemption-timer units left in the current slice.
     slice_left: u64,
+    /// Host TSC ticks already charged since the last exit (a halt's wait).
+    charged_since_exit: u64,
     /// The last exit, for reports.
     pub last_exit: VmExitInfo,
     /// An event whose delivery an exit interrupted (IDT-vectoring
@@ -175,6 +182,7 @@ impl Vcpu {
             budget: 0,
             slices_used: 0,
             slice_left: 0,
+            charged_since_exit: 0,
             last_exit: VmExitInfo::default(),
             reinject: None,
             soft_msrs: SoftMsrs::default(),
@@ -384,11 +392,23 @@ impl Vcpu {
         if self.slice_left == 0 {
             self.slice_left = self.slice.into();
         }
+        let mut exit_tsc: Option<u64> = None;
         loop {
             let until_event = match vm.before_entry(self) {
                 Ok(t) => t,
                 Err(stop) => return stop,
             };
+            // Time Tern spent on the last exit is the VM's too: a guest
+            // cannot escape its budget by exiting (hypercalls that print,
+            // port floods).
+            if let Some(t) = exit_tsc {
+                let spent = cpu::rdtsc().wrapping_sub(t);
+                let rest = spent.saturating_sub(core::mem::take(&mut self.charged_since_exit));
+                if let Some(stop) = self.charge_tsc(rest) {
+                    return stop;
+                }
+                self.charged_since_exit = 0;
+            }
             // The timer fires at the end of the slice or at the VM's next
             // timer event, whichever is first.
             let mut armed = self.slice_left;
@@ -405,7 +425,9 @@ impl Vcpu {
             }
             // SAFETY: the VMCS holds this CPU's host state and a guest whose
             // memory is confined by EPT.
-            match unsafe { instr::enter(&mut self.regs, self.launched) } {
+            let entry = unsafe { instr::enter(&mut self.regs, self.launched) };
+            exit_tsc = Some(cpu::rdtsc());
+            match entry {
                 EntryResult::Exited => self.launched = true,
                 EntryResult::Failed(e) => {
                     log::error!("VM entry failed: {e}");
@@ -471,6 +493,7 @@ impl Vcpu {
 
     /// Charges host TSC ticks (e.g. a halted vCPU's wait) to the budget.
     pub fn charge_tsc(&mut self, ticks: u64) -> Option<StopReason> {
+        self.charged_since_exit = self.charged_since_exit.saturating_add(ticks);
         self.charge(ticks >> self.caps.preemption_timer_rate())
     }
 
@@ -889,9 +912,12 @@ impl Vcpu {
                 r[2] &= !(1 << 5);
                 // MPX (EBX 14) and Intel PT (EBX 25) have MSRs Tern
                 // refuses; so do ARCH_CAPABILITIES (EDX 29), L1D_FLUSH
-                // (EDX 28) and CORE_CAPABILITIES (EDX 30).
+                // (EDX 28) and CORE_CAPABILITIES (EDX 30). PKU/OSPKE (ECX
+                // 3, 4), CET (ECX 7, EDX 20) and PKS (ECX 31) have state
+                // Tern does not switch between VMs.
                 r[1] &= !((1 << 14) | (1 << 25));
-                r[3] &= !((1 << 28) | (1 << 29) | (1 << 30));
+                r[2] &= !((1 << 3) | (1 << 4) | (1 << 7) | (1 << 31));
+                r[3] &= !((1 << 20) | (1 << 28) | (1 << 29) | (1 << 30));
                 let cr4_ok = |bit: u32| self.caps.cr4_fixed1 & (1u64 << bit) != 0;
                 // (register, CPUID bit, CR4 bit)
                 for (reg, bit, cr4) in [
