@@ -45,6 +45,8 @@
 //! - `rmw`: read-modify-write and string instructions on MMIO, with flags.
 //! - `debugregs`: DR0 and DR7 survive exits.
 //! - `hcflood`: memory-map hypercalls forever; only the time budget ends it.
+//! - `ring3`: hypercalls from user mode (ping, memory map, exit) must fail
+//!   and do nothing.
 //! - `cr`: CR0 and CR8 writes the SDM refuses raise #GP; CR8 is the TPR.
 //! - `fuzz`: random MSR, CPUID and port accesses (`seed=`); the VM must
 //!   still be running.
@@ -135,6 +137,7 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "debugregs" => platform::debug_regs(),
         "hcflood" => platform::hypercall_flood(),
         "cr" => platform::control_registers(),
+        "ring3" => platform::ring3_hypercalls(),
         "fuzz" => platform::fuzz(
             info.option("seed")
                 .and_then(|v| v.parse().ok())

@@ -585,3 +585,110 @@ pub fn fuzz(seed: u64) -> R {
     );
     Ok(())
 }
+
+/// What the ring-3 code got back from its hypercalls.
+static RING3_RESULT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static RING3_SAVED_RSP: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+#[repr(C, align(16))]
+struct UserStack([u8; 4096]);
+static mut USER_STACK: UserStack = UserStack([0; 4096]);
+
+#[repr(C, align(8))]
+struct Gdt([u64; 5]);
+static GDT: Gdt = Gdt([
+    0,
+    0x00AF_9A00_0000_FFFF, // 0x08: kernel code, 64-bit
+    0x00CF_9200_0000_FFFF, // 0x10: kernel data
+    0x00CF_F200_0000_FFFF, // 0x18: user data (DPL 3)
+    0x00AF_FA00_0000_FFFF, // 0x20: user code, 64-bit (DPL 3)
+]);
+
+/// Hypercalls from ring 3: ping, print the memory map and exit (status 7)
+/// must all fail (`u64::MAX`) and do nothing; the ring-3 code then comes
+/// back with SYSCALL.
+pub fn ring3_hypercalls() -> R {
+    // User access to the first GiB: the U/S bit in PML4[0], PDPT[0] and
+    // the 512 PDEs of the boot page tables (identity map, 2 MiB pages).
+    let cr3: u64;
+    // SAFETY: reads CR3.
+    unsafe { asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
+    let base = cr3 & !0xFFF;
+    for (table, entries) in [(base, 1u64), (base + 0x1000, 1), (base + 0x2000, 512)] {
+        for i in 0..entries {
+            let e = (table + 8 * i) as *mut u64;
+            // SAFETY: the boot page tables are guest RAM identity mapped;
+            // setting U/S only widens who may access the same pages.
+            unsafe { e.write_volatile(e.read_volatile() | 4) };
+        }
+    }
+    let gdt_ptr: [u16; 5] = {
+        let b = &GDT as *const Gdt as u64;
+        [
+            39,
+            b as u16,
+            (b >> 16) as u16,
+            (b >> 32) as u16,
+            (b >> 48) as u16,
+        ]
+    };
+    let stack_top = core::ptr::addr_of_mut!(USER_STACK) as u64 + 4096;
+    // SYSCALL: EFER.SCE, LSTAR = the return label, STAR[47:32] = 0x08
+    // (CS 0x08, SS 0x10 on SYSCALL).
+    idt::wrmsr(0xC000_0080, idt::rdmsr(0xC000_0080) | 1);
+    idt::wrmsr(0xC000_0081, 0x08u64 << 32);
+    // SAFETY: the new GDT keeps 0x08/0x10 as they were; IRETQ enters ring
+    // 3 with interrupts off on a user stack; the ring-3 code only makes
+    // hypercalls, stores their result and returns with SYSCALL to label
+    // 3, which restores the saved kernel stack. RCX and R11 are clobbered
+    // by SYSCALL; RBX (an argument of the hypercalls, reserved by LLVM)
+    // is kept in R12.
+    unsafe {
+        asm!(
+            "mov r12, rbx",
+            "lgdt [{gdt}]",
+            "lea rax, [rip + 3f]",
+            "mov ecx, 0xC0000082",
+            "mov rdx, rax",
+            "shr rdx, 32",
+            "wrmsr",
+            "mov [rip + {saved}], rsp",
+            "push 0x1b",
+            "push {stack}",
+            "push 0x2",
+            "push 0x23",
+            "lea rax, [rip + 2f]",
+            "push rax",
+            "iretq",
+            "2:",
+            "mov rax, 0",
+            "vmcall",
+            "mov rdi, rax",
+            "mov rax, 2",
+            "vmcall",
+            "and rdi, rax",
+            "mov rax, 1",
+            "mov rbx, 7",
+            "vmcall",
+            "and rdi, rax",
+            "mov [rip + {result}], rdi",
+            "syscall",
+            "3:",
+            "mov rsp, [rip + {saved}]",
+            "mov ax, 0x10",
+            "mov ds, ax",
+            "mov es, ax",
+            "mov rbx, r12",
+            gdt = in(reg) &gdt_ptr,
+            stack = in(reg) stack_top,
+            saved = sym RING3_SAVED_RSP,
+            result = sym RING3_RESULT,
+            out("rax") _, out("rcx") _, out("rdx") _, out("rdi") _, out("r11") _,
+            out("r12") _,
+        );
+    }
+    let r = RING3_RESULT.load(core::sync::atomic::Ordering::SeqCst);
+    check("ring-3 hypercall results (ANDed)", r, u64::MAX)?;
+    say!("guest: hypercalls from ring 3 returned u64::MAX and did nothing");
+    Ok(())
+}

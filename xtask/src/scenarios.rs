@@ -451,6 +451,16 @@ fn cases() -> Vec<Case> {
             check: None,
         },
         Case {
+            name: "bochs-ring3-hypercalls-refused",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=user scenario=ring3"],
+            status: 0,
+            expect: &["[user] guest: hypercalls from ring 3 returned u64::MAX and did nothing", "[user] guest: PASS ring3"],
+            forbid: &["FAIL", "memory map (info mtree)", "status 7"],
+            check: None,
+        },
+        Case {
             name: "bochs-control-register-faults",
             machine: Machine::Bochs,
             kernel_args: "",
