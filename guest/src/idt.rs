@@ -1,6 +1,6 @@
 //! The guest's IDT: one stub per vector that counts the vector, skips the
-//! faulting instruction for #GP (by `GP_SKIP` bytes, so a scenario can
-//! probe a refused MSR), and ends the interrupt: PIC EOI for 0x20-0x2F,
+//! faulting instruction for #GP and #UD (by `GP_SKIP` bytes, so a scenario
+//! can probe a refused MSR or instruction), and ends the interrupt: PIC EOI for 0x20-0x2F,
 //! local APIC EOI (xAPIC page) for 0x30 and up. Leaf module: the guest's
 //! interrupt `unsafe` is here.
 
@@ -26,7 +26,7 @@ tern_vec_\v:
 .endif
     push rax
     lock inc qword ptr [rip + TERN_VEC_COUNT + 8 * \v]
-.if \v == 13
+.if (\v == 13) || (\v == 6)
     mov rax, qword ptr [rip + TERN_GP_SKIP]
     add qword ptr [rsp + 8], rax
 .endif

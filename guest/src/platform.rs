@@ -516,6 +516,24 @@ pub fn control_registers() -> R {
     )?;
     // SAFETY: TPR back to 0.
     unsafe { asm!("mov cr8, rax", in("rax") 0u64, options(nomem, nostack)) };
+    // XSETBV with XSAVE hidden: CR4.OSXSAVE cannot be set, so #UD.
+    idt::set_gp_skip(3);
+    let before = idt::count(6);
+    // SAFETY: the #UD is counted and skipped by the stub (0F 01 D1).
+    unsafe {
+        asm!("xsetbv", in("ecx") 0u32, in("eax") 1u32, in("edx") 0u32, options(nomem, nostack))
+    };
+    check("#UD for XSETBV without OSXSAVE", idt::count(6) - before, 1)?;
+    let (old_cr4, cr4): (u64, u64);
+    // SAFETY: reads CR4; the write setting OSXSAVE faults and is skipped
+    // (0F 22 E0), then CR4 is read again.
+    unsafe {
+        asm!("mov {}, cr4", out(reg) old_cr4, options(nomem, nostack));
+        asm!("mov cr4, rax", in("rax") old_cr4 | (1 << 18), options(nomem, nostack));
+        asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
+    }
+    check("#GP for setting CR4.OSXSAVE", idt::count(13), 5)?;
+    check("CR4.OSXSAVE after the refused write", cr4 & (1 << 18), 0)?;
     say!("guest: CR0 and CR8 writes the SDM refuses raised #GP");
     Ok(())
 }
