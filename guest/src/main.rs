@@ -47,6 +47,7 @@
 //! - `hcflood`: memory-map hypercalls forever; only the time budget ends it.
 //! - `ring3`: hypercalls from user mode (ping, memory map, exit) must fail
 //!   and do nothing.
+//! - `eipwrap`: CPUID at EIP 0xFFFFFFFE in 32-bit code; EIP must wrap.
 //! - `cr`: CR0 and CR8 writes the SDM refuses raise #GP; CR8 is the TPR.
 //! - `fuzz`: random MSR, CPUID and port accesses (`seed=`); the VM must
 //!   still be running.
@@ -138,6 +139,7 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "hcflood" => platform::hypercall_flood(),
         "cr" => platform::control_registers(),
         "ring3" => platform::ring3_hypercalls(),
+        "eipwrap" => platform::eip_wrap(),
         "fuzz" => platform::fuzz(
             info.option("seed")
                 .and_then(|v| v.parse().ok())

@@ -613,14 +613,26 @@ struct UserStack([u8; 4096]);
 static mut USER_STACK: UserStack = UserStack([0; 4096]);
 
 #[repr(C, align(8))]
-struct Gdt([u64; 5]);
+struct Gdt([u64; 6]);
 static GDT: Gdt = Gdt([
     0,
     0x00AF_9A00_0000_FFFF, // 0x08: kernel code, 64-bit
     0x00CF_9200_0000_FFFF, // 0x10: kernel data
     0x00CF_F200_0000_FFFF, // 0x18: user data (DPL 3)
     0x00AF_FA00_0000_FFFF, // 0x20: user code, 64-bit (DPL 3)
+    0x00CF_9A30_0002_FFFF, // 0x28: 32-bit code, base 0x300002 (EIP wrap)
 ]);
+
+fn gdt_ptr() -> [u16; 5] {
+    let b = &GDT as *const Gdt as u64;
+    [
+        47,
+        b as u16,
+        (b >> 16) as u16,
+        (b >> 32) as u16,
+        (b >> 48) as u16,
+    ]
+}
 
 /// Hypercalls from ring 3: ping, print the memory map and exit (status 7)
 /// must all fail (`u64::MAX`) and do nothing; the ring-3 code then comes
@@ -708,5 +720,41 @@ pub fn ring3_hypercalls() -> R {
     let r = RING3_RESULT.load(core::sync::atomic::Ordering::SeqCst);
     check("ring-3 hypercall results (ANDed)", r, u64::MAX)?;
     say!("guest: hypercalls from ring 3 returned u64::MAX and did nothing");
+    Ok(())
+}
+
+/// CPUID at EIP 0xFFFFFFFE in 32-bit code: Tern skips the instruction and
+/// EIP must wrap to 0 (a RIP of 2^32 would fail the next VM entry). The
+/// code segment's base is 0x300002, so EIP 0xFFFFFFFE is linear 0x300000
+/// (CPUID) and EIP 0 is linear 0x300002 (a far return to 64-bit code).
+pub fn eip_wrap() -> R {
+    let code = 0x30_0000 as *mut [u8; 3];
+    // SAFETY: guest RAM at 3 MiB, unused by the image: CPUID; RETF.
+    unsafe { code.write_volatile([0x0F, 0xA2, 0xCB]) };
+    let gdt_ptr = gdt_ptr();
+    // SAFETY: the new GDT keeps 0x08/0x10; LRETQ enters the 32-bit segment
+    // 0x28 at EIP 0xFFFFFFFE, its RETF pops the 32-bit frame pushed first
+    // (EIP of label 2, CS 0x08) and comes back here in 64-bit mode. RBX
+    // (CPUID's output, reserved by LLVM) is kept in R12.
+    unsafe {
+        asm!(
+            "mov r12, rbx",
+            "lgdt [{gdt}]",
+            "lea rax, [rip + 2f]",
+            "mov rdx, 0x08",
+            "shl rdx, 32",
+            "or rax, rdx",
+            "push rax",
+            "push 0x28",
+            "mov rax, 0xFFFFFFFE",
+            "push rax",
+            "retfq",
+            "2:",
+            "mov rbx, r12",
+            gdt = in(reg) &gdt_ptr,
+            out("rax") _, out("rcx") _, out("rdx") _, out("r12") _,
+        );
+    }
+    say!("guest: CPUID at EIP 0xFFFFFFFE returned; EIP wrapped to 0");
     Ok(())
 }

@@ -461,6 +461,16 @@ fn cases() -> Vec<Case> {
             check: None,
         },
         Case {
+            name: "bochs-eip-wrap",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &["name=wrap scenario=eipwrap"],
+            status: 0,
+            expect: &["[wrap] guest: CPUID at EIP 0xFFFFFFFE returned; EIP wrapped to 0", "[wrap] guest: PASS eipwrap"],
+            forbid: &["FAIL"],
+            check: None,
+        },
+        Case {
             name: "bochs-control-register-faults",
             machine: Machine::Bochs,
             kernel_args: "",
