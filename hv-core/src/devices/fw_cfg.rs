@@ -226,15 +226,7 @@ impl Device for FwCfg {
             }
             // The DMA register reads "QEMU CFG" (its signature), in memory
             // order.
-            (1, o) => {
-                let sig = b"QEMU CFG";
-                let mut v = 0u64;
-                for i in 0..u64::from(size.min(8)) {
-                    let b = o.checked_add(i).and_then(|j| sig.get(j as usize)).copied();
-                    v |= u64::from(b.unwrap_or(0)) << (8 * i);
-                }
-                v
-            }
+            (1, o) => super::read_le(b"QEMU CFG", o, size),
             _ => 0,
         }
     }

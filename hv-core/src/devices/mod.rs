@@ -229,6 +229,33 @@ pub const fn all_ones(size: u8) -> u64 {
     }
 }
 
+/// `size` bytes of `bytes` from `offset`, as a little-endian register
+/// read sees them; bytes past the end read as zero.
+pub fn read_le(bytes: &[u8], offset: u64, size: u8) -> u64 {
+    (0..u64::from(size.min(8))).fold(0, |v, i| {
+        let b = offset
+            .checked_add(i)
+            .and_then(|j| bytes.get(usize::try_from(j).ok()?))
+            .copied()
+            .unwrap_or(0);
+        v | (u64::from(b) << (8 * i))
+    })
+}
+
+/// Stores the low `size` bytes of `value` little-endian into `bytes` from
+/// `offset`; bytes past the end are dropped.
+pub fn write_le(bytes: &mut [u8], offset: u64, size: u8, value: u64) {
+    for i in 0..u64::from(size.min(8)) {
+        let slot = offset
+            .checked_add(i)
+            .and_then(|j| usize::try_from(j).ok())
+            .and_then(|j| bytes.get_mut(j));
+        if let Some(b) = slot {
+            *b = (value >> (8 * i)) as u8;
+        }
+    }
+}
+
 /// Little-endian state encoding for the save/load hooks: a cursor that
 /// refuses to read past the end.
 pub struct StateReader<'a> {

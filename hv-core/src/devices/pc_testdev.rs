@@ -13,7 +13,7 @@
 //! 4. 0xFF000000, 64 KiB: "iomem", memory whose every access is an MMIO
 //!    exit (it reads back what was written), for the emulator tests.
 
-use super::{Device, DeviceCtx, RegionIndex, StateError, StateReader};
+use super::{read_le, write_le, Device, DeviceCtx, RegionIndex, StateError, StateReader};
 use crate::irq::LineLevel;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -46,38 +46,11 @@ impl Default for PcTestdev {
     }
 }
 
-impl PcTestdev {
-    /// Bytes `[off, off + size)` of `bytes`, little-endian; missing bytes
-    /// read as zero.
-    fn get(bytes: &[u8], off: u64, size: u8) -> u64 {
-        (0..u64::from(size.min(8))).fold(0, |v, i| {
-            let b = off
-                .checked_add(i)
-                .and_then(|j| bytes.get(usize::try_from(j).ok()?))
-                .copied()
-                .unwrap_or(0);
-            v | (u64::from(b) << (8 * i))
-        })
-    }
-
-    fn put(bytes: &mut [u8], off: u64, size: u8, value: u64) {
-        for i in 0..u64::from(size.min(8)) {
-            let slot = off
-                .checked_add(i)
-                .and_then(|j| usize::try_from(j).ok())
-                .and_then(|j| bytes.get_mut(j));
-            if let Some(b) = slot {
-                *b = (value >> (8 * i)) as u8;
-            }
-        }
-    }
-}
-
 impl Device for PcTestdev {
     fn read(&mut self, _ctx: &mut DeviceCtx, region: RegionIndex, offset: u64, size: u8) -> u64 {
         match region {
-            0 | 2 => Self::get(&self.scratch.to_le_bytes(), offset, size),
-            4 => Self::get(&self.iomem, offset, size),
+            0 | 2 => read_le(&self.scratch.to_le_bytes(), offset, size),
+            4 => read_le(&self.iomem, offset, size),
             _ => 0,
         }
     }
@@ -93,7 +66,7 @@ impl Device for PcTestdev {
         match region {
             0 | 2 => {
                 let mut b = self.scratch.to_le_bytes();
-                Self::put(&mut b, offset, size, value);
+                write_le(&mut b, offset, size, value);
                 self.scratch = u32::from_le_bytes(b);
             }
             3 if offset < 24 => {
@@ -104,7 +77,7 @@ impl Device for PcTestdev {
                 };
                 ctx.set_irq(offset as u8, level);
             }
-            4 => Self::put(&mut self.iomem, offset, size, value),
+            4 => write_le(&mut self.iomem, offset, size, value),
             _ => {}
         }
     }
