@@ -248,7 +248,8 @@ pub fn run_suite(args: &[String]) -> Result<(), String> {
         let wall: u64 = batch.iter().map(|t| t.timeout_s + 5).sum::<u64>() + 60;
         boot += 1;
         let out = run_bochs(
-            &format!("suite-{boot}"),
+            // Per invocation, so two suites never share a work directory.
+            &format!("suite-{}-{boot}", std::process::id()),
             &images,
             &kernel_args,
             &guests,

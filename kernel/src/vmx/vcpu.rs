@@ -1254,8 +1254,7 @@ impl Vcpu {
 
     /// After Tern completed an instruction for the guest (skipped or
     /// emulated): STI/MOV-SS blocking ends, and with RFLAGS.TF set the
-    /// single-step #DB the instruction owes is made pending (DR6.BS in the
-    /// pending debug exceptions), as the CPU would raise it.
+    /// single-step #DB the instruction owes is injected (as KVM does).
     fn instruction_completed(&mut self) -> Result<(), VmxFail> {
         let intr = instr::vmread(guest::INTERRUPTIBILITY_STATE)?;
         if intr & 3 != 0 {
@@ -1264,8 +1263,17 @@ impl Vcpu {
         let tf = instr::vmread(guest::RFLAGS)? & (1 << 8) != 0;
         let btf = instr::vmread(guest::IA32_DEBUGCTL_FULL)? & 2 != 0;
         if tf && !btf {
-            let pending = instr::vmread(guest::PENDING_DBG_EXCEPTIONS)?;
-            rw(guest::PENDING_DBG_EXCEPTIONS, pending | (1 << 14))?;
+            // The single-step trap is delivered now, before any interrupt
+            // that is waiting (which then gets an interrupt window), with
+            // DR6.BS set as the CPU sets it (DR6 is the guest's while it
+            // runs).
+            let mut dr = cpu::read_debug_regs();
+            dr[4] |= 1 << 14;
+            cpu::write_debug_regs(&dr);
+            rw(
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                1 | (3 << 8) | (1 << 31),
+            )?;
         }
         Ok(())
     }
