@@ -534,6 +534,14 @@ pub fn control_registers() -> R {
     }
     check("#GP for setting CR4.OSXSAVE", idt::count(13), 5)?;
     check("CR4.OSXSAVE after the refused write", cr4 & (1 << 18), 0)?;
+    // RDPMC with CR4.PCE set: no PMU is offered, so #GP (0F 33).
+    idt::set_gp_skip(2);
+    // SAFETY: sets CR4.PCE (allowed), then RDPMC faults and is skipped.
+    unsafe {
+        asm!("mov cr4, {}", in(reg) cr4 | (1 << 8), options(nomem, nostack));
+        asm!("rdpmc", in("ecx") 0u32, out("eax") _, out("edx") _, options(nomem, nostack));
+    }
+    check("#GP for RDPMC (no PMU)", idt::count(13), 6)?;
     say!("guest: CR0 and CR8 writes the SDM refuses raised #GP");
     Ok(())
 }

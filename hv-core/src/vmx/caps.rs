@@ -355,8 +355,11 @@ impl Controls {
             | PinControls::PREEMPTION_TIMER;
         // MWAIT/MONITOR exit so a guest cannot put the physical CPU to
         // sleep; CR8 accesses exit so the guest never touches the real TPR.
+        // RDPMC exits: the PMU is not offered, and the host's counters
+        // must not be readable from a guest.
         let proc = ProcControls::HLT_EXITING
             | ProcControls::USE_TSC_OFFSETTING
+            | ProcControls::RDPMC_EXITING
             | ProcControls::MWAIT_EXITING
             | ProcControls::MONITOR_EXITING
             | ProcControls::CR8_LOAD_EXITING
@@ -450,7 +453,7 @@ mod tests {
         assert_eq!(c.proc & (1 << 15 | 1 << 16), 0);
         // TSC offsetting on, MOV-DR exiting off; debug controls saved and
         // loaded.
-        assert_eq!(c.proc & (1 << 3 | 1 << 23), 1 << 3);
+        assert_eq!(c.proc & (1 << 3 | 1 << 11 | 1 << 23), 1 << 3 | 1 << 11);
         assert_eq!(c.entry & (1 << 2), 1 << 2);
         assert_eq!(c.exit & (1 << 2), 1 << 2);
         assert_eq!(

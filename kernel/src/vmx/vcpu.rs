@@ -770,6 +770,9 @@ impl Vcpu {
             ExitReason::Rdmsr => self.rdmsr(),
             ExitReason::Wrmsr => self.wrmsr(),
             ExitReason::Xsetbv => self.inject_gp(),
+            // No PMU is offered (CPUID leaf 0xA is empty): #GP, as for a
+            // counter that does not exist.
+            ExitReason::Rdpmc => self.inject_gp(),
             // The slice or the VM's next timer event ended (accounted in
             // the loop); the VM polls its devices before the next entry.
             ExitReason::PreemptionTimer => Ok(Own::Done(ExitAction::Retry)),
