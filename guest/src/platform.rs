@@ -487,7 +487,8 @@ pub fn control_registers() -> R {
     let cd = 1u64 << 30;
     let try_cr0 = |v: u64| {
         // SAFETY: a faulting write is skipped by the #GP stub (3 bytes:
-        // `mov cr0, rax` is 0F 22 C0); a successful one is undone below.
+        // `mov cr0, rax` is 0F 22 C0); a write that succeeded would fail
+        // the check that follows it.
         unsafe { asm!("mov cr0, rax", in("rax") v, options(nomem, nostack)) }
     };
     idt::set_gp_skip(3);
@@ -660,6 +661,8 @@ pub fn ring3_hypercalls() -> R {
             unsafe { e.write_volatile(e.read_volatile() | 4) };
         }
     }
+    // SAFETY: reloading CR3 with its own value flushes the old entries.
+    unsafe { asm!("mov cr3, {}", in(reg) cr3, options(nostack)) };
     let gdt_ptr: [u16; 5] = {
         let b = &GDT as *const Gdt as u64;
         [

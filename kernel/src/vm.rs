@@ -438,9 +438,11 @@ impl Vm {
                 Ok(n) => n,
                 Err(stop) => return ExitAction::Stop(stop),
             };
-            // An NMI always ends HLT; a maskable interrupt only with IF = 1.
+            // An NMI ends HLT unless NMIs are blocked (inside an NMI
+            // handler); a maskable interrupt only with IF = 1.
+            let nmi_ok = !vcpu.in_nmi_handler().unwrap_or(true);
             let wake = self.machine.platform_mut().is_some_and(|p| {
-                p.lapic.nmi_pending() || (interrupts_enabled && p.interrupt_pending())
+                (nmi_ok && p.lapic.nmi_pending()) || (interrupts_enabled && p.interrupt_pending())
             });
             if wake {
                 return ExitAction::Advance(None);

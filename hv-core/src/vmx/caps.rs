@@ -325,6 +325,21 @@ impl VmxCaps {
     }
 
     /// Forces a value into the CR4 fixed bits.
+    /// Which INVVPID flushes all of one VPID's translations: single-context
+    /// (type 1, EPT_VPID_CAP bit 41) or all-context (type 2, bit 42);
+    /// `None` without INVVPID (bit 32).
+    pub const fn invvpid_type(&self) -> Option<u64> {
+        if self.ept_vpid & (1 << 32) == 0 {
+            None
+        } else if self.ept_vpid & (1 << 41) != 0 {
+            Some(1)
+        } else if self.ept_vpid & (1 << 42) != 0 {
+            Some(2)
+        } else {
+            None
+        }
+    }
+
     pub const fn fix_cr4(&self, cr4: u64) -> u64 {
         (cr4 | self.cr4_fixed0) & self.cr4_fixed1
     }
@@ -424,6 +439,8 @@ mod tests {
     fn skylake_caps_decode() {
         let c = VmxCaps::read(skylake).unwrap();
         assert_eq!(c.revision_id(), 0x2b);
+        // EPT_VPID_CAP 0x00000f01_06334141: INVVPID with single context.
+        assert_eq!(c.invvpid_type(), Some(1));
         assert!(c.ept_ad_bits() && c.ept_2m_pages() && c.ept_1g_pages());
         assert_eq!(c.preemption_timer_rate(), 0);
         assert_eq!(c.fix_cr0(0x11, true), 0x31);

@@ -118,15 +118,16 @@ pub fn invept_single(eptp: u64) -> Result<(), VmxFail> {
     }
 }
 
-/// INVVPID single-context for `vpid` (all of its guest TLB entries).
-pub fn invvpid_single(vpid: u16) -> Result<(), VmxFail> {
+/// INVVPID of type `kind` (1: single context, all of `vpid`'s guest TLB
+/// entries; 2: all contexts).
+pub fn invvpid(kind: u64, vpid: u16) -> Result<(), VmxFail> {
     let desc: [u64; 2] = [u64::from(vpid), 0];
     let (cf, zf): (u8, u8);
     // SAFETY: INVVPID only invalidates cached translations; the descriptor
     // lives on the stack for the duration of the instruction.
     unsafe {
         asm!("invvpid {t}, [{d}]", "setc {cf}", "setz {zf}",
-             t = in(reg) 1u64, d = in(reg) &desc, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             t = in(reg) kind, d = in(reg) &desc, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
              options(nostack));
     }
     match (cf, zf) {

@@ -84,11 +84,25 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 const CR4_PKE: u64 = 1 << 22;
 const CR4_CET: u64 = 1 << 23;
 const CR4_PKS: u64 = 1 << 24;
+const CR4_LA57: u64 = 1 << 12;
+const CR4_UINTR: u64 = 1 << 25;
+const CR4_LAM_SUP: u64 = 1 << 28;
+const CR4_FRED: u64 = 1 << 32;
 /// CR4 bits of features CPUID hides: writes setting them get #GP, so the
-/// guest cannot turn on what it was told is absent. PKE, CET and PKS are
-/// hidden because their state (PKRU, CET MSRs, PKRS) is not switched
-/// between VMs.
-const CR4_HIDDEN: u64 = CR4_VMXE | CR4_SMXE | CR4_OSXSAVE | CR4_PKE | CR4_CET | CR4_PKS;
+/// guest cannot turn on what it was told is absent. PKE, CET, PKS, UINTR
+/// and FRED are hidden because their state is not switched between VMs;
+/// LA57 and LAM because the MMIO emulator's page walk and the canonical
+/// checks of the MSR table are 4-level, 48-bit.
+const CR4_HIDDEN: u64 = CR4_VMXE
+    | CR4_SMXE
+    | CR4_OSXSAVE
+    | CR4_PKE
+    | CR4_CET
+    | CR4_PKS
+    | CR4_LA57
+    | CR4_UINTR
+    | CR4_LAM_SUP
+    | CR4_FRED;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const MSR_EFER: u32 = msr::IA32_EFER;
@@ -551,6 +565,12 @@ impl Vcpu {
         Ok(instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 0b1011 != 0)
     }
 
+    /// Whether the guest is inside an NMI handler (blocking by NMI): an NMI
+    /// does not end HLT then.
+    pub fn in_nmi_handler(&self) -> Result<bool, VmxFail> {
+        Ok(instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 0b1000 != 0)
+    }
+
     /// Injects external interrupt `vector` at the next entry.
     pub fn inject_interrupt(&mut self, vector: u8) -> Result<(), VmxFail> {
         rw(
@@ -921,6 +941,16 @@ impl Vcpu {
                 r[1] &= !((1 << 14) | (1 << 25));
                 r[2] &= !((1 << 3) | (1 << 4) | (1 << 7) | (1 << 31));
                 r[3] &= !((1 << 20) | (1 << 28) | (1 << 29) | (1 << 30));
+                // LA57 (ECX 16), RDPID (ECX 22: needs the RDTSCP control)
+                // and UINTR (EDX 5); subleaves 1 and up (FRED, LAM, ...)
+                // are not offered.
+                r[2] &= !((1 << 16) | (1 << 22));
+                r[3] &= !(1 << 5);
+                if sub == 0 {
+                    r[0] = 0;
+                } else {
+                    r = [0; 4];
+                }
                 let cr4_ok = |bit: u32| self.caps.cr4_fixed1 & (1u64 << bit) != 0;
                 // (register, CPUID bit, CR4 bit)
                 for (reg, bit, cr4) in [
@@ -968,9 +998,12 @@ impl Vcpu {
         if bad {
             return self.inject_gp();
         }
-        // Turning on PAE paging (not IA-32e) loads the four PDPTEs from
-        // guest memory, which the VM reads; it finishes with `apply_cr0`.
-        if value & CR0_PG != 0 && pae && efer & EFER_LME == 0 {
+        // A write that changes PG, CD or NW with PAE paging on (not
+        // IA-32e) loads the four PDPTEs from guest memory, which the VM
+        // reads; it finishes with `apply_cr0`.
+        let old = instr::vmread(guest::CR0)?;
+        let reload = (old ^ value) & (CR0_PG | CR0_NW | CR0_CD) != 0;
+        if value & CR0_PG != 0 && pae && efer & EFER_LME == 0 && reload {
             let cr3 = instr::vmread(guest::CR3)?;
             return Ok(Own::Up(VcpuExit::PaePdptes { cr3, cr0: value }));
         }
@@ -1012,7 +1045,9 @@ impl Vcpu {
         rw(guest::CR0, self.caps.fix_cr0(value, true))?;
         const CR0_WP: u64 = 1 << 16;
         if (old ^ value) & (CR0_PG | CR0_WP | 1) != 0 {
-            instr::invvpid_single(self.vpid)?;
+            if let Some(kind) = self.caps.invvpid_type() {
+                instr::invvpid(kind, self.vpid)?;
+            }
         }
         Ok(())
     }
