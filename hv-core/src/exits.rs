@@ -360,11 +360,10 @@ pub fn string_io(
 mod tests {
     use super::*;
     use crate::addr::HostPhysAddr;
-    use crate::devices::debug_exit::DebugExit;
     use crate::devices::test_device::TestDevice;
     use crate::devices::uart::Uart16550;
     use crate::ept_listener::RamBlock;
-    use crate::machine::{MachineConfig, BIOS_SIZE, TEST_DEVICE_BASE};
+    use crate::machine::{BIOS_SIZE, TEST_DEVICE_BASE};
     use crate::phys::mock::MockPhys;
 
     const RAM: u64 = 4 << 20;
@@ -373,15 +372,7 @@ mod tests {
     /// A PC with RAM in a mock host memory, the test device, a UART and
     /// debug-exit; `code` at guest 0x1000.
     fn machine(code: &[u8]) -> Machine {
-        let mut m = Machine::new_pc(&MachineConfig {
-            ram_bytes: RAM,
-            lowmem: 3 << 30,
-        })
-        .unwrap();
-        m.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new()))
-            .unwrap();
-        m.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit))
-            .unwrap();
+        let mut m = crate::machine::tests::pc(RAM, 3 << 30);
         let pci = m.regions.pci;
         let r = m
             .map_mmio(

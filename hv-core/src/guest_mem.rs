@@ -132,16 +132,6 @@ impl<'a> GuestMemory<'a> {
     pub fn is_writable(&self, gpa: u64, len: u64) -> bool {
         self.pieces(gpa, len, true).is_ok()
     }
-
-    /// Whether every byte of the range is RAM or ROM.
-    pub fn is_memory(&self, gpa: u64, len: u64) -> bool {
-        self.pieces(gpa, len, false).is_ok()
-    }
-
-    /// The view this accessor resolves addresses in.
-    pub fn view(&self) -> &FlatView {
-        &self.view
-    }
 }
 
 impl crate::emulate::GuestPhysRead for GuestMemory<'_> {

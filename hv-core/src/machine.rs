@@ -712,13 +712,14 @@ impl Machine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::devices::debug_exit::DebugExit;
     use crate::devices::test_device::{TestDevice, TEST_DEVICE_ID};
     use crate::devices::uart::Uart16550;
 
-    fn pc(ram: u64, lowmem: u64) -> Machine {
+    /// A PC with the UART and debug-exit.
+    pub(crate) fn pc(ram: u64, lowmem: u64) -> Machine {
         let mut m = Machine::new_pc(&MachineConfig {
             ram_bytes: ram,
             lowmem,
@@ -900,6 +901,43 @@ mod tests {
             "each hit reached the device's notify, not its write"
         );
         assert_eq!(m.device::<TestDevice>("tern-test").unwrap().writes, 0);
+    }
+
+    #[test]
+    fn device_state_saved_and_loaded_by_identity() {
+        let mut m = pc(32 << 20, 3 << 30);
+        m.map_pio("serial", 0x2F8, 8, Box::new(Uart16550::new()))
+            .unwrap();
+        let ids: Vec<_> = m.device_ids().cloned().collect();
+        assert_eq!(
+            ids.iter()
+                .map(|d| (d.idstr.as_str(), d.instance))
+                .collect::<Vec<_>>(),
+            [("serial", 0), ("debug-exit", 0), ("serial", 1)]
+        );
+        m.pio_write(0x3FF, 1, 0x42).unwrap();
+        let saved = m.save_devices();
+        assert_eq!(saved.len(), 2, "debug-exit has no state");
+        let mut n = pc(32 << 20, 3 << 30);
+        n.map_pio("serial", 0x2F8, 8, Box::new(Uart16550::new()))
+            .unwrap();
+        for (id, version, bytes) in &saved {
+            n.load_device(id, *version, bytes).unwrap();
+        }
+        assert_eq!(n.pio_read(0x3FF, 1).unwrap(), 0x42);
+        let (id, _, bytes) = &saved[0];
+        assert!(matches!(
+            n.load_device(id, 9, bytes),
+            Err(LoadDeviceError::State(StateError::Version { got: 9, .. }))
+        ));
+        let missing = DeviceId {
+            idstr: "serial".into(),
+            instance: 5,
+        };
+        assert_eq!(
+            n.load_device(&missing, 1, bytes),
+            Err(LoadDeviceError::NoSuchDevice)
+        );
     }
 
     #[test]

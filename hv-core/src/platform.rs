@@ -178,20 +178,8 @@ impl Platform {
     /// Whether ISA IRQ `isa` can reach the CPU: unmasked at the PIC
     /// (and, for the slave, its cascade) or at its I/O APIC pin.
     fn isa_routed(&self, isa: u8) -> bool {
-        let pic = self.pic.save();
-        let pic_open = if isa < 8 {
-            pic.master.imr & (1 << isa) == 0
-        } else {
-            pic.slave.imr & (1 << (isa - 8)) == 0 && pic.master.imr & (1 << 2) == 0
-        };
-        let pin = usize::from(ioapic_pin(isa));
-        let apic_open = self
-            .ioapic
-            .save()
-            .redir
-            .get(pin)
-            .is_some_and(|e| e & (1 << 16) == 0);
-        (pic_open && self.lapic.lint0_extint()) || apic_open
+        (!self.pic.line_masked(isa) && self.lapic.lint0_extint())
+            || !self.ioapic.pin_masked(ioapic_pin(isa))
     }
 
     /// When a timer next needs [`Platform::advance`]: only timers whose

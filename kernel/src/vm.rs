@@ -548,7 +548,7 @@ impl Vm {
                     Some(v) => p.lapic.set_tpr(v << 4),
                     None => {
                         let v = u64::from(p.lapic.tpr() >> 4);
-                        if vcpu.set_gpr_pub(gpr, v).is_err() {
+                        if vcpu.set_gpr(gpr, v).is_err() {
                             return ExitAction::Stop(StopReason::VmxInstructionFailed);
                         }
                     }

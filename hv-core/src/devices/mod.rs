@@ -141,12 +141,6 @@ impl<'a> DeviceCtx<'a> {
         self.irq.lines.push((gsi, level));
     }
 
-    /// Raises and lowers an edge-triggered line.
-    pub fn pulse_irq(&mut self, gsi: u8) {
-        self.set_irq(gsi, LineLevel::High);
-        self.set_irq(gsi, LineLevel::Low);
-    }
-
     /// Sends an MSI.
     pub fn msi(&mut self, msg: ApicMessage) {
         self.irq.msis.push(msg);

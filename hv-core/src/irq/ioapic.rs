@@ -207,6 +207,15 @@ impl IoApic {
         out
     }
 
+    /// Whether pin `pin`'s redirection entry is masked (pins past the
+    /// last are).
+    pub fn pin_masked(&self, pin: u8) -> bool {
+        self.s
+            .redir
+            .get(usize::from(pin))
+            .is_none_or(|e| e & (1 << 16) != 0)
+    }
+
     /// All registers, for migration.
     pub fn save(&self) -> IoApicState {
         self.s.clone()

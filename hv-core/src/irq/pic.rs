@@ -300,6 +300,16 @@ impl Pic {
     }
 
     /// The master's INT pin: the CPU should run an INTA cycle.
+    /// Whether ISA line `line` (0-15) is masked: at its chip, or for the
+    /// slave's lines also at the master's cascade input.
+    pub fn line_masked(&self, line: u8) -> bool {
+        match line {
+            0..=7 => self.master.imr & (1 << line) != 0,
+            8..=15 => self.slave.imr & (1 << (line - 8)) != 0 || self.master.imr & (1 << 2) != 0,
+            _ => true,
+        }
+    }
+
     pub fn output(&self) -> bool {
         self.master.pending().is_some()
     }

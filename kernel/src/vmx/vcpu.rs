@@ -751,11 +751,7 @@ impl Vcpu {
     }
 
     /// Sets general-purpose register `n` (x86 encoding order).
-    pub fn set_gpr_pub(&mut self, n: u8, v: u64) -> Result<(), VmxFail> {
-        self.set_gpr(n, v)
-    }
-
-    fn set_gpr(&mut self, n: u8, v: u64) -> Result<(), VmxFail> {
+    pub fn set_gpr(&mut self, n: u8, v: u64) -> Result<(), VmxFail> {
         let r = &mut self.regs;
         match n {
             0 => r.rax = v,
