@@ -164,6 +164,27 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
                 None => println!("[{name}] a module has an empty or invalid range"),
             }
         }
+        // The device set: the VM's own `devices=` or Tern's.
+        let spec_text = boot::info::option(cmdline, "devices").or(info.option("devices"));
+        let devices = match spec_text.map(hv_core::virtio::spec::DeviceSpec::parse) {
+            None => Default::default(),
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                println!("[{name}] cannot create the VM: devices=: {e}");
+                status = merge(status, Status::VM_STOPPED);
+                continue;
+            }
+        };
+        let disk = boot::info::option(cmdline, "disk").or(info.option("disk"));
+        let disk_sectors = match disk.map(parse_size) {
+            None => hv_core::virtio::spec::DEFAULT_DISK_SECTORS,
+            Some(Some(bytes)) if bytes >= 512 => bytes / 512,
+            Some(_) => {
+                println!("[{name}] cannot create the VM: disk= takes a size such as 128K or 4M");
+                status = merge(status, Status::VM_STOPPED);
+                continue;
+            }
+        };
         let cfg = vm::VmConfig {
             name: name.clone(),
             machine: hv_core::machine::MachineConfig {
@@ -185,6 +206,8 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             print_mtree: info.option("mtree").is_some(),
             tsc_hz,
             testdev: info.option("testdev").is_some(),
+            devices,
+            disk_sectors,
         };
         let Some(image) = mem::module_bytes(m) else {
             println!("[{name}] module {i} has an empty or invalid range");
@@ -242,6 +265,13 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             "[{name}] interrupts: {} delivered ({} through the PIC), {} PIT and {} RTC interrupts, {} APIC messages; {} HLT waits, {} ms halted",
             report.irq.delivered, report.irq.via_pic, report.irq.pit_irqs, report.irq.rtc_irqs, report.irq.apic_messages, report.halts, report.halt_wait_ms
         );
+        for (id, counters) in &report.devices {
+            print!("[{name}] {id}:");
+            for (i, (what, n)) in counters.iter().enumerate() {
+                print!("{} {what} {n}", if i == 0 { "" } else { "," });
+            }
+            println!();
+        }
         if report.slices.1 != 0 {
             println!(
                 "[{name}] time budget: {} of {} slices used",
@@ -252,6 +282,16 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         status = merge(status, Status(report.stop.status()));
     }
     status
+}
+
+/// A size such as `4096`, `128K` or `4M`, in bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let (digits, unit) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1 << 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 fn merge(a: Status, b: Status) -> Status {

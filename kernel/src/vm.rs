@@ -33,6 +33,7 @@ use hv_core::machine::{
 use hv_core::memory::RangeTarget;
 use hv_core::phys::PhysAccess;
 use hv_core::vcpu::{hypercall, ExitAction, StopReason, VcpuExit};
+use hv_core::virtio::spec::DeviceSpec;
 use hv_core::vmx::exit::Access;
 
 /// Why a VM could not be created.
@@ -80,6 +81,10 @@ pub struct VmConfig {
     pub tsc_hz: u64,
     /// Add QEMU's pc-testdev (kvm-unit-tests' test device).
     pub testdev: bool,
+    /// The virtio devices on PCI (`devices=`).
+    pub devices: DeviceSpec,
+    /// Size of each RAM disk in sectors (`disk=`).
+    pub disk_sectors: u64,
 }
 
 /// Seconds since 1970 that a VM's RTC reads when it starts (fixed, so runs
@@ -159,6 +164,8 @@ pub struct VmReport {
     pub halt_wait_ms: u64,
     /// Time slices used and the budget (0: none).
     pub slices: (u64, u64),
+    /// Per-device I/O counters: (idstr, counters).
+    pub devices: Vec<(String, Vec<(&'static str, u64)>)>,
 }
 
 /// Bytes of the firmware ROM: a pattern the guest can check through both
@@ -191,6 +198,19 @@ impl Vm {
         if cfg.testdev {
             machine.add_pc_testdev()?;
         }
+        machine.add_pci_host()?;
+        // A boot module of this VM whose line has `disk` is the first
+        // disk's contents.
+        let image_for_disk = modules
+            .iter()
+            .find(|m| boot::info::option(m.cmdline, "disk").is_some())
+            .map(|m| m.data);
+        hv_core::virtio::spec::add_devices(
+            &mut machine,
+            &cfg.devices,
+            cfg.disk_sectors,
+            image_for_disk,
+        )?;
         let ram_bytes = cfg.machine.ram_bytes;
         let fw = machine.add_device("fw_cfg", Box::new(FwCfg::new(1, ram_bytes)));
         let io = machine.regions.io;
@@ -400,6 +420,12 @@ impl Vm {
             halts: self.halts,
             halt_wait_ms,
             slices: self.slices,
+            devices: self
+                .machine
+                .device_counters()
+                .into_iter()
+                .map(|(id, c)| (id.idstr, c))
+                .collect(),
         }
     }
 
@@ -705,6 +731,9 @@ impl VmHooks for Vm {
     /// Timers catch up; a pending NMI or interrupt is injected if the guest
     /// can take it, otherwise an interrupt window is requested.
     fn before_entry(&mut self, vcpu: &mut Vcpu) -> Result<Option<u64>, StopReason> {
+        for (id, line) in self.machine.take_reports() {
+            crate::println!("[{}] {}: {line}", self.name, id.idstr);
+        }
         let now = self.advance(vcpu)?;
         let fail = |_| StopReason::VmxInstructionFailed;
         if let Some(p) = self.machine.platform_mut() {

@@ -513,7 +513,75 @@ fn cases() -> Vec<Case> {
             forbid: &["FAIL"],
             check: Some(both_returned_memory),
         },
+        Case {
+            name: "bochs-virtio-seed-8x16-16x4",
+            machine: Machine::Bochs,
+            kernel_args: "devices=net:8x16,blk:16x4",
+            guests: &["name=seed1 scenario=virtio expect=net:8x16,blk:16x4"],
+            status: 0,
+            expect: &[
+                "[seed1] guest: PASS virtio",
+                "[seed1] 0000:00:08.0/virtio-net:",
+                "[seed1] 0000:00:18.0/virtio-blk:",
+                "host memory not returned: 0 bytes",
+            ],
+            forbid: &["FAIL", "needs reset"],
+            check: Some(virtio_counters),
+        },
+        Case {
+            name: "bochs-virtio-seed-8x1-16x1",
+            machine: Machine::Bochs,
+            kernel_args: "devices=net:8x1,blk:16x1",
+            guests: &["name=seed2 scenario=virtio expect=net:8x1,blk:16x1"],
+            status: 0,
+            expect: &["[seed2] guest: PASS virtio"],
+            forbid: &["FAIL", "needs reset"],
+            check: Some(virtio_counters),
+        },
+        Case {
+            name: "bochs-virtio-seed-1x16-1x4-high",
+            machine: Machine::Bochs,
+            kernel_args: "devices=net:1x16,blk:1x4 disk=64K",
+            guests: &["name=seed3 scenario=virtio expect=net:1x16,blk:1x4 bar64=high"],
+            status: 0,
+            expect: &["[seed3] guest: PASS virtio", "0x1c0000000"],
+            forbid: &["FAIL", "needs reset"],
+            check: Some(virtio_counters),
+        },
+        Case {
+            name: "bochs-virtio-hostile",
+            machine: Machine::Bochs,
+            kernel_args: "devices=net:1x1,blk:2x1",
+            guests: &["name=hostile scenario=virtio-hostile"],
+            status: 0,
+            expect: &[
+                "[hostile] guest: PASS virtio-hostile",
+                "[hostile] 0000:00:02.0/virtio-blk: needs reset: ",
+            ],
+            forbid: &["FAIL", "hypervisor fault"],
+            check: None,
+        },
     ]
+}
+
+/// Every virtio device reported I/O: no device line with zero kicks or
+/// zero interrupts, and no NEEDS_RESET.
+fn virtio_counters(serial: &str) -> Result<(), String> {
+    let lines: Vec<&str> = serial
+        .lines()
+        .filter(|l| l.contains("/virtio-") && l.contains(" kicks "))
+        .collect();
+    if lines.is_empty() {
+        return Err("no per-device counters printed".into());
+    }
+    for l in lines {
+        for idle in [" kicks 0,", " queue_irqs 0,", " errors 1"] {
+            if l.contains(idle) {
+                return Err(format!("device line shows{idle}: {l}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn one_line_no_vmx(serial: &str) -> Result<(), String> {
