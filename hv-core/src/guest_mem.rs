@@ -8,6 +8,12 @@
 //!   memory transaction too, where the view is rendered on demand) and
 //!   reaches the VM's RAM blocks through [`PhysAccess`]. Typed reads and
 //!   writes of guest structures go through `zerocopy`.
+//!   A [`RamSpan`] ([`GuestMemory::resolve`]) is a range resolved once to
+//!   one contiguous piece of one RAM block, then read and written
+//!   ([`GuestMemory::read_span`], [`GuestMemory::write_span`]) without
+//!   flat-view lookups: virtqueue ring caches (QEMU's `MemoryRegionCache`).
+//!   A span is only meaningful for the view it was resolved in; its user
+//!   compares [`GuestMemory::view`] and resolves again when the view changed.
 //! - [`GuestRam`] is the loader's list of RAM chunks, built before the VM
 //!   first runs.
 
@@ -17,6 +23,7 @@ use crate::memory::{FlatView, RangeTarget};
 use crate::phys::PhysAccess;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
+use core::cell::Cell;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Why a guest-memory access failed. Nothing was read or written.
@@ -39,18 +46,99 @@ impl core::fmt::Display for GuestMemError {
     }
 }
 
+/// A range of guest memory resolved to one contiguous piece of one RAM
+/// block: `len` bytes at `offset` in block `block`, which the flat view
+/// showed at guest address `gpa`. Accesses through it are bounds-checked
+/// against `len` and the block, never against a view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamSpan {
+    pub block: u32,
+    pub offset: u64,
+    pub len: u64,
+    /// Every byte was writable RAM when resolved (not ROM, ROMD, read-only).
+    pub writable: bool,
+    /// Guest address of the first byte when resolved (for error messages).
+    pub gpa: u64,
+}
+
+/// One piece of an access: `len` bytes at `offset` of RAM block `block`.
+#[derive(Clone, Copy)]
+struct Piece {
+    block: u32,
+    offset: u64,
+    len: u64,
+    readonly: bool,
+}
+
 /// One VM's guest memory as seen through one flat view.
 pub struct GuestMemory<'a> {
     view: Rc<FlatView>,
     blocks: &'a [RamBlock],
     phys: &'a mut dyn PhysAccess,
+    lookups: Cell<u64>,
 }
 
 impl<'a> GuestMemory<'a> {
     /// An accessor over `view` (take it from `MemorySystem::flat_view`, which
     /// answers for the tree as it is now) and the VM's host RAM blocks.
     pub fn new(view: Rc<FlatView>, blocks: &'a [RamBlock], phys: &'a mut dyn PhysAccess) -> Self {
-        Self { view, blocks, phys }
+        Self {
+            view,
+            blocks,
+            phys,
+            lookups: Cell::new(0),
+        }
+    }
+
+    /// The flat view this accessor resolves addresses in.
+    pub fn view(&self) -> &Rc<FlatView> {
+        &self.view
+    }
+
+    /// How many flat-view lookups this accessor has made (tests check that
+    /// span accesses make none).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.get()
+    }
+
+    /// The RAM piece of `[at, end)` that starts at `at` (one flat-view
+    /// lookup), for an access `[gpa, gpa + len)`.
+    fn piece_at(
+        &self,
+        at: u64,
+        end: u64,
+        write: bool,
+        gpa: u64,
+        len: u64,
+    ) -> Result<Piece, GuestMemError> {
+        let not_mem = GuestMemError::NotMemory { gpa, len };
+        self.lookups.set(self.lookups.get().wrapping_add(1));
+        let r = self.view.lookup(at).ok_or(not_mem)?;
+        let (b, readonly) = match r.target {
+            RangeTarget::Ram(b) | RangeTarget::RamDevice(b) => (b, r.readonly),
+            RangeTarget::RomDevice { backing, .. } if r.romd_mode => (backing, true),
+            _ => return Err(not_mem),
+        };
+        if write && readonly {
+            return Err(GuestMemError::ReadOnly { gpa, len });
+        }
+        let block = self.blocks.get(b.block as usize).ok_or(not_mem)?;
+        let off = b
+            .offset
+            .checked_add(r.offset_in_region)
+            .and_then(|o| o.checked_add(at - r.start))
+            .ok_or(not_mem)?;
+        let in_range = (r.end() - u128::from(at)).min(u128::from(u64::MAX)) as u64;
+        let n = (end - at).min(in_range).min(block.size.saturating_sub(off));
+        if n == 0 {
+            return Err(not_mem);
+        }
+        Ok(Piece {
+            block: b.block,
+            offset: off,
+            len: n,
+            readonly,
+        })
     }
 
     /// Splits `[gpa, gpa + len)` into host pieces `(hpa, offset in the
@@ -61,39 +149,107 @@ impl<'a> GuestMemory<'a> {
         len: u64,
         write: bool,
     ) -> Result<Vec<(HostPhysAddr, usize, usize)>, GuestMemError> {
-        let not_mem = GuestMemError::NotMemory { gpa, len };
-        let end = gpa.checked_add(len).ok_or(not_mem)?;
+        let end = gpa
+            .checked_add(len)
+            .ok_or(GuestMemError::NotMemory { gpa, len })?;
         let mut out = Vec::new();
         let mut at = gpa;
         while at < end {
-            let r = self.view.lookup(at).ok_or(not_mem)?;
-            let (b, readonly) = match r.target {
-                RangeTarget::Ram(b) | RangeTarget::RamDevice(b) => (b, r.readonly),
-                RangeTarget::RomDevice { backing, .. } if r.romd_mode => (backing, true),
-                _ => return Err(not_mem),
-            };
-            if write && readonly {
-                return Err(GuestMemError::ReadOnly { gpa, len });
-            }
-            let block = self.blocks.get(b.block as usize).ok_or(not_mem)?;
-            let off = b
-                .offset
-                .checked_add(r.offset_in_region)
-                .and_then(|o| o.checked_add(at - r.start))
-                .ok_or(not_mem)?;
-            let in_range = (r.end() - u128::from(at)).min(u128::from(u64::MAX)) as u64;
-            let n = (end - at).min(in_range).min(block.size.saturating_sub(off));
-            if n == 0 {
-                return Err(not_mem);
-            }
-            out.push((
-                HostPhysAddr::new(block.hpa.as_u64() + off),
-                (at - gpa) as usize,
-                n as usize,
-            ));
-            at += n;
+            let p = self.piece_at(at, end, write, gpa, len)?;
+            // piece_at checked that the block exists and holds the piece.
+            let hpa = self.blocks[p.block as usize].hpa.as_u64() + p.offset;
+            out.push((HostPhysAddr::new(hpa), (at - gpa) as usize, p.len as usize));
+            at += p.len;
         }
         Ok(out)
+    }
+
+    /// Checks that every byte of `[gpa, gpa + len)` is RAM (or ROM, unless
+    /// `write`), without copying or allocating.
+    pub fn check(&self, gpa: u64, len: u64, write: bool) -> Result<(), GuestMemError> {
+        let end = gpa
+            .checked_add(len)
+            .ok_or(GuestMemError::NotMemory { gpa, len })?;
+        let mut at = gpa;
+        while at < end {
+            at += self.piece_at(at, end, write, gpa, len)?.len;
+        }
+        Ok(())
+    }
+
+    /// Resolves `[gpa, gpa + len)` (`len` > 0) to one contiguous piece of one
+    /// RAM block: `NotMemory` if any byte is not RAM/ROM or the range spans
+    /// blocks or non-contiguous offsets, `ReadOnly` if `write` and some byte
+    /// is read-only.
+    pub fn resolve(&self, gpa: u64, len: u64, write: bool) -> Result<RamSpan, GuestMemError> {
+        let not_mem = GuestMemError::NotMemory { gpa, len };
+        let end = gpa.checked_add(len).ok_or(not_mem)?;
+        let mut span: Option<RamSpan> = None;
+        let mut at = gpa;
+        while at < end {
+            let p = self.piece_at(at, end, write, gpa, len)?;
+            match &mut span {
+                None => {
+                    span = Some(RamSpan {
+                        block: p.block,
+                        offset: p.offset,
+                        len: p.len,
+                        writable: !p.readonly,
+                        gpa,
+                    })
+                }
+                Some(s) => {
+                    if s.block != p.block || s.offset.checked_add(s.len) != Some(p.offset) {
+                        return Err(not_mem);
+                    }
+                    s.len += p.len;
+                    s.writable &= !p.readonly;
+                }
+            }
+            at += p.len;
+        }
+        span.ok_or(not_mem)
+    }
+
+    /// Host address of `n` bytes at `off` in span `s`, checked against the
+    /// span and its block.
+    fn span_hpa(&self, s: &RamSpan, off: u64, n: usize) -> Result<HostPhysAddr, GuestMemError> {
+        let err = GuestMemError::NotMemory {
+            gpa: s.gpa.wrapping_add(off),
+            len: n as u64,
+        };
+        let end = off.checked_add(n as u64).ok_or(err)?;
+        if end > s.len {
+            return Err(err);
+        }
+        let block = self.blocks.get(s.block as usize).ok_or(err)?;
+        let start = s.offset.checked_add(off).ok_or(err)?;
+        if start.checked_add(n as u64).is_none_or(|e| e > block.size) {
+            return Err(err);
+        }
+        let hpa = block.hpa.as_u64().checked_add(start).ok_or(err)?;
+        Ok(HostPhysAddr::new(hpa))
+    }
+
+    /// Copies `buf.len()` bytes at offset `off` of span `s` (no view lookup).
+    pub fn read_span(&self, s: &RamSpan, off: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        let h = self.span_hpa(s, off, buf.len())?;
+        self.phys.read(h, buf);
+        Ok(())
+    }
+
+    /// Copies `data` to offset `off` of span `s` (no view lookup); refuses a
+    /// span that was not writable.
+    pub fn write_span(&mut self, s: &RamSpan, off: u64, data: &[u8]) -> Result<(), GuestMemError> {
+        let h = self.span_hpa(s, off, data.len())?;
+        if !s.writable {
+            return Err(GuestMemError::ReadOnly {
+                gpa: s.gpa.wrapping_add(off),
+                len: data.len() as u64,
+            });
+        }
+        self.phys.write(h, data);
+        Ok(())
     }
 
     /// Copies guest memory at `gpa` into `buf`.
@@ -364,6 +520,143 @@ mod tests {
         assert!(g.read_obj::<u8>(0x1_0000).is_err());
         drop(g);
         mem.commit().unwrap();
+    }
+
+    #[test]
+    fn spans_are_one_piece_of_one_block_and_bounds_checked() {
+        let mut m = MockPhys::new(2 << 20);
+        let mut mem = MemorySystem::new();
+        let sys = mem.create_container("sys", 1 << 32).unwrap();
+        let backing = |block, offset| RamBacking { block, offset };
+        // Block 0 shown as two regions at adjacent addresses with adjacent
+        // offsets (one span), block 1 as ROM right after them.
+        let lo = mem.create_ram("lo", 0x1000, backing(0, 0)).unwrap();
+        let hi = mem.create_ram("hi", 0x1000, backing(0, 0x1000)).unwrap();
+        let rom = mem.create_rom("rom", 0x1000, backing(1, 0)).unwrap();
+        // Block 0 again, but not contiguous with `hi`'s offsets.
+        let skew = mem.create_ram("skew", 0x1000, backing(0, 0)).unwrap();
+        mem.add_subregion(sys, 0x1_0000, lo).unwrap();
+        mem.add_subregion(sys, 0x1_1000, hi).unwrap();
+        mem.add_subregion(sys, 0x1_2000, rom).unwrap();
+        mem.add_subregion(sys, 0x2_0000, skew).unwrap();
+        let space = mem.create_address_space("memory", sys).unwrap();
+        let blocks = [
+            RamBlock {
+                hpa: HostPhysAddr::new(0x4_0000),
+                size: 0x2000,
+            },
+            RamBlock {
+                hpa: HostPhysAddr::new(0x5_0000),
+                size: 0x1000,
+            },
+        ];
+        let view = mem.flat_view(space).unwrap();
+        let mut g = GuestMemory::new(view.clone(), &blocks, &mut m);
+        assert!(Rc::ptr_eq(g.view(), &view));
+        let s = g.resolve(0x1_0ff0, 0x20, true).unwrap();
+        assert_eq!(
+            s,
+            RamSpan {
+                block: 0,
+                offset: 0xff0,
+                len: 0x20,
+                writable: true,
+                gpa: 0x1_0ff0
+            }
+        );
+        let lookups = g.lookups();
+        g.write_span(&s, 0x1c, &[1, 2, 3, 4]).unwrap();
+        let mut b = [0; 4];
+        g.read_span(&s, 0x1c, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        assert_eq!(g.lookups(), lookups, "span accesses make no lookups");
+        assert_eq!(g.read_obj::<u32>(0x1_100c).unwrap(), 0x0403_0201);
+        // Past the span (though still RAM): refused, nothing written.
+        let past = GuestMemError::NotMemory {
+            gpa: 0x1_0ff0 + 0x1d,
+            len: 4,
+        };
+        assert_eq!(g.read_span(&s, 0x1d, &mut b), Err(past));
+        assert_eq!(g.write_span(&s, 0x1d, &[9; 4]), Err(past));
+        assert_eq!(g.read_span(&s, u64::MAX, &mut b).map_err(|_| ()), Err(()));
+        assert_eq!(g.read_obj::<u32>(0x1_100c).unwrap(), 0x0403_0201);
+        // A span that claims more than its block holds is refused too.
+        let forged = RamSpan { len: 0x3000, ..s };
+        assert!(g.read_span(&forged, 0x1010, &mut b).is_err());
+        assert!(g.read_span(&forged, 0x100c, &mut b).is_ok());
+        // RAM then ROM: different blocks. ROM: readable, not writable.
+        assert_eq!(
+            g.resolve(0x1_1ff0, 0x20, false),
+            Err(GuestMemError::NotMemory {
+                gpa: 0x1_1ff0,
+                len: 0x20
+            })
+        );
+        assert_eq!(
+            g.resolve(0x1_2000, 0x10, true),
+            Err(GuestMemError::ReadOnly {
+                gpa: 0x1_2000,
+                len: 0x10
+            })
+        );
+        let r = g.resolve(0x1_2000, 0x10, false).unwrap();
+        assert!(!r.writable);
+        assert_eq!(
+            g.write_span(&r, 0, &[1]),
+            Err(GuestMemError::ReadOnly {
+                gpa: 0x1_2000,
+                len: 1
+            })
+        );
+        // The end of `hi` is fine; a hole before `skew`, MMIO-free gaps
+        // and wrapping ranges are not memory.
+        assert!(g.resolve(0x1_1ff0, 0x10, true).is_ok());
+        assert!(g.resolve(0x1_f000, 0x2000, false).is_err());
+        assert!(g.resolve(0x3_0000, 1, false).is_err());
+        assert!(g.resolve(u64::MAX, 2, false).is_err());
+        assert!(g.resolve(0x1_0000, 0, false).is_err());
+        assert_eq!(g.check(0x1_0000, 0x2000, true), Ok(()));
+        assert!(g.check(0x1_1fff, 2, true).is_err());
+        assert_eq!(g.check(0x1_1fff, 2, false), Ok(()));
+    }
+
+    #[test]
+    fn spans_of_the_same_block_must_be_contiguous() {
+        let mut m = MockPhys::new(2 << 20);
+        let mut mem = MemorySystem::new();
+        let sys = mem.create_container("sys", 1 << 32).unwrap();
+        let a = mem
+            .create_ram(
+                "a",
+                0x1000,
+                RamBacking {
+                    block: 0,
+                    offset: 0x1000,
+                },
+            )
+            .unwrap();
+        let b = mem
+            .create_ram(
+                "b",
+                0x1000,
+                RamBacking {
+                    block: 0,
+                    offset: 0,
+                },
+            )
+            .unwrap();
+        mem.add_subregion(sys, 0, a).unwrap();
+        mem.add_subregion(sys, 0x1000, b).unwrap();
+        let space = mem.create_address_space("memory", sys).unwrap();
+        let blocks = [RamBlock {
+            hpa: HostPhysAddr::new(0x4_0000),
+            size: 0x2000,
+        }];
+        let g = GuestMemory::new(mem.flat_view(space).unwrap(), &blocks, &mut m);
+        // Readable and writable byte by byte, but block offsets 0x1fff, 0.
+        assert_eq!(g.check(0xfff, 2, true), Ok(()));
+        assert!(g.resolve(0xfff, 2, false).is_err());
+        assert_eq!(g.resolve(0xff0, 0x10, false).unwrap().offset, 0x1ff0);
     }
 
     #[test]

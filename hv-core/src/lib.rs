@@ -25,4 +25,5 @@ pub mod msr;
 pub mod phys;
 pub mod platform;
 pub mod vcpu;
+pub mod virtio;
 pub mod vmx;
