@@ -57,14 +57,27 @@
 //!   show them escaped.
 //! - `sleep`: HLT with interrupts enabled and nothing armed; Tern must stop
 //!   the VM and say that nothing can wake it.
+//! - `virtio` (`expect=net:NxP,blk:MxQ [bar64=high]`): PCI enumeration
+//!   and BAR assignment as firmware does it, then every virtio-pci device
+//!   brought up (MSI-X, every queue); block writes and reads on every
+//!   queue, frames between NICs on every queue pair; counts checked
+//!   against `expect=`.
+//! - `virtio-hostile`: bad descriptors, addresses and indices on blk0;
+//!   the device must ask for a reset and recover, the others keep working.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
 #![no_std]
 #![no_main]
 
+mod hostile;
+mod hw;
 mod idt;
 mod io;
 mod mmio;
+mod pci;
 mod platform;
+mod virtio;
+mod virtio_blk;
+mod virtio_net;
 
 use mmio::{Load, Store};
 
@@ -104,6 +117,8 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "unmapped" => unmapped(),
         "compute" => compute(&info),
         "fail" => Err("asked to fail"),
+        "virtio" => virtio::scenario(&info),
+        "virtio-hostile" => hostile::scenario(&info),
         "halt" => {
             say!("guest: halting with interrupts disabled");
             io::halt();
