@@ -928,7 +928,11 @@ fn many_address_spaces_share_views_by_flat_view_root() {
         let id = m.create_address_space(&format!("as{i}"), root).unwrap();
         spaces.push((k, id));
     }
-    assert_eq!(m.stats().renders - renders, 8, "one render per flat-view root");
+    assert_eq!(
+        m.stats().renders - renders,
+        8,
+        "one render per flat-view root"
+    );
     let firsts: Vec<_> = (0..8)
         .map(|k| m.committed_view(spaces[k].1).unwrap())
         .collect();
@@ -955,7 +959,11 @@ fn many_address_spaces_share_views_by_flat_view_root() {
     // A new space rooted directly at `b1` shares the changed view.
     let renders = m.stats().renders;
     let direct = m.create_address_space("direct-b1", b1).unwrap();
-    assert_eq!(m.stats().renders, renders, "found through the updated index");
+    assert_eq!(
+        m.stats().renders,
+        renders,
+        "found through the updated index"
+    );
     assert!(Rc::ptr_eq(&m.committed_view(direct).unwrap(), &v1));
     // Destroy every space of root 2 and create one again: the index forgets
     // them (a new render) and the lowest free slot is reused.
