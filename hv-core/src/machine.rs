@@ -8,6 +8,11 @@
 //! read-only as `isa-bios` at 0xE0000, and a `pci` container of lower
 //! priority for device BARs. Port I/O goes through the `io` address space.
 //! Every change goes through the memory API, so listeners (EPT) see it.
+//!
+//! The PCI bus (optional, [`Machine::add_pci_host`]) is q35-like: the host
+//! bridge at 00.0 with CF8/CFC and an ECAM window; the machine routes
+//! configuration accesses to the functions' [`PciConfig`]s, maps their BARs
+//! and gives each function a bus-master address space for its DMA.
 
 use crate::devices::{
     all_ones, handle_parts, region_handle, Device, DeviceCtx, DeviceId, IrqOut, MemoryRequest,
@@ -491,7 +496,7 @@ impl Machine {
     /// memory requests (one transaction), interrupts, an exit request.
     /// A PCI function's memory is its bus-master address space (so all its
     /// DMA depends on `COMMAND.MASTER`); other devices see the memory space.
-    pub(crate) fn with_device<R>(
+    fn with_device<R>(
         &mut self,
         index: u32,
         f: impl FnOnce(&mut dyn Device, &mut DeviceCtx) -> R,
@@ -1088,6 +1093,9 @@ impl Machine {
     }
 
     fn ecam_read(&mut self, offset: u64, size: u8) -> u64 {
+        if offset >= ECAM_SIZE {
+            return all_ones(size);
+        }
         let a = host::ecam_decode(offset);
         self.pci_config_read(a.bus, a.devfn, a.offset, size).into()
     }
@@ -1122,6 +1130,9 @@ impl Machine {
     }
 
     fn ecam_write(&mut self, offset: u64, size: u8, value: u32) -> Result<(), MachineError> {
+        if offset >= ECAM_SIZE {
+            return Ok(());
+        }
         let a = host::ecam_decode(offset);
         self.pci_config_write(a.bus, a.devfn, a.offset, size, value)
     }

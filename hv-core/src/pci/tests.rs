@@ -794,6 +794,15 @@ fn cf8_cfc_and_ecam_reach_the_same_function() {
     m.pio_write(0xCF8, 1, 0).unwrap();
     m.pio_write(0xCFA, 2, 0).unwrap();
     assert_eq!(m.pio_read(0xCF8, 4).unwrap(), 0x8000_1810);
+    // An 8-byte access at the window's end does not wrap to bus 0.
+    let ecam_handle = match m.memory_target(ECAM_BASE).unwrap() {
+        MemTarget::Device { handle, .. } => handle,
+        t => panic!("{t:?}"),
+    };
+    let last = crate::machine::ECAM_SIZE - 4;
+    assert_eq!(m.device_read(ecam_handle, last, 8).unwrap(), u64::MAX);
+    m.device_write(ecam_handle, last, 8, 0).unwrap();
+    assert_eq!(mmio_read(&mut m, ecam(0, 0), 4), Some(0x29c0_8086));
     assert_eq!(ecam_decode(0x0123_4567).bus, 0x12);
     assert_eq!(ecam_decode(0x0123_4567).devfn, 0x34);
     assert_eq!(ecam_decode(0x0123_4567).offset, 0x567);
