@@ -9,6 +9,9 @@
 //!   a transaction of 100 mutations, each followed by a read (QEMU-like
 //!   forced commit vs on-demand rendering for `lookup` vs tree walk for
 //!   `translate`).
+//! * `address_spaces/N`: creating N address spaces, each rooted at a
+//!   container holding an alias of the system root (a PCI function's
+//!   bus-master space), every other one enabled.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use hv_core::memory::{
@@ -188,5 +191,34 @@ fn bench_reads(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_render, bench_commit, bench_txn, bench_reads);
+fn bench_address_spaces(c: &mut Criterion) {
+    let mut g = c.benchmark_group("address_spaces");
+    g.sample_size(10);
+    for n in [100usize, 1_000, 10_000] {
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+            b.iter(|| {
+                let mut m = machine(10).m;
+                let root = m.address_space_root(m.address_spaces()[0]).unwrap();
+                for i in 0..n {
+                    let c = m.create_container("bus master container", 1 << 64).unwrap();
+                    let a = m.create_alias("bus master", 1 << 64, root, 0).unwrap();
+                    m.set_enabled(a, i % 2 == 0).unwrap();
+                    m.add_subregion(c, 0, a).unwrap();
+                    black_box(m.create_address_space("dev", c).unwrap());
+                }
+                m
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_render,
+    bench_commit,
+    bench_txn,
+    bench_reads,
+    bench_address_spaces
+);
 criterion_main!(benches);

@@ -2,7 +2,8 @@
 //!
 //! Owns the memory API (region trees, flat views, listeners, transactions), the
 //! VMX/VMCS abstractions that do not need the CPU (control computation, exit
-//! decoding), guest memory access, guest image loading and device models.
+//! decoding), guest memory access, guest image loading, device models and the
+//! PCI bus.
 //! It never executes privileged instructions: the kernel reaches the hardware
 //! through the small traits defined here, and host tests use mocks.
 #![cfg_attr(not(test), no_std)]
@@ -22,6 +23,7 @@ pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod msr;
+pub mod pci;
 pub mod phys;
 pub mod platform;
 pub mod vcpu;

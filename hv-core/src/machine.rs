@@ -8,6 +8,11 @@
 //! read-only as `isa-bios` at 0xE0000, and a `pci` container of lower
 //! priority for device BARs. Port I/O goes through the `io` address space.
 //! Every change goes through the memory API, so listeners (EPT) see it.
+//!
+//! The PCI bus (optional, [`Machine::add_pci_host`]) is q35-like: the host
+//! bridge at 00.0 with CF8/CFC and an ECAM window; the machine routes
+//! configuration accesses to the functions' [`PciConfig`]s, maps their BARs
+//! and gives each function a bus-master address space for its DMA.
 
 use crate::devices::{
     all_ones, handle_parts, region_handle, Device, DeviceCtx, DeviceId, IrqOut, MemoryRequest,
@@ -20,9 +25,12 @@ use crate::memory::{
     AddressSpaceId, MemoryError, MemorySystem, MmioHandle, RamBacking, RangeTarget, RegionId,
     WriteNotifier,
 };
+use crate::pci::host::{self, PciHostBridge};
+use crate::pci::{PciConfig, PCI_NUM_BARS};
 use crate::phys::PhysAccess;
 use crate::platform::Platform;
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -38,6 +46,11 @@ pub const TEST_DEVICE_BASE: u64 = 0xFEB0_0000;
 pub const TEST_WINDOW_BASE: u64 = 0xC000_0000;
 /// Size of that window; it shows RAM from offset 0 of the RAM block.
 pub const TEST_WINDOW_SIZE: u64 = 2 << 20;
+
+/// Where the PCI Express ECAM window (q35's MMCONFIG) starts.
+pub const ECAM_BASE: u64 = 0xB000_0000;
+/// Its size: 256 buses of 32 devices of 8 functions of 4 KiB.
+pub const ECAM_SIZE: u64 = 256 << 20;
 
 /// What a machine is built from.
 #[derive(Clone, Debug)]
@@ -134,7 +147,29 @@ struct DeviceSlot {
     dev: Box<dyn Device>,
     /// The device's regions, by region index.
     regions: Vec<RegionId>,
+    /// For a PCI function: its place on the bus and what is mapped.
+    pci: Option<PciFunction>,
 }
+
+/// The machine's side of a PCI function: its bus-master address space and
+/// the BAR addresses mapped now (recomputed against the config space by
+/// [`Machine::pci_update_mappings`]).
+struct PciFunction {
+    devfn: u8,
+    /// The bus-master address space, rooted at a container
+    /// ("bus master container").
+    space: AddressSpaceId,
+    /// The alias of the system root in that container, enabled by
+    /// `COMMAND.MASTER`.
+    bus_master: RegionId,
+    /// Address each BAR (by register) is mapped at, `None` if unmapped.
+    mapped: [Option<u64>; PCI_NUM_BARS as usize],
+    /// Whether `bus_master` is enabled.
+    master: bool,
+}
+
+/// A planned BAR change: register, region, container, old and new address.
+type BarChange = (u8, RegionId, RegionId, Option<u64>, Option<u64>);
 
 /// What a device callback left behind, applied by the machine afterwards.
 #[derive(Default)]
@@ -172,6 +207,10 @@ pub struct Machine {
     exit: Option<u32>,
     /// The device index of the interrupt controllers and timers.
     platform: Option<u32>,
+    /// The device index of the PCI host bridge.
+    pci_host: Option<u32>,
+    /// Functions of bus 0: devfn -> device index.
+    pci_functions: BTreeMap<u8, u32>,
     pub stats: MachineStats,
 }
 
@@ -267,6 +306,8 @@ impl Machine {
             guest_tsc: 0,
             exit: None,
             platform: None,
+            pci_host: None,
+            pci_functions: BTreeMap::new(),
             stats: MachineStats::default(),
         })
     }
@@ -299,6 +340,7 @@ impl Machine {
             },
             dev,
             regions: Vec::new(),
+            pci: None,
         });
         self.devices.len() as u32 - 1
     }
@@ -311,15 +353,37 @@ impl Machine {
         name: &str,
         len: u64,
     ) -> Result<RegionId, MachineError> {
+        self.new_device_region(device, |mem, index| {
+            mem.create_mmio(name, len.into(), region_handle(device, index))
+        })
+    }
+
+    /// Creates a container of `len` bytes for device `device` (not yet
+    /// mapped), e.g. a BAR whose parts are separate MMIO regions: it gets a
+    /// region index like [`Machine::add_device_region`] but is never
+    /// dispatched itself; the caller adds subregions with
+    /// `m.mem.add_subregion`.
+    pub fn add_device_container(
+        &mut self,
+        device: u32,
+        name: &str,
+        len: u64,
+    ) -> Result<RegionId, MachineError> {
+        self.new_device_region(device, |mem, _| mem.create_container(name, len.into()))
+    }
+
+    fn new_device_region(
+        &mut self,
+        device: u32,
+        create: impl FnOnce(&mut MemorySystem, RegionIndex) -> Result<RegionId, MemoryError>,
+    ) -> Result<RegionId, MachineError> {
         let slot = self
             .devices
             .get_mut(device as usize)
             .ok_or(MachineError::Config("no such device"))?;
         let index = RegionIndex::try_from(slot.regions.len())
             .map_err(|_| MachineError::Config("a device has at most 256 regions"))?;
-        let r = self
-            .mem
-            .create_mmio(name, len.into(), region_handle(device, index))?;
+        let r = create(&mut self.mem, index)?;
         slot.regions.push(r);
         Ok(r)
     }
@@ -430,12 +494,18 @@ impl Machine {
 
     /// Runs `f` on device `index` with a context, then applies what it left:
     /// memory requests (one transaction), interrupts, an exit request.
+    /// A PCI function's memory is its bus-master address space (so all its
+    /// DMA depends on `COMMAND.MASTER`); other devices see the memory space.
     fn with_device<R>(
         &mut self,
         index: u32,
         f: impl FnOnce(&mut dyn Device, &mut DeviceCtx) -> R,
     ) -> Result<Option<R>, MachineError> {
-        let view = self.mem.flat_view(self.memory)?;
+        let Some(slot) = self.devices.get(index as usize) else {
+            return Ok(None);
+        };
+        let space = slot.pci.as_ref().map_or(self.memory, |p| p.space);
+        let view = self.mem.flat_view(space)?;
         let Some(slot) = self.devices.get_mut(index as usize) else {
             return Ok(None);
         };
@@ -571,6 +641,9 @@ impl Machine {
         size: u8,
     ) -> Result<u64, MachineError> {
         let (dev, region) = handle_parts(h);
+        if Some(dev) == self.pci_host {
+            return self.pci_host_read(region, offset, size);
+        }
         let v = self.with_device(dev, |d, ctx| d.read(ctx, region, offset, size))?;
         Ok(v.map_or(all_ones(size), |v| v & all_ones(size)))
     }
@@ -587,6 +660,10 @@ impl Machine {
     ) -> Result<Option<u32>, MachineError> {
         let (dev, region) = handle_parts(h);
         let value = value & all_ones(size);
+        if Some(dev) == self.pci_host {
+            self.pci_host_write(region, offset, size, value)?;
+            return Ok(self.take_exit());
+        }
         self.with_device(dev, |d, ctx| d.write(ctx, region, offset, size, value))?;
         Ok(self.take_exit())
     }
@@ -697,10 +774,367 @@ impl Machine {
             .position(|s| &s.id == id)
             .ok_or(LoadDeviceError::NoSuchDevice)? as u32;
         match self.with_device(index, |d, ctx| d.load(ctx, version, data)) {
-            Ok(Some(r)) => r.map_err(LoadDeviceError::State),
-            Ok(None) => Err(LoadDeviceError::NoSuchDevice),
-            Err(e) => Err(LoadDeviceError::Machine(e)),
+            Ok(Some(r)) => r.map_err(LoadDeviceError::State)?,
+            Ok(None) => return Err(LoadDeviceError::NoSuchDevice),
+            Err(e) => return Err(LoadDeviceError::Machine(e)),
         }
+        // A PCI function's BARs and bus mastering follow its loaded config.
+        if self.devices[index as usize].pci.is_some() {
+            self.pci_update_mappings(index)
+                .map_err(LoadDeviceError::Machine)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // PCI
+    // ------------------------------------------------------------------
+
+    /// Adds the PCI host bridge (q35's MCH, 8086:29c0, class host bridge) as
+    /// function 00.0 of bus 0, with configuration mechanism #1 (the 32-bit
+    /// address latch at port 0xCF8, the data window at 0xCFC..0xD00) and the
+    /// ECAM window at [`ECAM_BASE`] in the memory space (priority 0, below
+    /// the APIC pages; RAM below 4 GiB must end before it, as q35 keeps it).
+    /// Only bus 0 has functions: other buses and empty slots read all ones
+    /// and drop writes.
+    pub fn add_pci_host(&mut self) -> Result<(), MachineError> {
+        if self.pci_host.is_some() {
+            return Err(MachineError::Config("the PCI host bridge exists already"));
+        }
+        let below = self.mem.region(self.regions.ram_below_4g)?.size;
+        if below > u128::from(ECAM_BASE) {
+            return Err(MachineError::Config(
+                "RAM below 4 GiB overlaps the ECAM window",
+            ));
+        }
+        let func = self.new_pci_function(0, "mch")?;
+        let d = self.add_device("0000:00:00.0/mch", Box::new(PciHostBridge::new()));
+        let addr = self.add_device_region(d, "pci-conf-idx", 4)?;
+        let data = self.add_device_region(d, "pci-conf-data", 4)?;
+        let ecam = self.add_device_region(d, "pcie-mmcfg-mmio", ECAM_SIZE)?;
+        self.mem.begin();
+        let io = self.regions.io;
+        let r = self
+            .mem
+            .add_subregion(io, host::CONFIG_ADDRESS_PORT.into(), addr)
+            .and_then(|_| {
+                self.mem
+                    .add_subregion(io, host::CONFIG_DATA_PORT.into(), data)
+            })
+            .and_then(|_| self.mem.add_subregion(self.regions.system, ECAM_BASE, ecam));
+        if let Err(e) = r {
+            self.mem.abandon()?;
+            return Err(e.into());
+        }
+        self.mem.commit()?;
+        self.devices[d as usize].pci = Some(func);
+        self.pci_functions.insert(0, d);
+        self.pci_host = Some(d);
+        Ok(())
+    }
+
+    /// Adds a PCI function at `devfn` of bus 0 (the device's
+    /// [`Device::pci`] must be `Some`); returns its device index. The
+    /// function gets its bus-master address space, named `idstr` (QEMU: the
+    /// device's name): a container "bus master container" holding an alias
+    /// "bus master" of the system root, disabled until the guest sets
+    /// `COMMAND.MASTER`. The device then adds its BAR regions
+    /// ([`Machine::add_device_region`], [`Machine::add_device_container`])
+    /// under the region indices its BARs name.
+    pub fn add_pci_device(
+        &mut self,
+        idstr: &str,
+        devfn: u8,
+        mut dev: Box<dyn Device>,
+    ) -> Result<u32, MachineError> {
+        if self.pci_host.is_none() {
+            return Err(MachineError::Config("no PCI host bridge"));
+        }
+        if self.pci_functions.contains_key(&devfn) {
+            return Err(MachineError::Config("the PCI device/function is taken"));
+        }
+        if dev.pci().is_none() {
+            return Err(MachineError::Config("the device is not a PCI function"));
+        }
+        let func = self.new_pci_function(devfn, idstr)?;
+        let d = self.add_device(idstr, dev);
+        self.devices[d as usize].pci = Some(func);
+        self.pci_functions.insert(devfn, d);
+        Ok(d)
+    }
+
+    /// A function's bus-master address space (QEMU `do_pci_register_device`).
+    fn new_pci_function(&mut self, devfn: u8, name: &str) -> Result<PciFunction, MachineError> {
+        if self.mem.transaction_depth() > 0 {
+            return Err(MachineError::Memory(MemoryError::InTransaction));
+        }
+        self.mem.begin();
+        let r = (|| {
+            let container = self.mem.create_container("bus master container", 1 << 64)?;
+            let alias = self
+                .mem
+                .create_alias("bus master", 1 << 64, self.regions.system, 0)?;
+            self.mem.set_enabled(alias, false)?;
+            self.mem.add_subregion(container, 0, alias)?;
+            Ok((container, alias))
+        })();
+        let (container, bus_master) = match r {
+            Ok(r) => r,
+            Err(e) => {
+                self.mem.abandon()?;
+                return Err(MachineError::Memory(e));
+            }
+        };
+        self.mem.commit()?;
+        let space = match self.mem.create_address_space(name, container) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.mem.destroy_region(container);
+                return Err(e.into());
+            }
+        };
+        Ok(PciFunction {
+            devfn,
+            space,
+            bus_master,
+            mapped: [None; PCI_NUM_BARS as usize],
+            master: false,
+        })
+    }
+
+    /// The device index of the PCI host bridge, if there is one.
+    pub fn pci_host(&self) -> Option<u32> {
+        self.pci_host
+    }
+
+    /// The functions of bus 0: (devfn, device index), by devfn.
+    pub fn pci_devices(&self) -> impl Iterator<Item = (u8, u32)> + '_ {
+        self.pci_functions.iter().map(|(&f, &d)| (f, d))
+    }
+
+    /// The bus-master (DMA) address space of a PCI function.
+    pub fn dma_space(&self, device: u32) -> Option<AddressSpaceId> {
+        Some(self.devices.get(device as usize)?.pci.as_ref()?.space)
+    }
+
+    /// The devfn of a PCI function.
+    pub fn pci_devfn(&self, device: u32) -> Option<u8> {
+        Some(self.devices.get(device as usize)?.pci.as_ref()?.devfn)
+    }
+
+    /// Brings the memory map in line with a function's config space (QEMU
+    /// `pci_update_mappings` plus the bus-master enable): every BAR whose
+    /// [`PciConfig::bar_address`] differs from what is mapped is unmapped
+    /// and/or mapped (priority 1 in the `pci` container for memory BARs, in
+    /// `io` for I/O BARs), and the bus-master alias follows
+    /// `COMMAND.MASTER`. All changes of one call are one memory transaction,
+    /// abandoned whole if one fails; none if nothing changed. Returns whether
+    /// anything changed.
+    pub fn pci_update_mappings(&mut self, device: u32) -> Result<bool, MachineError> {
+        let slot = self
+            .devices
+            .get_mut(device as usize)
+            .ok_or(MachineError::Config("no such device"))?;
+        let func = slot
+            .pci
+            .as_ref()
+            .ok_or(MachineError::Config("not a PCI function"))?;
+        let (mapped, alias, master_now) = (func.mapped, func.bus_master, func.master);
+        let cfg: &mut PciConfig = slot
+            .dev
+            .pci()
+            .ok_or(MachineError::Config("not a PCI function"))?;
+        let master = cfg.bus_master();
+        let mut changes: Vec<BarChange> = Vec::new();
+        for (bar, info) in cfg.bars() {
+            let new = cfg.bar_address(bar);
+            let old = mapped.get(usize::from(bar)).copied().flatten();
+            if new == old {
+                continue;
+            }
+            let region =
+                *slot
+                    .regions
+                    .get(usize::from(info.region))
+                    .ok_or(MachineError::Config(
+                        "a BAR names a region the device does not have",
+                    ))?;
+            let container = if info.kind.is_io() {
+                self.regions.io
+            } else {
+                self.regions.pci
+            };
+            changes.push((bar, region, container, old, new));
+        }
+        if changes.is_empty() && master == master_now {
+            return Ok(false);
+        }
+        self.mem.begin();
+        let mut r = Ok(());
+        for &(_, region, container, old, new) in &changes {
+            if old.is_some() {
+                r = r.and_then(|_| self.mem.del_subregion(container, region));
+            }
+            if let Some(addr) = new {
+                r = r.and_then(|_| self.mem.add_subregion_overlap(container, addr, region, 1));
+            }
+        }
+        if master != master_now {
+            r = r.and_then(|_| self.mem.set_enabled(alias, master));
+        }
+        if let Err(e) = r {
+            self.mem.abandon()?;
+            return Err(e.into());
+        }
+        self.mem.commit()?;
+        if let Some(p) = self.devices[device as usize].pci.as_mut() {
+            for &(bar, _, _, _, new) in &changes {
+                p.mapped[usize::from(bar)] = new;
+            }
+            p.master = master;
+        }
+        Ok(true)
+    }
+
+    /// A configuration read of bus `bus`, function `devfn`: all ones for
+    /// other buses and empty slots.
+    pub fn pci_config_read(&mut self, bus: u8, devfn: u8, offset: u16, size: u8) -> u32 {
+        let ones = all_ones(size.min(4)) as u32;
+        if bus != 0 {
+            return ones;
+        }
+        let Some(&d) = self.pci_functions.get(&devfn) else {
+            return ones;
+        };
+        self.devices
+            .get_mut(d as usize)
+            .and_then(|s| s.dev.pci())
+            .map_or(ones, |c| c.read(offset, size))
+    }
+
+    /// A configuration write to bus `bus`, function `devfn` (dropped for
+    /// other buses and empty slots): [`PciConfig::write`],
+    /// [`PciConfig::after_write`], the device's
+    /// [`Device::pci_config_written`], then [`Machine::pci_update_mappings`]
+    /// — all memory changes in one transaction (one commit), abandoned whole
+    /// if one fails.
+    pub fn pci_config_write(
+        &mut self,
+        bus: u8,
+        devfn: u8,
+        offset: u16,
+        size: u8,
+        value: u32,
+    ) -> Result<(), MachineError> {
+        if bus != 0 {
+            return Ok(());
+        }
+        let Some(&d) = self.pci_functions.get(&devfn) else {
+            return Ok(());
+        };
+        self.mem.begin();
+        let r = self
+            .with_device(d, |dev, ctx| {
+                if let Some(cfg) = dev.pci() {
+                    cfg.write(offset, size, value);
+                    cfg.after_write(ctx, offset, size);
+                }
+                dev.pci_config_written(ctx, offset, size);
+            })
+            .and_then(|_| self.pci_update_mappings(d));
+        match r {
+            Ok(_) => {
+                self.mem.commit()?;
+                Ok(())
+            }
+            Err(e) => {
+                self.mem.abandon()?;
+                Err(e)
+            }
+        }
+    }
+
+    fn host_bridge(&mut self) -> Option<&mut PciHostBridge> {
+        let d = self.pci_host?;
+        self.devices
+            .get_mut(d as usize)?
+            .dev
+            .as_any()
+            .downcast_mut::<PciHostBridge>()
+    }
+
+    /// An access to the host bridge's regions (latch, data window, ECAM).
+    fn pci_host_read(
+        &mut self,
+        region: RegionIndex,
+        offset: u64,
+        size: u8,
+    ) -> Result<u64, MachineError> {
+        let ones = all_ones(size);
+        Ok(match region {
+            host::REGION_CONFIG_ADDRESS => self
+                .host_bridge()
+                .map_or(ones, |h| h.address_read(offset, size)),
+            host::REGION_CONFIG_DATA => {
+                match self.host_bridge().and_then(|h| h.data_target(offset)) {
+                    Some(a) => self.pci_config_read(a.bus, a.devfn, a.offset, size).into(),
+                    None => ones,
+                }
+            }
+            // An 8-byte ECAM access is two 4-byte ones (QEMU's maximum).
+            host::REGION_ECAM if size == 8 => {
+                let lo = self.ecam_read(offset, 4);
+                let hi = self.ecam_read(offset.wrapping_add(4), 4);
+                lo | (hi << 32)
+            }
+            host::REGION_ECAM => self.ecam_read(offset, size),
+            _ => ones,
+        })
+    }
+
+    fn ecam_read(&mut self, offset: u64, size: u8) -> u64 {
+        if offset >= ECAM_SIZE {
+            return all_ones(size);
+        }
+        let a = host::ecam_decode(offset);
+        self.pci_config_read(a.bus, a.devfn, a.offset, size).into()
+    }
+
+    fn pci_host_write(
+        &mut self,
+        region: RegionIndex,
+        offset: u64,
+        size: u8,
+        value: u64,
+    ) -> Result<(), MachineError> {
+        match region {
+            host::REGION_CONFIG_ADDRESS => {
+                if let Some(h) = self.host_bridge() {
+                    h.address_write(offset, size, value);
+                }
+                Ok(())
+            }
+            host::REGION_CONFIG_DATA => {
+                match self.host_bridge().and_then(|h| h.data_target(offset)) {
+                    Some(a) => self.pci_config_write(a.bus, a.devfn, a.offset, size, value as u32),
+                    None => Ok(()),
+                }
+            }
+            host::REGION_ECAM if size == 8 => {
+                self.ecam_write(offset, 4, value as u32)?;
+                self.ecam_write(offset.wrapping_add(4), 4, (value >> 32) as u32)
+            }
+            host::REGION_ECAM => self.ecam_write(offset, size, value as u32),
+            _ => Ok(()),
+        }
+    }
+
+    fn ecam_write(&mut self, offset: u64, size: u8, value: u32) -> Result<(), MachineError> {
+        if offset >= ECAM_SIZE {
+            return Ok(());
+        }
+        let a = host::ecam_decode(offset);
+        self.pci_config_write(a.bus, a.devfn, a.offset, size, value)
     }
 
     /// `info mtree` (tree, with disabled regions) and `info mtree -f`.

@@ -892,3 +892,93 @@ fn partial_renders_follow_aliases_and_match_full_renders() {
     );
     assert!(m.stats().partial_renders > s1.partial_renders);
 }
+
+/// Address-space creation finds a view to share through an index of flat-view
+/// roots (not a scan of every space): 2,000 spaces over 8 distinct flat-view
+/// roots render 8 views, every space shares the view of its root, the index
+/// follows roots that change at a commit and slots that are reused.
+#[test]
+fn many_address_spaces_share_views_by_flat_view_root() {
+    let mut m = MemorySystem::new();
+    // Eight containers with different contents (two children each, so each
+    // container is its own flat-view root).
+    let mut roots = Vec::new();
+    for k in 0..8u32 {
+        let c = m.create_container(&format!("c{k}"), 1 << 32).unwrap();
+        let a = m
+            .create_mmio(&format!("a{k}"), 0x1000, MmioHandle(k))
+            .unwrap();
+        let b = m.create_ram(&format!("b{k}"), 0x1000, ram(k)).unwrap();
+        m.add_subregion(c, u64::from(k) * 0x1000, a).unwrap();
+        m.add_subregion(c, 0x10_0000, b).unwrap();
+        roots.push((c, b));
+    }
+    // Whole-container aliases: skipped by the flat-view root, so spaces with
+    // these roots share the container's view.
+    let aliases: Vec<RegionId> = roots
+        .iter()
+        .enumerate()
+        .map(|(k, &(c, _))| m.create_alias(&format!("al{k}"), 1 << 32, c, 0).unwrap())
+        .collect();
+    let renders = m.stats().renders;
+    let mut spaces = Vec::new();
+    for i in 0..2_000usize {
+        let k = i % 8;
+        let root = if i % 3 == 0 { aliases[k] } else { roots[k].0 };
+        let id = m.create_address_space(&format!("as{i}"), root).unwrap();
+        spaces.push((k, id));
+    }
+    assert_eq!(
+        m.stats().renders - renders,
+        8,
+        "one render per flat-view root"
+    );
+    let firsts: Vec<_> = (0..8)
+        .map(|k| m.committed_view(spaces[k].1).unwrap())
+        .collect();
+    for &(k, id) in &spaces {
+        let v = m.committed_view(id).unwrap();
+        for (j, f) in firsts.iter().enumerate() {
+            assert_eq!(Rc::ptr_eq(&v, f), j == k, "space {id:?} root {k} vs {j}");
+        }
+    }
+    // Root 1 changes at a commit so that its flat-view root becomes `b1`
+    // (its only child, moved to 0 and grown to the container's size): the
+    // spaces of root 1 now carry a view rooted at `b1`.
+    let (c1, b1) = roots[1];
+    m.begin();
+    let subs = m.subregions(c1).unwrap();
+    for s in subs {
+        m.del_subregion(c1, s).unwrap();
+    }
+    m.set_size(b1, 1 << 32).unwrap();
+    m.add_subregion(c1, 0, b1).unwrap();
+    m.commit().unwrap();
+    assert_eq!(m.flatview_root(c1).unwrap(), Some(b1));
+    let v1 = m.committed_view(spaces[1].1).unwrap();
+    // A new space rooted directly at `b1` shares the changed view.
+    let renders = m.stats().renders;
+    let direct = m.create_address_space("direct-b1", b1).unwrap();
+    assert_eq!(
+        m.stats().renders,
+        renders,
+        "found through the updated index"
+    );
+    assert!(Rc::ptr_eq(&m.committed_view(direct).unwrap(), &v1));
+    // Destroy every space of root 2 and create one again: the index forgets
+    // them (a new render) and the lowest free slot is reused.
+    for &(k, id) in &spaces {
+        if k == 2 {
+            m.destroy_address_space(id).unwrap();
+        }
+    }
+    let renders = m.stats().renders;
+    let again = m.create_address_space("again", roots[2].0).unwrap();
+    assert_eq!(m.stats().renders, renders + 1);
+    assert_eq!(m.address_spaces().iter().position(|&s| s == again), Some(2));
+    let again2 = m.create_address_space("again2", aliases[2]).unwrap();
+    assert!(Rc::ptr_eq(
+        &m.committed_view(again).unwrap(),
+        &m.committed_view(again2).unwrap()
+    ));
+}

@@ -69,6 +69,11 @@ enum Op {
         data: Option<u64>,
         add: bool,
     },
+    /// Creates an address space rooted at a random region, or destroys one.
+    Space {
+        r: usize,
+        create: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -90,6 +95,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..SPACE).prop_map(|addr| Op::Read { addr }),
         2 => (any::<usize>(), 0u64..0x2000, 0u64..5, prop::option::of(0u64..3), any::<bool>())
             .prop_map(|(r, addr, size, data, add)| Op::Notify { r, addr, size, data, add }),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(r, create)| Op::Space { r, create }),
     ]
 }
 
@@ -171,6 +177,9 @@ struct World {
     seq: BTreeMap<RegionId, (i32, u64)>,
     seq_stack: Vec<BTreeMap<RegionId, (i32, u64)>>,
     counter: u64,
+    /// Further address spaces and their roots (views shared by flat-view
+    /// root, re-rendered only when marked).
+    extra: Vec<(AddressSpaceId, RegionId)>,
 }
 
 fn pick(ids: &[RegionId], i: usize) -> Option<RegionId> {
@@ -195,6 +204,7 @@ impl World {
             seq: BTreeMap::new(),
             seq_stack: Vec::new(),
             counter: 0,
+            extra: Vec::new(),
         }
     }
 
@@ -342,11 +352,30 @@ impl World {
                     };
                 }
             }
+            Op::Space { r, create } => {
+                if create {
+                    if let Some(root) = pick(&ids, r) {
+                        if let Ok(sp) = self.m.create_address_space("extra", root) {
+                            self.extra.push((sp, root));
+                        }
+                    }
+                } else if !self.extra.is_empty() {
+                    let i = r % self.extra.len();
+                    if self.m.destroy_address_space(self.extra[i].0).is_ok() {
+                        self.extra.remove(i);
+                    }
+                }
+            }
             Op::Read { addr } => {
                 // On-demand views equal a full render of the tree as it is now.
                 let now = self.m.flat_view(self.sp).unwrap();
                 let full = self.m.render_region(self.root).unwrap();
                 prop_assert_eq!(now.ranges(), full.ranges());
+                for &(sp, root) in &self.extra {
+                    let now = self.m.flat_view(sp).unwrap();
+                    let full = self.m.render_region(root).unwrap();
+                    prop_assert_eq!(now.ranges(), full.ranges(), "extra space");
+                }
                 // Reads mid-transaction see the tree as it is now.
                 let t = self.m.translate(self.sp, addr).unwrap();
                 let want = self.m.resolve_slow(self.root, addr).unwrap();
@@ -423,6 +452,11 @@ impl World {
         prop_assert_eq!(committed.ranges(), full.ranges());
         let mine: Vec<FlatRange> = l.map.values().copied().collect();
         prop_assert_eq!(&mine[..], committed.ranges());
+        for &(sp, root) in &self.extra {
+            let committed = self.m.committed_view(sp).unwrap();
+            let full = self.m.render_region(root).unwrap();
+            prop_assert_eq!(committed.ranges(), full.ranges(), "extra space");
+        }
         let notifiers = self.m.committed_notifiers(self.sp).unwrap();
         let mine: Vec<AsNotifier> = l.notifiers.iter().copied().collect();
         prop_assert_eq!(&mine[..], &notifiers[..]);
@@ -514,6 +548,8 @@ proptest! {
 
     #[test]
     fn transactions_notify_once_and_abandon_is_silent(ops in prop::collection::vec(op(), 1..40)) {
+        // One address space: "at most one render" below counts its renders.
+        let ops: Vec<Op> = ops.into_iter().filter(|o| !matches!(o, Op::Space { .. })).collect();
         let mut w = World::new(ReadPolicy::RenderOnDemand);
         // Build something first, outside transactions.
         for op in ops.iter().filter(|o| !matches!(o, Op::Begin | Op::Commit | Op::Abandon)) {

@@ -28,6 +28,7 @@ pub mod uart;
 use crate::guest_mem::GuestMemory;
 use crate::irq::{ApicMessage, LineLevel, Nanos};
 use crate::memory::{MmioHandle, RegionId};
+use crate::pci::PciConfig;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -209,6 +210,16 @@ pub trait Device {
             }),
         }
     }
+    /// The PCI function's config space, for devices that are PCI functions
+    /// (added with `Machine::add_pci_device`).
+    fn pci(&mut self) -> Option<&mut PciConfig> {
+        None
+    }
+    /// After the machine applied a config write (`PciConfig::write` +
+    /// `PciConfig::after_write`), the device reacts (device-specific bits).
+    /// The machine then recomputes the BAR mappings; memory requests made
+    /// here go into the same transaction.
+    fn pci_config_written(&mut self, _ctx: &mut DeviceCtx, _offset: u16, _size: u8) {}
     /// Downcast support for the VM that owns the device.
     fn as_any(&mut self) -> &mut dyn core::any::Any;
 }

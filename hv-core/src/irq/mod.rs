@@ -74,9 +74,64 @@ pub struct ApicMessage {
     pub logical: bool,
 }
 
+impl ApicMessage {
+    /// Decodes an MSI (a device's 32-bit write of `data` to `addr`; SDM Vol.
+    /// 3A, 11.11): an interrupt address is 0xFEEx_xxxx with the destination
+    /// ID in bits 19:12 and the destination mode (1 = logical) in bit 2; the
+    /// data holds the vector (7:0), the delivery mode (10:8) and the trigger
+    /// mode (bit 15, 1 = level). `None` if `addr` is not an interrupt address
+    /// (bits 63:32 set too: no extended destination IDs) or the delivery
+    /// mode is the reserved 0b011.
+    pub const fn from_msi(addr: u64, data: u32) -> Option<Self> {
+        if addr & !0xF_FFFF != 0xFEE0_0000 {
+            return None;
+        }
+        let Some(delivery) = DeliveryMode::from_bits((data >> 8) as u8 & 7) else {
+            return None;
+        };
+        Some(Self {
+            vector: data as u8,
+            delivery,
+            level: data & (1 << 15) != 0,
+            dest: ((addr >> 12) & 0xFF) as u32,
+            logical: addr & (1 << 2) != 0,
+        })
+    }
+}
+
 /// What a guest-visible line of the ISA/GSI world is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LineLevel {
     Low,
     High,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msi_messages_decode() {
+        let m = ApicMessage::from_msi(0xFEE0_3004, 0x8000 | (1 << 8) | 0x61).unwrap();
+        assert_eq!(
+            m,
+            ApicMessage {
+                vector: 0x61,
+                delivery: DeliveryMode::LowestPriority,
+                level: true,
+                dest: 3,
+                logical: true,
+            }
+        );
+        let m = ApicMessage::from_msi(0xFEEF_F000, 0x0430).unwrap();
+        assert_eq!((m.dest, m.logical, m.level), (0xFF, false, false));
+        assert_eq!(m.delivery, DeliveryMode::Nmi);
+        assert_eq!(m.vector, 0x30);
+        // Not an interrupt address, or a reserved delivery mode.
+        assert_eq!(ApicMessage::from_msi(0xFED0_0000, 0x30), None);
+        assert_eq!(ApicMessage::from_msi(0xFEF0_0000, 0x30), None);
+        assert_eq!(ApicMessage::from_msi(0x1_FEE0_0000, 0x30), None);
+        assert_eq!(ApicMessage::from_msi(0, 0x30), None);
+        assert_eq!(ApicMessage::from_msi(0xFEE0_0000, 0x330), None);
+    }
 }

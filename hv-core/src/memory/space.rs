@@ -66,14 +66,13 @@ impl MemorySystem {
             return Err(MemoryError::InTransaction);
         }
         self.get(root)?;
-        // Share the view of an existing space with the same flat-view root.
-        let mut shared = BTreeMap::new();
-        for (_, sp) in self.spaces_iter() {
-            shared
-                .entry(sp.view.root)
-                .or_insert_with(|| sp.view.clone());
-        }
-        let (view, notifiers) = self.build_state(root, &shared, None)?;
+        // Share the view of an existing space with the same flat-view root:
+        // the index names the first such space directly (the committed views
+        // are current, since no transaction is open).
+        let physmr = render::flatview_root(self, root)?;
+        let shared = self.clean_view_of(physmr);
+        let (view, notifiers) = self.build_state(root, shared, None)?;
+        let view_root = view.root;
         let space = Space {
             name: name.into(),
             root,
@@ -81,14 +80,13 @@ impl MemorySystem {
             notifiers,
             listeners: Vec::new(),
         };
-        let index = self.spaces.iter().position(|s| s.space.is_none());
-        let id = match index {
+        let id = match self.free_spaces.pop_first() {
             Some(i) => {
-                let slot = &mut self.spaces[i];
+                let slot = &mut self.spaces[i as usize];
                 slot.generation = slot.generation.wrapping_add(1);
                 slot.space = Some(space);
                 AddressSpaceId {
-                    index: i as u32,
+                    index: i,
                     generation: slot.generation,
                 }
             }
@@ -103,6 +101,8 @@ impl MemorySystem {
                 }
             }
         };
+        self.view_roots.insert((view_root, id.index));
+        self.space_roots.insert((root, id.index));
         Ok(id)
     }
 
@@ -116,23 +116,40 @@ impl MemorySystem {
         for l in ids {
             self.remove_listener(l)?;
         }
-        self.spaces[id.index as usize].space = None;
+        if let Some(sp) = self.spaces[id.index as usize].space.take() {
+            self.view_roots.remove(&(sp.view.root, id.index));
+            self.space_roots.remove(&(sp.root, id.index));
+        }
+        self.free_spaces.insert(id.index);
         self.cache.remove(&id.index);
         Ok(())
     }
 
-    /// Renders the view of `root` (sharing with `shared` by flat-view root).
-    /// `base`: a previous view of this space and the window sequence number
-    /// it includes (windows recorded after it are re-rendered).
+    /// The committed view of a space whose root carries no `VIEW` mark and
+    /// whose view has the flat-view root `physmr` (the lowest such space):
+    /// a view that is current and can be shared. O(log n) plus the marked
+    /// spaces of that root skipped.
+    pub(crate) fn clean_view_of(&self, physmr: Option<RegionId>) -> Option<Rc<FlatView>> {
+        self.view_roots
+            .range((physmr, 0)..=(physmr, u32::MAX))
+            .filter_map(|&(_, i)| self.spaces.get(i as usize)?.space.as_ref())
+            .find(|sp| self.dirty_bits(sp.root) & DIRTY_VIEW == 0)
+            .map(|sp| sp.view.clone())
+    }
+
+    /// Renders the view of `root`, or takes `shared` if it has the same
+    /// flat-view root. `base`: a previous view of this space and the window
+    /// sequence number it includes (windows recorded after it are
+    /// re-rendered).
     pub(crate) fn build_state(
         &mut self,
         root: RegionId,
-        shared: &BTreeMap<Option<RegionId>, Rc<FlatView>>,
+        shared: Option<Rc<FlatView>>,
         base: Option<(&FlatView, u64)>,
     ) -> Result<(Rc<FlatView>, Rc<Vec<AsNotifier>>), MemoryError> {
         let physmr = render::flatview_root(self, root)?;
-        let view = match shared.get(&physmr) {
-            Some(v) => v.clone(),
+        let view = match shared.filter(|v| v.root == physmr) {
+            Some(v) => v,
             None => {
                 self.stats.renders += 1;
                 let since = base.map_or(0, |b| b.1);
@@ -238,20 +255,29 @@ impl MemorySystem {
             return;
         }
         self.stats.commits += 1;
-        // Views of clean spaces can be shared by flat-view root.
-        let mut shared: BTreeMap<Option<RegionId>, Rc<FlatView>> = BTreeMap::new();
+        // Views of clean spaces can be shared by flat-view root (looked up
+        // once per root, through the index), then views rendered here.
+        let mut clean: BTreeMap<Option<RegionId>, Option<Rc<FlatView>>> = BTreeMap::new();
+        let mut fresh: BTreeMap<Option<RegionId>, Rc<FlatView>> = BTreeMap::new();
+        // The spaces to look at: those whose root is marked, in slot order.
         let mut work: Vec<(AddressSpaceId, u8)> = Vec::new();
-        for (id, sp) in self.spaces_iter() {
-            let bits = self.dirty_bits(sp.root);
-            if bits & DIRTY_VIEW == 0 {
-                shared
-                    .entry(sp.view.root)
-                    .or_insert_with(|| sp.view.clone());
+        for &r in &self.marked {
+            let bits = self.dirty_bits(r);
+            if bits == 0 {
+                continue;
             }
-            if bits != 0 {
-                work.push((id, bits));
+            for &(_, i) in self.space_roots.range((r, 0)..=(r, u32::MAX)) {
+                if let Some(slot) = self.spaces.get(i as usize) {
+                    let id = AddressSpaceId {
+                        index: i,
+                        generation: slot.generation,
+                    };
+                    work.push((id, bits));
+                }
             }
         }
+        work.sort_unstable();
+        work.dedup();
         let mut changes = Vec::new();
         for (id, bits) in work {
             let Ok(sp) = self.space(id) else { continue };
@@ -265,7 +291,14 @@ impl MemorySystem {
                             Some((q, v)) => (*q, v.clone()),
                             None => (0, old_view.clone()),
                         };
-                        self.build_state(root, &shared, Some((&base, since)))
+                        let shared = render::flatview_root(self, root).ok().and_then(|p| {
+                            let c = clean
+                                .entry(p)
+                                .or_insert_with(|| self.clean_view_of(p))
+                                .clone();
+                            c.or_else(|| fresh.get(&p).cloned())
+                        });
+                        self.build_state(root, shared, Some((&base, since)))
                     }
                 };
                 match state {
@@ -280,11 +313,17 @@ impl MemorySystem {
             if !view_changed {
                 view = old_view.clone();
             }
-            shared.entry(view.root).or_insert_with(|| view.clone());
+            fresh.entry(view.root).or_insert_with(|| view.clone());
             let notifiers_changed = *notifiers != *old_notifiers;
+            let new_root = view.root;
             if let Ok(sp) = self.space_mut(id) {
+                let old_root = sp.view.root;
                 sp.view = view;
                 sp.notifiers = notifiers;
+                if old_root != new_root {
+                    self.view_roots.remove(&(old_root, id.index));
+                    self.view_roots.insert((new_root, id.index));
+                }
             }
             if view_changed || notifiers_changed {
                 changes.push((id, old_view, old_notifiers, view_changed));
@@ -343,12 +382,11 @@ impl MemorySystem {
                 let state = if bits & DIRTY_VIEW != 0 {
                     // Share with another cached space of the same root.
                     let physmr = render::flatview_root(self, root)?;
-                    let mut shared = BTreeMap::new();
-                    for (v, _) in self.cache.values() {
-                        if v.root == physmr {
-                            shared.insert(physmr, v.clone());
-                        }
-                    }
+                    let shared = self
+                        .cache
+                        .values()
+                        .find(|(v, _)| v.root == physmr)
+                        .map(|(v, _)| v.clone());
                     let before = self.stats.renders;
                     // Start from this transaction's last on-demand render of
                     // the space if there is one, else from the committed view.
@@ -356,7 +394,7 @@ impl MemorySystem {
                         Some((q, v)) => (*q, v.clone()),
                         None => (0, sp.view.clone()),
                     };
-                    let s = self.build_state(root, &shared, Some((&base, since)))?;
+                    let s = self.build_state(root, shared, Some((&base, since)))?;
                     self.stats.on_demand_renders += self.stats.renders - before;
                     self.last_on_demand
                         .insert(space.index, (self.stats.mutations, s.0.clone()));

@@ -6,7 +6,7 @@ use super::listener::ListenerEntry;
 use super::render::{Arena, FlatRange, FlatView};
 use super::txn::Undo;
 use super::{MemoryError, RegionId, RegionKind, MAX_SIZE};
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -192,6 +192,15 @@ pub struct MemorySystem {
     pub(crate) slots: Vec<Slot>,
     pub(crate) free: Vec<u32>,
     pub(crate) spaces: Vec<SpaceSlot>,
+    /// Free slots of `spaces` (the lowest is reused first).
+    pub(crate) free_spaces: BTreeSet<u32>,
+    /// Every live space as (flat-view root of its committed view, slot
+    /// index): a new space finds a view to share in O(log n) instead of
+    /// scanning every space. Kept in step with `Space::view`.
+    pub(crate) view_roots: BTreeSet<(Option<RegionId>, u32)>,
+    /// Every live space as (root, slot index): a flush finds the spaces of
+    /// the marked regions without scanning every space.
+    pub(crate) space_roots: BTreeSet<(RegionId, u32)>,
     pub(crate) next_listener: u64,
     pub(crate) depth: u32,
     /// Undo-log length at each open `begin`.
@@ -242,6 +251,9 @@ impl MemorySystem {
             slots: Vec::new(),
             free: Vec::new(),
             spaces: Vec::new(),
+            free_spaces: BTreeSet::new(),
+            view_roots: BTreeSet::new(),
+            space_roots: BTreeSet::new(),
             next_listener: 1,
             depth: 0,
             markers: Vec::new(),
