@@ -140,7 +140,14 @@ pub struct MachineStats {
     /// Interrupt-line changes and MSIs raised by devices.
     pub irq_lines: u64,
     pub msis: u64,
+    /// Frames through the VM's switch, and frames no NIC took.
+    pub frames_switched: u64,
+    pub frames_dropped: u64,
 }
+
+/// Report lines kept between two [`Machine::take_reports`] (a guest that
+/// makes errors in a loop cannot grow them without bound).
+pub const MAX_REPORTS: usize = 64;
 
 struct DeviceSlot {
     id: DeviceId,
@@ -205,6 +212,8 @@ pub struct Machine {
     pub guest_tsc: u64,
     /// An exit status a device asked for, taken by [`Machine::take_exit`].
     exit: Option<u32>,
+    /// Report lines of devices, taken by [`Machine::take_reports`].
+    reports: Vec<(DeviceId, String)>,
     /// The device index of the interrupt controllers and timers.
     platform: Option<u32>,
     /// The device index of the PCI host bridge.
@@ -305,6 +314,7 @@ impl Machine {
             now: 0,
             guest_tsc: 0,
             exit: None,
+            reports: Vec::new(),
             platform: None,
             pci_host: None,
             pci_functions: BTreeMap::new(),
@@ -522,19 +532,73 @@ impl Machine {
             );
             f(&mut *slot.dev, &mut ctx)
         };
-        self.apply_effects(fx)?;
+        self.apply_effects(index, fx)?;
         Ok(Some(r))
     }
 
-    fn apply_effects(&mut self, fx: Effects) -> Result<(), MachineError> {
+    fn apply_effects(&mut self, index: u32, mut fx: Effects) -> Result<(), MachineError> {
         if let Some(s) = fx.exit {
             self.exit.get_or_insert(s);
         }
+        let frames = core::mem::take(&mut fx.irq.frames);
+        for line in core::mem::take(&mut fx.irq.reports) {
+            if let Some(slot) = self.devices.get(index as usize) {
+                if self.reports.len() < MAX_REPORTS {
+                    self.reports.push((slot.id.clone(), line));
+                }
+            }
+        }
         self.route_irqs(fx.irq);
+        self.switch(index, frames)?;
         if !fx.requests.is_empty() {
             self.apply(&fx.requests)?;
         }
         Ok(())
+    }
+
+    /// The VM's switch: each frame goes to the NIC whose MAC is its
+    /// destination (the sender too, for its own MAC), a broadcast or
+    /// multicast frame to every other NIC, on the same queue pair.
+    fn switch(&mut self, from: u32, frames: Vec<(u16, Vec<u8>)>) -> Result<(), MachineError> {
+        for (pair, frame) in frames {
+            self.stats.frames_switched += 1;
+            let Some(dst) = frame.get(0..6) else {
+                self.stats.frames_dropped += 1;
+                continue;
+            };
+            let group = dst[0] & 1 != 0;
+            let targets: Vec<u32> = (0..self.devices.len() as u32)
+                .filter(|&i| match self.devices[i as usize].dev.mac() {
+                    Some(_) if group => i != from,
+                    Some(mac) => mac == dst,
+                    None => false,
+                })
+                .collect();
+            if targets.is_empty() {
+                self.stats.frames_dropped += 1;
+            }
+            for t in targets {
+                let took = self.with_device(t, |d, ctx| d.receive_frame(ctx, pair, &frame))?;
+                if took != Some(true) {
+                    self.stats.frames_dropped += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Report lines devices wrote since the last call, with their identity.
+    pub fn take_reports(&mut self) -> Vec<(DeviceId, String)> {
+        core::mem::take(&mut self.reports)
+    }
+
+    /// Every device's I/O counters (devices without counters are left out).
+    pub fn device_counters(&self) -> Vec<(DeviceId, Vec<(&'static str, u64)>)> {
+        self.devices
+            .iter()
+            .map(|s| (s.id.clone(), s.dev.counters()))
+            .filter(|(_, c)| !c.is_empty())
+            .collect()
     }
 
     /// Interrupt lines and MSIs go to the platform's controllers.

@@ -117,7 +117,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
     let lowmem_mib: u64 = info
         .option("lowmem")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3072);
+        .unwrap_or(2816);
     let tsc_hz = cpu::calibrate_tsc();
     println!("tern: TSC {} kHz", tsc_hz / 1000);
     let mut status = Status::OK;

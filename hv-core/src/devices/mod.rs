@@ -93,14 +93,20 @@ impl core::fmt::Display for StateError {
     }
 }
 
-/// Interrupt lines and messages raised during one callback; the machine
-/// routes them (PIC, I/O APIC, local APICs) when the callback returns.
+/// What one callback sends out of the device: interrupt lines and
+/// messages (routed to the PIC, I/O APIC and local APICs), network frames
+/// (to the VM's switch) and report lines (printed with the device's name),
+/// all handled by the machine when the callback returns.
 #[derive(Clone, Debug, Default)]
 pub struct IrqOut {
     /// (GSI, level) in the order they were set.
     pub lines: Vec<(u8, LineLevel)>,
     /// MSI messages.
     pub msis: Vec<ApicMessage>,
+    /// Frames sent: (queue pair, frame).
+    pub frames: Vec<(u16, Vec<u8>)>,
+    /// Lines for the VM's log.
+    pub reports: Vec<String>,
 }
 
 /// What a device callback may use and ask for.
@@ -145,6 +151,18 @@ impl<'a> DeviceCtx<'a> {
     /// Sends an MSI.
     pub fn msi(&mut self, msg: ApicMessage) {
         self.irq.msis.push(msg);
+    }
+
+    /// Sends a network frame out through the VM's switch, from queue pair
+    /// `pair`.
+    pub fn send_frame(&mut self, pair: u16, frame: &[u8]) {
+        self.irq.frames.push((pair, frame.to_vec()));
+    }
+
+    /// One line for the VM's log (the machine prefixes the device's name);
+    /// devices use it for guest errors, once per error state.
+    pub fn report(&mut self, line: String) {
+        self.irq.reports.push(line);
     }
 
     /// Asks for a change of the memory map.
@@ -220,6 +238,19 @@ pub trait Device {
     /// The machine then recomputes the BAR mappings; memory requests made
     /// here go into the same transaction.
     fn pci_config_written(&mut self, _ctx: &mut DeviceCtx, _offset: u16, _size: u8) {}
+    /// A network frame from the VM's switch for queue pair `pair`; whether
+    /// the device took it (network devices only).
+    fn receive_frame(&mut self, _ctx: &mut DeviceCtx, _pair: u16, _frame: &[u8]) -> bool {
+        false
+    }
+    /// The MAC address the switch delivers to (network devices only).
+    fn mac(&self) -> Option<[u8; 6]> {
+        None
+    }
+    /// I/O counters for the VM's report: (name, value).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Downcast support for the VM that owns the device.
     fn as_any(&mut self) -> &mut dyn core::any::Any;
 }
@@ -292,6 +323,18 @@ impl<'a> StateReader<'a> {
     pub fn u16(&mut self) -> Result<u16, StateError> {
         let b = self.bytes(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    pub fn u32(&mut self) -> Result<u32, StateError> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Everything not read yet (the reader is then at the end).
+    pub fn rest(&mut self) -> &'a [u8] {
+        let r = &self.data[self.at..];
+        self.at = self.data.len();
+        r
     }
 
     pub fn u64(&mut self) -> Result<u64, StateError> {

@@ -252,6 +252,7 @@ struct Msix {
 /// One function's configuration space with QEMU's masks: `wmask` (bits the
 /// guest may write), `w1cmask` (bits a guest 1 clears) and `cmask` (bytes
 /// an incoming migration must agree on).
+#[derive(Clone)]
 pub struct PciConfig {
     config: Vec<u8>,
     wmask: Vec<u8>,

@@ -194,12 +194,7 @@ impl VirtioBackend for VirtioBlk {
 
     fn reset(&mut self) {}
 
-    fn process(
-        &mut self,
-        ctx: &mut DeviceCtx,
-        io: &mut QueueIo,
-        q: u16,
-    ) -> Result<(), QueueError> {
+    fn process(&mut self, ctx: &mut DeviceCtx, io: &mut QueueIo, q: u16) -> Result<(), QueueError> {
         // At most one queue's worth of requests per kick, so a driver
         // that keeps refilling cannot hold the vCPU here forever.
         let limit = io

@@ -22,3 +22,8 @@ pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xFFFF;
 /// Largest queue size a split ring can have (§2.7: 32768).
 pub const VIRTQUEUE_MAX_SIZE: u16 = 32768;
+
+pub mod blk;
+pub mod net;
+pub mod pci;
+pub mod spec;

@@ -113,7 +113,12 @@ impl VirtioNet {
         Ok(())
     }
 
-    fn transmit(&mut self, ctx: &mut DeviceCtx, io: &mut QueueIo, q: u16) -> Result<(), QueueError> {
+    fn transmit(
+        &mut self,
+        ctx: &mut DeviceCtx,
+        io: &mut QueueIo,
+        q: u16,
+    ) -> Result<(), QueueError> {
         let pair = q / 2;
         for _ in 0..256 {
             let Some(queue) = io.queues.get_mut(usize::from(q)) else {

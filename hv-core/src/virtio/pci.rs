@@ -21,10 +21,10 @@
 
 use super::queue::{QueueError, QueueState, SplitQueue};
 use super::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use crate::devices::{all_ones, read_le, write_le, Device, DeviceCtx, RegionIndex, StateError};
 use crate::devices::StateReader;
+use crate::devices::{all_ones, read_le, write_le, Device, DeviceCtx, RegionIndex, StateError};
 use crate::machine::{Machine, MachineError};
-use crate::pci::{BarKind, PciConfig, PciIds, CAP_ID_VNDR};
+use crate::pci::{BarKind, PciConfig, PciIds, PCI_CAP_ID_VNDR as CAP_ID_VNDR};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -160,8 +160,7 @@ pub trait VirtioBackend {
     /// Back to the state after reset.
     fn reset(&mut self);
     /// Queue `q` was kicked: consume what the driver made available.
-    fn process(&mut self, ctx: &mut DeviceCtx, io: &mut QueueIo, q: u16)
-        -> Result<(), QueueError>;
+    fn process(&mut self, ctx: &mut DeviceCtx, io: &mut QueueIo, q: u16) -> Result<(), QueueError>;
     /// A frame arrives from the VM's switch for queue pair `pair`
     /// (network devices only); returns whether the device took it.
     fn receive(
@@ -412,13 +411,33 @@ impl<B: VirtioBackend> VirtioPci<B> {
 
     fn kick(&mut self, ctx: &mut DeviceCtx, q: u16) {
         self.stats.kicks += 1;
+        self.service(ctx, q);
+    }
+
+    /// Processes queue `q` if it is ready.
+    fn service(&mut self, ctx: &mut DeviceCtx, q: u16) {
         if usize::from(q) >= self.queues.len() {
             return;
         }
         if !self.queues[usize::from(q)].ready {
             return;
         }
-        self.run(ctx, |b, ctx, io| b.process(ctx, io, q));
+        self.run(ctx, |b, ctx, io| {
+            // With EVENT_IDX the driver kicks again only after the device
+            // published how far it has read (avail_event); buffers added
+            // meanwhile are taken now. Bounded: the guest is not running.
+            for _ in 0..2 {
+                b.process(ctx, io, q)?;
+                let Some(queue) = io.queues.get_mut(usize::from(q)) else {
+                    break;
+                };
+                queue.enable_notification(&mut ctx.mem)?;
+                if !queue.has_available(&ctx.mem)? {
+                    break;
+                }
+            }
+            Ok(())
+        });
     }
 
     /// A frame from the VM's switch for queue pair `pair`; whether it was
@@ -440,23 +459,25 @@ impl<B: VirtioBackend> VirtioPci<B> {
             1 => (self.driver_features >> 32) as u32,
             _ => 0,
         };
-        b[0..4].copy_from_slice(&self.dfselect.to_le_bytes());
-        b[4..8].copy_from_slice(&df.to_le_bytes());
-        b[8..12].copy_from_slice(&self.gfselect.to_le_bytes());
-        b[12..16].copy_from_slice(&gf.to_le_bytes());
-        b[16..18].copy_from_slice(&self.config_vector.to_le_bytes());
-        b[18..20].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
-        b[20] = self.status;
-        b[21] = self.generation;
-        b[22..24].copy_from_slice(&self.queue_select.to_le_bytes());
+        let mut put = |at: u64, v: u64, size: u8| write_le(&mut b, at, size, v);
+        put(common::DFSELECT, self.dfselect.into(), 4);
+        put(common::DF, df.into(), 4);
+        put(common::GFSELECT, self.gfselect.into(), 4);
+        put(common::GF, gf.into(), 4);
+        put(common::MSIX, self.config_vector.into(), 2);
+        put(common::NUMQ, self.queues.len() as u64, 2);
+        put(common::STATUS, self.status.into(), 1);
+        put(common::CFGGEN, self.generation.into(), 1);
+        put(common::Q_SELECT, self.queue_select.into(), 2);
         if let Some(q) = self.queues.get(usize::from(self.queue_select)) {
-            b[24..26].copy_from_slice(&q.size.to_le_bytes());
-            b[26..28].copy_from_slice(&q.msix_vector.to_le_bytes());
-            b[28..30].copy_from_slice(&u16::from(q.ready).to_le_bytes());
-            b[30..32].copy_from_slice(&self.queue_select.to_le_bytes());
-            b[32..40].copy_from_slice(&q.desc.to_le_bytes());
-            b[40..48].copy_from_slice(&q.avail.to_le_bytes());
-            b[48..56].copy_from_slice(&q.used.to_le_bytes());
+            put(common::Q_SIZE, q.size.into(), 2);
+            put(common::Q_MSIX, q.msix_vector.into(), 2);
+            put(common::Q_ENABLE, q.ready.into(), 2);
+            // Queue q's notify address is q * NOTIFY_MULTIPLIER.
+            put(common::Q_NOFF, self.queue_select.into(), 2);
+            put(common::Q_DESCLO, q.desc, 8);
+            put(common::Q_AVAILLO, q.avail, 8);
+            put(common::Q_USEDLO, q.used, 8);
         }
         b
     }
@@ -563,7 +584,7 @@ impl<B: VirtioBackend> VirtioPci<B> {
             // Buffers made available before DRIVER_OK are processed now.
             for q in 0..self.queues.len() as u16 {
                 if self.queues[usize::from(q)].ready {
-                    self.run(ctx, |b, ctx, io| b.process(ctx, io, q));
+                    self.service(ctx, q);
                 }
             }
         }
@@ -628,7 +649,14 @@ impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
         }
     }
 
-    fn write(&mut self, ctx: &mut DeviceCtx, region: RegionIndex, offset: u64, size: u8, value: u64) {
+    fn write(
+        &mut self,
+        ctx: &mut DeviceCtx,
+        region: RegionIndex,
+        offset: u64,
+        size: u8,
+        value: u64,
+    ) {
         match region {
             regions::COMMON => self.common_write(ctx, offset, size, value),
             regions::DEVICE => {
@@ -665,6 +693,19 @@ impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
 
     fn mac(&self) -> Option<[u8; 6]> {
         self.backend.mac()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        let mut c = alloc::vec![
+            ("kicks", s.kicks),
+            ("queue_irqs", s.queue_irqs),
+            ("config_irqs", s.config_irqs),
+            ("errors", s.errors),
+            ("resets", s.resets),
+        ];
+        c.extend(self.backend.counters());
+        c
     }
 
     fn state_version(&self) -> u32 {
@@ -777,11 +818,7 @@ pub fn add_virtio_pci<B: VirtioBackend + 'static>(
     let msix = m.add_device_container(d, "msix", MSIX_BAR_SIZE)?;
     let table = m.add_device_region(d, "msix-table", u64::from(MSIX_PBA_OFFSET))?;
     m.mem.add_subregion(msix, 0, table)?;
-    let pba = m.add_device_region(
-        d,
-        "msix-pba",
-        MSIX_BAR_SIZE - u64::from(MSIX_PBA_OFFSET),
-    )?;
+    let pba = m.add_device_region(d, "msix-pba", MSIX_BAR_SIZE - u64::from(MSIX_PBA_OFFSET))?;
     m.mem.add_subregion(msix, u64::from(MSIX_PBA_OFFSET), pba)?;
     let notify = subs[3];
     for q in 0..nq {

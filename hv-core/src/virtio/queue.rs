@@ -111,6 +111,9 @@ pub enum QueueError {
     /// A device read more of the chain's readable part than it has
     /// (`need` = offset + length of the read, `have` = readable bytes).
     ChainTooShort { head: u16, need: u64, have: u64 },
+    /// A chain that is valid as a chain but not as a request of the device
+    /// type (e.g. a block request without header or status byte).
+    BadRequest { head: u16, why: &'static str },
 }
 
 impl core::fmt::Display for QueueError {
@@ -161,6 +164,7 @@ impl core::fmt::Display for QueueError {
                 f,
                 "virtqueue chain at head {head}: {need} readable bytes needed, {have} available"
             ),
+            Self::BadRequest { head, why } => write!(f, "request at head {head}: {why}"),
         }
     }
 }
@@ -303,6 +307,7 @@ struct Rings {
     used: RamSpan,
 }
 
+#[derive(Clone)]
 struct RingCache {
     view: Weak<FlatView>,
     rings: Rings,
@@ -386,6 +391,7 @@ pub fn need_event(event: u16, new: u16, old: u16) -> bool {
 /// The public fields are the transport's registers (queue_size,
 /// queue_enable, queue_desc/driver/device, queue_msix_vector); the
 /// transport may write them freely, they are validated when used.
+#[derive(Clone)]
 pub struct SplitQueue {
     pub max_size: u16,
     pub size: u16,

@@ -133,8 +133,20 @@ mod tests {
     #[test]
     fn parses_the_seed_shapes() {
         let s = DeviceSpec::parse("net:8x16,blk:16x4").unwrap();
-        assert_eq!(s.net, Group { count: 8, queues: 16 });
-        assert_eq!(s.blk, Group { count: 16, queues: 4 });
+        assert_eq!(
+            s.net,
+            Group {
+                count: 8,
+                queues: 16
+            }
+        );
+        assert_eq!(
+            s.blk,
+            Group {
+                count: 16,
+                queues: 4
+            }
+        );
         assert_eq!(s.devices(), 24);
         let s = DeviceSpec::parse("blk:1x4").unwrap();
         assert_eq!((s.net.count, s.blk.queues), (0, 4));
