@@ -665,12 +665,9 @@ impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
             regions::MSIX_TABLE => self.pci.msix_table_write(ctx, offset, size, value),
             // A kick that did not go through the notifier (e.g. another
             // size): the queue is the slot written.
-            regions::NOTIFY => {
-                if offset.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) {
-                    let q = offset / u64::from(NOTIFY_MULTIPLIER);
-                    if let Ok(q) = u16::try_from(q) {
-                        self.kick(ctx, q);
-                    }
+            regions::NOTIFY if offset.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) => {
+                if let Ok(q) = u16::try_from(offset / u64::from(NOTIFY_MULTIPLIER)) {
+                    self.kick(ctx, q);
                 }
             }
             _ => {}
