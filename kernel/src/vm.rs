@@ -241,6 +241,7 @@ impl Vm {
         machine.add_write_notifier(test, 0x20, 4, None, 1)?;
         if let Some(d) = machine.device::<TestDevice>("tern-test") {
             d.window = Some(window);
+            d.layout = Some((TEST_DEVICE_BASE, false));
         }
 
         // Host memory for each block, 2 MiB aligned so EPT can use large

@@ -373,3 +373,295 @@ fn device_state_saves_and_loads_whole_or_not_at_all() {
     assert_eq!(net.queues()[4].state().last_avail, 1);
     let _: &mut dyn Device = net;
 }
+
+// ----------------------------------------------------------------------
+// Loading every device's state in one transaction (the migration load).
+// ----------------------------------------------------------------------
+
+mod load {
+    use super::*;
+    use crate::devices::test_device::TestDevice;
+    use crate::devices::DeviceId;
+    use crate::ept::PageSizes;
+    use crate::ept_listener::{EptCounters, EptHost, EptListener, EptMode};
+    use crate::frames::FrameAllocator;
+    use crate::machine::{
+        CommitMode, DeviceSection, LoadError, TEST_DEVICE_BASE, TEST_WINDOW_BASE, TEST_WINDOW_SIZE,
+    };
+    use crate::memory::FlatView;
+    use crate::phys::PhysAccess;
+    use alloc::rc::Rc;
+    use core::cell::RefCell;
+
+    struct Host {
+        mem: MockPhys,
+        invepts: u64,
+    }
+    impl PhysAccess for Host {
+        fn read(&self, a: HostPhysAddr, b: &mut [u8]) {
+            self.mem.read(a, b)
+        }
+        fn write(&mut self, a: HostPhysAddr, d: &[u8]) {
+            self.mem.write(a, d)
+        }
+    }
+    impl FrameAllocator for Host {
+        fn alloc_contiguous(&mut self, s: u64, a: u64) -> Option<HostPhysAddr> {
+            self.mem.alloc_contiguous(s, a)
+        }
+        fn free_contiguous(&mut self, a: HostPhysAddr, s: u64) {
+            self.mem.free_contiguous(a, s)
+        }
+    }
+    impl EptHost for Host {
+        fn invept(&mut self, _eptp: u64) -> bool {
+            self.invepts += 1;
+            true
+        }
+    }
+
+    const SHAPE: &str = "net:2x2,blk:2x2";
+
+    /// The machine of `SHAPE` plus the test device and its RAM window, as
+    /// the kernel builds it.
+    fn build() -> Machine {
+        let mut m = machine(SHAPE);
+        let pci = m.regions.pci;
+        m.map_mmio(
+            "tern-test",
+            pci,
+            TEST_DEVICE_BASE,
+            0x1000,
+            Box::new(TestDevice::default()),
+        )
+        .unwrap();
+        let ram = m.regions.ram;
+        let w = m
+            .mem
+            .create_alias("tern-test-window", TEST_WINDOW_SIZE.into(), ram, 0)
+            .unwrap();
+        m.mem.set_enabled(w, false).unwrap();
+        let system = m.regions.system;
+        m.mem.add_subregion(system, TEST_WINDOW_BASE, w).unwrap();
+        let t = m.device::<TestDevice>("tern-test").unwrap();
+        t.window = Some(w);
+        t.layout = Some((TEST_DEVICE_BASE, false));
+        m
+    }
+
+    /// A source machine as a guest left it: every device set up, frames
+    /// and blocks moved, the test device moved with its window on.
+    fn source() -> Machine {
+        let mut m = build();
+        let net = V1 | 1 << 5 | 1 << 17 | 1 << 22;
+        let mut a = Drv::init(&mut m, 0, 1, net, true);
+        let _b = Drv::init(&mut m, 1, 2, net, true);
+        ram_write(&mut m, 0x30_0000, &[4, 0, 2, 0]);
+        a.submit(&mut m, 4, &[(0x30_0000, 4, false), (0x30_0010, 1, true)]);
+        let mut d = Drv::init(&mut m, 2, 3, V1 | 1 << 12, true);
+        Drv::init(&mut m, 3, 4, V1 | 1 << 12, true);
+        ram_write(&mut m, 0x31_0000, &[0x77; 1024]);
+        blk_request(&mut d, &mut m, 1, VIRTIO_BLK_T_OUT, 2, 0x31_0000);
+        mmio_write(&mut m, TEST_DEVICE_BASE + 8, 8, 0xFEA0_0000 | 1);
+        m
+    }
+
+    fn target() -> (Machine, Rc<RefCell<EptListener<Host>>>) {
+        let mut m = build();
+        let host = Host {
+            mem: MockPhys::new(24 << 20),
+            invepts: 0,
+        };
+        let blocks = vec![
+            RamBlock {
+                hpa: HostPhysAddr::new(0x1_0000_0000),
+                size: RAM,
+            },
+            RamBlock {
+                hpa: HostPhysAddr::new(0x2_0000_0000),
+                size: BIOS_SIZE,
+            },
+        ];
+        let sizes = PageSizes {
+            two_mib: true,
+            one_gib: true,
+        };
+        let ept = Rc::new(RefCell::new(
+            EptListener::new(host, sizes, blocks, true, EptMode::Incremental).unwrap(),
+        ));
+        let space = m.memory;
+        m.mem.add_listener(space, 0, ept.clone()).unwrap();
+        (m, ept)
+    }
+
+    type Saved = Vec<(DeviceId, u32, Vec<u8>)>;
+
+    fn sections(saved: &Saved) -> Vec<DeviceSection<'_>> {
+        saved
+            .iter()
+            .map(|(id, version, data)| DeviceSection {
+                id,
+                version: *version,
+                data,
+            })
+            .collect()
+    }
+
+    /// Every address space's committed view.
+    fn views(m: &Machine) -> Vec<Rc<FlatView>> {
+        m.mem
+            .address_spaces()
+            .into_iter()
+            .map(|s| m.mem.committed_view(s).unwrap())
+            .collect()
+    }
+
+    fn ept_state(ept: &Rc<RefCell<EptListener<Host>>>) -> (EptCounters, u64, Vec<Option<u64>>) {
+        let e = ept.borrow();
+        let probes = [
+            0,
+            0x1000,
+            TEST_WINDOW_BASE,
+            TEST_WINDOW_BASE + 0x1F_F000,
+            RAM - 0x1000,
+        ];
+        let map = probes
+            .iter()
+            .map(|&g| e.translate(g).map(|(h, _, _)| h.as_u64()))
+            .collect();
+        (e.counters, e.host().invepts, map)
+    }
+
+    #[test]
+    fn one_transaction_one_listener_commit_one_ept_update() {
+        let mut src = source();
+        let saved = src.save_devices();
+        let want = views(&src);
+        let (mut m, ept) = target();
+        let ept_before = ept_state(&ept);
+        let stats = m
+            .load_devices(&sections(&saved), CommitMode::Deferred, true)
+            .unwrap();
+        // Exact counters of the deferred load: one listener commit (the
+        // memory space is the only one with a listener), no forced
+        // commit, one EPT update and one INVEPT (the test device's RAM
+        // window appeared).
+        assert_eq!(stats.listener_commits, 1, "{stats:?}");
+        assert_eq!(stats.forced_commits, 0);
+        assert_eq!(stats.commits, 1);
+        let (c, invepts, map) = ept_state(&ept);
+        assert_eq!(c.updates - ept_before.0.updates, 1);
+        assert_eq!(invepts - ept_before.1, 1);
+        assert_eq!(map[2], Some(0x1_0000_0000), "window mapped to RAM");
+        // Same devices, same views as the source.
+        assert_eq!(m.save_devices(), saved);
+        assert_eq!(views(&m), want);
+        let _ = src.take_reports();
+    }
+
+    #[test]
+    fn all_three_modes_leave_the_same_machine() {
+        let saved = source().save_devices();
+        let mut results = Vec::new();
+        for mode in [
+            CommitMode::Deferred,
+            CommitMode::Eager,
+            CommitMode::ForcedRead,
+        ] {
+            let (mut m, ept) = target();
+            let stats = m.load_devices(&sections(&saved), mode, true).unwrap();
+            let (_, _, map) = ept_state(&ept);
+            results.push((mode, stats, m.save_devices(), views(&m), map));
+        }
+        let (_, deferred, dev0, views0, map0) = &results[0];
+        for (mode, stats, dev, v, map) in &results[1..] {
+            assert_eq!(dev, dev0, "{mode:?}: device state");
+            assert_eq!(v, views0, "{mode:?}: flat views");
+            assert_eq!(map, map0, "{mode:?}: EPT");
+            assert!(
+                stats.listener_commits > deferred.listener_commits,
+                "{mode:?} commits to listeners more often: {stats:?}"
+            );
+        }
+        assert!(
+            results[2].1.forced_commits > 0,
+            "forced-read forces commits"
+        );
+        assert_eq!(results[1].1.forced_commits, 0);
+    }
+
+    /// A load that fails leaves the target exactly as it was.
+    fn assert_refused(saved: &Saved, mode: CommitMode, expect: impl Fn(&LoadError) -> bool) {
+        let (mut m, ept) = target();
+        let devices = m.save_devices();
+        let v = views(&m);
+        let e = ept_state(&ept);
+        let listener_commits = m.mem.stats().listener_commits;
+        let err = m
+            .load_devices(&sections(saved), mode, true)
+            .expect_err("the load must fail");
+        assert!(expect(&err), "{mode:?}: {err}");
+        assert_eq!(m.save_devices(), devices, "{mode:?}: devices changed");
+        assert_eq!(views(&m), v, "{mode:?}: flat views changed");
+        // The EPT maps the same in every mode. Only the deferred load never
+        // showed the listener anything: forced-read and eager committed
+        // intermediate states (then undid them), as the seed's and QEMU's
+        // loads do.
+        assert_eq!(ept_state(&ept).2, e.2, "{mode:?}: EPT mappings changed");
+        if mode == CommitMode::Deferred {
+            assert_eq!(ept_state(&ept), e, "{mode:?}: EPT touched");
+            assert_eq!(m.mem.stats().listener_commits, listener_commits);
+        }
+        assert_eq!(m.mem.transaction_depth(), 0, "no transaction left open");
+    }
+
+    #[test]
+    fn a_bad_section_changes_nothing_in_any_mode() {
+        let saved = source().save_devices();
+        for mode in [
+            CommitMode::Deferred,
+            CommitMode::Eager,
+            CommitMode::ForcedRead,
+        ] {
+            // The last device's state is cut short: everything before it
+            // loaded fine (BARs, the window) and must be undone.
+            let mut bad = saved.clone();
+            let last = bad.last_mut().unwrap();
+            last.2.pop();
+            assert_refused(&bad, mode, |e| matches!(e, LoadError::State { .. }));
+            // A queue whose rings are outside RAM is refused after the
+            // memory map followed the state (post-load).
+            let mut bad = saved.clone();
+            let blk = bad
+                .iter_mut()
+                .find(|(id, _, _)| id.idstr.ends_with("virtio-blk"))
+                .unwrap();
+            let at = find_u64(&blk.2, ring(2, 0)).expect("the saved ring address");
+            blk.2[at..at + 8].copy_from_slice(&0x7_0000_0000u64.to_le_bytes());
+            assert_refused(&bad, mode, |e| matches!(e, LoadError::PostLoad { .. }));
+        }
+    }
+
+    fn find_u64(data: &[u8], v: u64) -> Option<usize> {
+        data.windows(8).position(|w| w == v.to_le_bytes())
+    }
+
+    #[test]
+    fn sections_must_name_each_device_once() {
+        let saved = source().save_devices();
+        let mut dup = saved.clone();
+        dup.push(saved[0].clone());
+        assert_refused(&dup, CommitMode::Deferred, |e| {
+            matches!(e, LoadError::Duplicate { .. })
+        });
+        let mut unknown = saved.clone();
+        unknown[0].0.idstr = "0000:00:1f.0/virtio-gpu".into();
+        assert_refused(&unknown, CommitMode::Deferred, |e| {
+            matches!(e, LoadError::NoSuchDevice { .. })
+        });
+        let missing: Saved = saved[1..].to_vec();
+        assert_refused(&missing, CommitMode::Deferred, |e| {
+            matches!(e, LoadError::Missing { .. })
+        });
+    }
+}
