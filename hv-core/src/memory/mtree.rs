@@ -547,75 +547,91 @@ struct Targets<'a> {
     /// The first node of each name (canonical), for a target printed in
     /// no section of its own.
     first: BTreeMap<&'a str, usize>,
-    /// Children extents of a candidate, as sorted starts and sorted
-    /// (exclusive) ends, computed when first needed.
-    spans: BTreeMap<usize, (Vec<u128>, Vec<u128>)>,
+    /// Child extents of candidates, by node (see [`score`]).
+    spans: Vec<Option<(Vec<u128>, Vec<u128>)>>,
     /// Candidates some alias already resolved to.
     used: Vec<bool>,
 }
 
-impl Targets<'_> {
-    /// How many children of `c` overlap `[w0, w1)`.
-    fn score(&mut self, c: usize, w0: u128, w1: u128) -> usize {
-        let nodes = self.nodes;
-        let (starts, ends) = self.spans.entry(c).or_insert_with(|| {
-            let mut s = Vec::with_capacity(nodes[c].children.len());
-            let mut e = Vec::with_capacity(nodes[c].children.len());
-            for &k in &nodes[c].children {
-                let a = u128::from(addr_of(nodes, k));
-                s.push(a);
-                e.push(a + size_of(&nodes[k].l));
-            }
-            s.sort_unstable();
-            e.sort_unstable();
-            (s, e)
-        });
-        // Children starting before the window's end, less those that end
-        // before its start (those start before its end too).
-        let before_end = starts.partition_point(|&s| s < w1);
-        let ended = ends.partition_point(|&e| e <= w0);
-        before_end.saturating_sub(ended)
-    }
+/// How many children of candidate `c` overlap `[w0, w1)`; `spans` keeps
+/// each candidate's child extents (sorted starts, sorted exclusive ends)
+/// once computed.
+fn score(
+    nodes: &[Node],
+    spans: &mut [Option<(Vec<u128>, Vec<u128>)>],
+    c: usize,
+    w0: u128,
+    w1: u128,
+) -> usize {
+    let Some(slot) = spans.get_mut(c) else {
+        return 0;
+    };
+    let (starts, ends) = slot.get_or_insert_with(|| {
+        let mut s = Vec::with_capacity(nodes[c].children.len());
+        let mut e = Vec::with_capacity(nodes[c].children.len());
+        for &k in &nodes[c].children {
+            let a = u128::from(addr_of(nodes, k));
+            s.push(a);
+            e.push(a + size_of(&nodes[k].l));
+        }
+        s.sort_unstable();
+        e.sort_unstable();
+        (s, e)
+    });
+    // Children starting before the window's end, less those that end
+    // before its start (those start before its end too).
+    let before_end = starts.partition_point(|&s| s < w1);
+    let ended = ends.partition_point(|&e| e <= w0);
+    before_end.saturating_sub(ended)
+}
 
+impl Targets<'_> {
     /// The target of alias node `n`.
     fn resolve(&mut self, n: usize) -> Result<usize, MemoryError> {
-        let l = &self.nodes[n].l;
+        let Targets {
+            nodes,
+            sections,
+            first,
+            spans,
+            used,
+        } = self;
+        let l = &nodes[n].l;
         let Some((target, offset)) = &l.alias else {
             return Err(perr(l.line, "internal: not an alias"));
         };
-        let cands = self.sections.get(target.as_str()).cloned();
-        let t = match cands.as_deref() {
+        let is_used = |c: usize| used.get(c).copied().unwrap_or(false);
+        let t = match sections.get(target.as_str()).map(Vec::as_slice) {
             Some(&[t]) => t,
             // Several distinct regions share the name (e.g. one
             // `pci_bridge_pci` per PCI bridge): pick the one with the most
             // subregions inside the alias window (bridge windows are
-            // computed from the BARs behind the bridge).
+            // computed from the BARs behind the bridge). Aliases are
+            // visited in print order, which is the order QEMU queued their
+            // targets: on a tie prefer the first section no alias has
+            // claimed yet, else the first.
             Some(cands) if !cands.is_empty() => {
                 let w0 = u128::from(*offset);
                 let w1 = w0 + size_of(l);
-                let scores: Vec<usize> = cands.iter().map(|&c| self.score(c, w0, w1)).collect();
-                let best = scores.iter().copied().max().unwrap_or(0);
-                let mut tied = cands
-                    .iter()
-                    .zip(&scores)
-                    .filter(|&(_, &s)| s == best)
-                    .map(|(&c, _)| c);
-                let first = tied
-                    .clone()
-                    .next()
-                    .ok_or_else(|| perr(l.line, "alias target not found"))?;
-                // Aliases are visited in print order, which is the order
-                // QEMU queued their targets: on a tie prefer a section no
-                // alias has claimed yet, else the first.
-                tied.find(|&c| !self.used.get(c).copied().unwrap_or(false))
-                    .unwrap_or(first)
+                // (best score, first with it, first unclaimed with it)
+                let mut best: Option<(usize, usize, Option<usize>)> = None;
+                for &c in cands {
+                    let s = score(nodes, spans, c, w0, w1);
+                    let unclaimed = (!is_used(c)).then_some(c);
+                    match &mut best {
+                        Some((b, _, u)) if s == *b => *u = u.or(unclaimed),
+                        Some((b, _, _)) if s < *b => {}
+                        _ => best = Some((s, c, unclaimed)),
+                    }
+                }
+                let (_, first_tied, unclaimed) =
+                    best.ok_or_else(|| perr(l.line, "alias target not found"))?;
+                unclaimed.unwrap_or(first_tied)
             }
-            _ => *self
-                .first
+            _ => *first
                 .get(target.as_str())
                 .ok_or_else(|| perr(l.line, "alias target not found"))?,
         };
-        if let Some(u) = self.used.get_mut(t) {
+        if let Some(u) = used.get_mut(t) {
             *u = true;
         }
         Ok(t)
@@ -851,7 +867,7 @@ pub fn parse_tree(text: &str) -> Result<ParsedTree, MemoryError> {
         nodes: &nodes,
         sections: region_sections,
         first,
-        spans: BTreeMap::new(),
+        spans: alloc::vec![None; nodes.len()],
         used: alloc::vec![false; nodes.len()],
     };
     // Each step gives one more alias its target, so this ends; cycles are
