@@ -1261,7 +1261,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "MemorySystem::create_address_space scans every existing space (space.rs): quadratic"]
     fn mtree_100000_address_space_sections_parse() {
         let mut t = String::new();
         for i in 0..100_000 {
