@@ -317,7 +317,8 @@ options:
   --emulator bochs|qemu    the emulator (qemu without VMX on the host: TCG, where
                            Tern only reports that VMX is missing)
   --guest 'ARGS'           the VM's command line
-                           (default: name=demo scenario=hello expect_ram_kib=32768)
+                           (default: name=demo scenario=hello expect_ram_kib=32768,
+                           or scenario=virtio when a devices= argument is given)
   --guest-image FILE       run this multiboot (v1) ELF image instead of the test
                            guest; its file name becomes argv[0], and it gets no
                            test-guest arguments unless --guest is given
@@ -497,6 +498,14 @@ where
     if r.guest_image.is_some() && !guest_given {
         r.guest.clear();
     }
+    // With virtio devices, the test guest drives them all by default.
+    if let (false, None, Some(spec)) = (
+        guest_given,
+        &r.guest_image,
+        words.iter().find_map(|w| w.strip_prefix("devices=")),
+    ) {
+        r.guest = format!("name=demo scenario=virtio expect={spec}");
+    }
     // `run` shows the VM's memory map at the end unless told otherwise.
     if !words.iter().any(|w| w.starts_with("mtree")) {
         words.push("mtree".into());
@@ -646,6 +655,15 @@ mod tests {
         assert_eq!(r.kernel, "ram=64 log=debug -x --guest e9 mtree");
         // A value that looks like an option is still the option's value.
         assert_eq!(ok(parse_run(args(&["--guest", "-v"]))).guest, "-v");
+    }
+
+    #[test]
+    fn run_with_devices_drives_them_with_the_virtio_guest() {
+        let r = ok(parse_run(args(&["devices=net:8x16,blk:16x4"])));
+        assert_eq!(r.guest, "name=demo scenario=virtio expect=net:8x16,blk:16x4");
+        assert_eq!(r.kernel, "devices=net:8x16,blk:16x4 mtree");
+        let r = ok(parse_run(args(&["--guest", "g", "devices=blk:1x1"])));
+        assert_eq!(r.guest, "g");
     }
 
     #[test]
