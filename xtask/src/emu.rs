@@ -660,7 +660,10 @@ mod tests {
     #[test]
     fn run_with_devices_drives_them_with_the_virtio_guest() {
         let r = ok(parse_run(args(&["devices=net:8x16,blk:16x4"])));
-        assert_eq!(r.guest, "name=demo scenario=virtio expect=net:8x16,blk:16x4");
+        assert_eq!(
+            r.guest,
+            "name=demo scenario=virtio expect=net:8x16,blk:16x4"
+        );
         assert_eq!(r.kernel, "devices=net:8x16,blk:16x4 mtree");
         let r = ok(parse_run(args(&["--guest", "g", "devices=blk:1x1"])));
         assert_eq!(r.guest, "g");
