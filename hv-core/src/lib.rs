@@ -2,8 +2,9 @@
 //!
 //! Owns the memory API (region trees, flat views, listeners, transactions), the
 //! VMX/VMCS abstractions that do not need the CPU (control computation, exit
-//! decoding), guest memory access, guest image loading, device models and the
-//! PCI bus.
+//! decoding), guest memory access, guest image loading, device models, the
+//! PCI bus and the vmstate descriptions of migratable state (`vmstate`, a
+//! leaf module the `migration` crate uses too).
 //! It never executes privileged instructions: the kernel reaches the hardware
 //! through the small traits defined here, and host tests use mocks.
 #![cfg_attr(not(test), no_std)]
@@ -28,4 +29,5 @@ pub mod phys;
 pub mod platform;
 pub mod vcpu;
 pub mod virtio;
+pub mod vmstate;
 pub mod vmx;
