@@ -103,6 +103,11 @@ pub fn scenario(info: &BootInfo) -> R {
         v = v.wrapping_add(1);
         check(n, 0, v)?;
         if let Some(drv) = virtio.as_deref_mut() {
+            crate::virtio_blk::verify(drv)?;
+            say!(
+                "guest: every disk still holds what was written before migration {}",
+                m + 1
+            );
             crate::virtio_blk::run(drv)?;
             crate::virtio_net::run(drv)?;
             crate::virtio::check_all_up(drv)?;

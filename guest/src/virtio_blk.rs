@@ -203,3 +203,19 @@ pub fn run(drv: &mut Virtio) -> R {
     }
     Ok(())
 }
+
+/// Reads back what [`run`] wrote on every queue of every disk (after a
+/// migration: the disks must still hold it).
+pub fn verify(drv: &mut Virtio) -> R {
+    for d in 0..drv.ndev {
+        let dev = drv.devs[d];
+        if dev.kind != Kind::Blk {
+            continue;
+        }
+        for q in 0..dev.nq {
+            let salt = (dev.nth as u64) << 16 | u64::from(q);
+            read_check(drv, d, q, u64::from(q) * STRIDE, salt)?;
+        }
+    }
+    Ok(())
+}

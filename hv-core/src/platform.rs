@@ -17,6 +17,8 @@
 //! [`Platform::interrupt_pending`] before each entry and takes the vector
 //! with [`Platform::acknowledge`] when it injects it.
 
+pub mod state;
+
 use crate::devices::{Device, DeviceCtx, RegionIndex};
 use crate::irq::ioapic::IoApic;
 use crate::irq::lapic::{ApicEffects, ApicError, LocalApic};
@@ -73,6 +75,7 @@ pub struct PlatformStats {
 }
 
 /// The interrupt controllers and timers of one VM.
+#[derive(Clone)]
 pub struct Platform {
     pub pic: Pic,
     pub pit: Pit,
@@ -292,6 +295,36 @@ impl Device for Platform {
         }
         // A timer register written: its state is current as of `now`.
         self.advance(now, self.guest_tsc);
+    }
+
+    fn state_version(&self) -> u32 {
+        <state::PlatformWire as crate::vmstate::VmState>::VERSION
+    }
+
+    fn save(&self, out: &mut alloc::vec::Vec<u8>) {
+        // Encoding a state built from the models cannot fail (counts and
+        // lengths are the models' own).
+        if let Ok(b) = crate::vmstate::save(&mut state::PlatformWire::of(self)) {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    fn load(
+        &mut self,
+        _ctx: &mut DeviceCtx,
+        version: u32,
+        data: &[u8],
+    ) -> Result<(), crate::devices::StateError> {
+        let w: state::PlatformWire = crate::vmstate::load(data, version)?;
+        let mut copy = self.clone();
+        w.apply(&mut copy)
+            .map_err(crate::devices::StateError::Invalid)?;
+        *self = copy;
+        Ok(())
+    }
+
+    fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {
+        Some(alloc::boxed::Box::new(self.clone()))
     }
 
     fn as_any(&mut self) -> &mut dyn core::any::Any {

@@ -34,6 +34,8 @@ use hv_core::machine::{
 use hv_core::memory::RangeTarget;
 use hv_core::phys::PhysAccess;
 use hv_core::vcpu::{hypercall, ExitAction, StopReason, VcpuExit};
+use hv_core::virtio::blk::VirtioBlk;
+use hv_core::virtio::pci::VirtioPci;
 use hv_core::virtio::spec::DeviceSpec;
 use hv_core::vmx::exit::Access;
 
@@ -475,6 +477,20 @@ impl Vm {
             }
         }
         let ram_done = crate::cpu::rdtsc();
+        // Disks are shared storage: the target's disks are the source's.
+        let blk: Vec<String> = self
+            .machine
+            .device_ids()
+            .filter(|id| id.idstr.ends_with("/virtio-blk"))
+            .map(|id| id.idstr.clone())
+            .collect();
+        for idstr in blk {
+            type Blk = VirtioPci<VirtioBlk>;
+            let disk = self.machine.device::<Blk>(&idstr).map(|d| d.backend.disk());
+            if let (Some(disk), Some(t)) = (disk, b.machine.device::<Blk>(&idstr)) {
+                t.backend.attach_disk(disk);
+            }
+        }
         // Devices, all in one load.
         let saved = self.machine.save_devices();
         let sections: Vec<DeviceSection> = saved

@@ -569,6 +569,23 @@ fn cases() -> Vec<Case> {
             check: None,
         },
         Case {
+            name: "bochs-migrate-local-virtio",
+            machine: Machine::Bochs,
+            kernel_args: "migrate=local devices=net:2x2,blk:2x2",
+            guests: &["name=mv scenario=migrate expect=net:2x2,blk:2x2 pages=512"],
+            status: 0,
+            expect: &[
+                "[mv'] guest: migrated (1 of 1); checking 512 pages",
+                "[mv'] guest: every disk still holds what was written before migration 1",
+                "[mv'] guest: virtio I/O on every queue after migration 1",
+                "[mv'] guest: PASS migrate",
+                "[mv] migration load: ",
+                "[mv] host memory not returned: 0 bytes",
+            ],
+            forbid: &["FAIL", "migration failed", "needs reset"],
+            check: None,
+        },
+        Case {
             name: "bochs-virtio-hostile",
             machine: Machine::Bochs,
             kernel_args: "devices=net:1x1,blk:2x1",

@@ -77,6 +77,14 @@ pub enum StateError {
     Length { expected: usize, got: usize },
     /// A field has a value the device cannot take.
     Invalid(&'static str),
+    /// The vmstate decoder refused the bytes (field path and offset).
+    Decode(String),
+}
+
+impl From<crate::vmstate::VmStateError> for StateError {
+    fn from(e: crate::vmstate::VmStateError) -> Self {
+        Self::Decode(alloc::format!("{e}"))
+    }
 }
 
 impl core::fmt::Display for StateError {
@@ -89,6 +97,7 @@ impl core::fmt::Display for StateError {
                 write!(f, "state of {got} bytes, expected {expected}")
             }
             Self::Invalid(what) => write!(f, "invalid state: {what}"),
+            Self::Decode(e) => write!(f, "{e}"),
         }
     }
 }

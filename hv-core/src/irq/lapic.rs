@@ -1262,7 +1262,10 @@ impl LocalApic {
             if lvt & !LVT_WRITABLE[i] != 0 {
                 return Err(invalid("LVT reserved or read-only bits set"));
             }
-            if s.svr & SVR_ENABLE == 0 && lvt & LVT_MASKED == 0 {
+            // LINT0/LINT1 may be live on a software-disabled APIC: the PC
+            // platform starts with LINT0 as the PIC's virtual wire.
+            let lint = i == 3 || i == 4;
+            if s.svr & SVR_ENABLE == 0 && lvt & LVT_MASKED == 0 && !lint {
                 return Err(invalid("LVT unmasked while software-disabled"));
             }
         }

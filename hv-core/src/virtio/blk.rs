@@ -10,8 +10,10 @@
 use super::pci::{QueueIo, VirtioBackend};
 use super::queue::{Chain, QueueError};
 use crate::devices::{read_le, DeviceCtx, StateError, StateReader};
+use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 
 pub const VIRTIO_ID_BLOCK: u16 = 2;
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
@@ -49,10 +51,12 @@ pub struct BlkCounters {
     pub bytes_written: u64,
 }
 
-/// A virtio-blk device.
+/// A virtio-blk device. Its disk is shared storage: a copy of the device
+/// (a migration target in the same Tern) uses the same disk, as QEMU's
+/// migration expects the disk image on shared storage.
 #[derive(Clone)]
 pub struct VirtioBlk {
-    disk: Vec<u8>,
+    disk: Rc<RefCell<Vec<u8>>>,
     queues: u16,
     id: [u8; ID_LEN],
     pub counters: BlkCounters,
@@ -69,7 +73,7 @@ impl VirtioBlk {
             *d = s;
         }
         Self {
-            disk,
+            disk: Rc::new(RefCell::new(disk)),
             queues: queues.max(1),
             id,
             counters: BlkCounters::default(),
@@ -82,13 +86,18 @@ impl VirtioBlk {
         Self::new(queues, vec![0; bytes], serial)
     }
 
-    /// The disk's contents.
-    pub fn disk(&self) -> &[u8] {
-        &self.disk
+    /// The disk (shared storage).
+    pub fn disk(&self) -> Rc<RefCell<Vec<u8>>> {
+        self.disk.clone()
+    }
+
+    /// Attaches the device to a disk (the source's, on a migration target).
+    pub fn attach_disk(&mut self, disk: Rc<RefCell<Vec<u8>>>) {
+        self.disk = disk;
     }
 
     fn capacity(&self) -> u64 {
-        self.disk.len() as u64 / SECTOR
+        self.disk.borrow().len() as u64 / SECTOR
     }
 
     /// One request; returns the bytes written into the driver's buffers.
@@ -111,7 +120,8 @@ impl VirtioBlk {
         let (status, written) = match kind {
             VIRTIO_BLK_T_IN => match self.range(sector, data_in) {
                 Some((start, len)) => {
-                    let n = chain.write_at(&mut ctx.mem, 0, &self.disk[start..start + len])?;
+                    let disk = self.disk.borrow();
+                    let n = chain.write_at(&mut ctx.mem, 0, &disk[start..start + len])?;
                     self.counters.reads += 1;
                     self.counters.bytes_read += u64::from(n);
                     (VIRTIO_BLK_S_OK, n)
@@ -120,7 +130,8 @@ impl VirtioBlk {
             },
             VIRTIO_BLK_T_OUT => match self.range(sector, data_out) {
                 Some((start, len)) => {
-                    chain.read_at(&ctx.mem, 16, &mut self.disk[start..start + len])?;
+                    let mut disk = self.disk.borrow_mut();
+                    chain.read_at(&ctx.mem, 16, &mut disk[start..start + len])?;
                     self.counters.writes += 1;
                     self.counters.bytes_written += len as u64;
                     (VIRTIO_BLK_S_OK, 0)
