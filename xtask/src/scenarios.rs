@@ -571,7 +571,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "bochs-migrate-local-virtio",
             machine: Machine::Bochs,
-            kernel_args: "migrate=local devices=net:2x2,blk:2x2",
+            kernel_args: "migrate=local migrate.commit=deferred devices=net:2x2,blk:2x2",
             guests: &["name=mv scenario=migrate expect=net:2x2,blk:2x2 pages=512"],
             status: 0,
             expect: &[
@@ -583,7 +583,35 @@ fn cases() -> Vec<Case> {
                 "[mv] host memory not returned: 0 bytes",
             ],
             forbid: &["FAIL", "migration failed", "needs reset"],
-            check: None,
+            check: Some(deferred_load_counters),
+        },
+        Case {
+            name: "bochs-migrate-local-virtio-eager",
+            machine: Machine::Bochs,
+            kernel_args: "migrate=local migrate.commit=eager devices=net:2x2,blk:2x2",
+            guests: &["name=mv scenario=migrate expect=net:2x2,blk:2x2 pages=512"],
+            status: 0,
+            expect: &[
+                "[mv] migration (eager)",
+                "[mv'] guest: every disk still holds what was written before migration 1",
+                "[mv'] guest: PASS migrate",
+            ],
+            forbid: &["FAIL", "migration failed", "needs reset"],
+            check: Some(eager_load_counters),
+        },
+        Case {
+            name: "bochs-migrate-local-virtio-forced-read",
+            machine: Machine::Bochs,
+            kernel_args: "migrate=local migrate.commit=forced-read devices=net:2x2,blk:2x2",
+            guests: &["name=mv scenario=migrate expect=net:2x2,blk:2x2 pages=512"],
+            status: 0,
+            expect: &[
+                "[mv] migration (forced-read)",
+                "[mv'] guest: every disk still holds what was written before migration 1",
+                "[mv'] guest: PASS migrate",
+            ],
+            forbid: &["FAIL", "migration failed", "needs reset"],
+            check: Some(forced_read_load_counters),
         },
         Case {
             name: "bochs-virtio-hostile",
@@ -631,6 +659,63 @@ fn virtio_counters(serial: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The counters of the "migration load:" line: (listener commits, forced
+/// commits, EPT updates, INVEPTs).
+fn load_counters(serial: &str) -> Result<(u64, u64, u64, u64), String> {
+    let line = serial
+        .lines()
+        .find(|l| l.contains("] migration load: "))
+        .ok_or("no migration load line")?;
+    let n = |what: &str| -> Result<u64, String> {
+        let at = line
+            .find(&format!(" {what}"))
+            .ok_or_else(|| format!("no {what} in: {line}"))?;
+        line[..at]
+            .rsplit(' ')
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| format!("bad {what} in: {line}"))
+    };
+    Ok((
+        n("listener commits")?,
+        n("forced commits")?,
+        n("EPT updates")?,
+        n("INVEPTs")?,
+    ))
+}
+
+/// Deferred: the whole load reaches the EPT listener as one commit, no
+/// read forces an early one; the load changes no RAM mapping, so EPT is
+/// not touched.
+fn deferred_load_counters(serial: &str) -> Result<(), String> {
+    match load_counters(serial)? {
+        (1, 0, 0, 0) => Ok(()),
+        c => Err(format!(
+            "deferred load counters {c:?}, expected (1, 0, 0, 0)"
+        )),
+    }
+}
+
+/// Eager: every change commits on its own.
+fn eager_load_counters(serial: &str) -> Result<(), String> {
+    match load_counters(serial)? {
+        (l, 0, _, _) if l > 1 => Ok(()),
+        c => Err(format!(
+            "eager load counters {c:?}: expected many listener commits"
+        )),
+    }
+}
+
+/// Forced-read: reads during the transaction force early commits.
+fn forced_read_load_counters(serial: &str) -> Result<(), String> {
+    match load_counters(serial)? {
+        (l, f, _, _) if f > 0 && l > 1 => Ok(()),
+        c => Err(format!(
+            "forced-read counters {c:?}: expected forced commits"
+        )),
+    }
 }
 
 fn one_line_no_vmx(serial: &str) -> Result<(), String> {
