@@ -586,6 +586,21 @@ fn cases() -> Vec<Case> {
             check: Some(deferred_load_counters),
         },
         Case {
+            name: "bochs-migrate-seed-8x16-16x4",
+            machine: Machine::Bochs,
+            kernel_args: "migrate=local devices=net:8x16,blk:16x4",
+            guests: &["name=ms scenario=migrate expect=net:8x16,blk:16x4 pages=256"],
+            status: 0,
+            expect: &[
+                "[ms] migration (deferred)",
+                "[ms'] guest: every disk still holds what was written before migration 1",
+                "[ms'] guest: virtio I/O on every queue after migration 1",
+                "[ms'] guest: PASS migrate",
+            ],
+            forbid: &["FAIL", "migration failed", "needs reset"],
+            check: Some(deferred_load_counters),
+        },
+        Case {
             name: "bochs-migrate-local-virtio-eager",
             machine: Machine::Bochs,
             kernel_args: "migrate=local migrate.commit=eager devices=net:2x2,blk:2x2",
