@@ -228,6 +228,175 @@ pub struct VcpuState {
     pub fxsave: alloc::vec::Vec<u8>,
 }
 
+crate::vmstate! {
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct SegmentWire as "segment", version 1, minimum 1 {
+        pub selector: u16,
+        pub base: u64,
+        pub limit: u32,
+        pub access: u32,
+    }
+}
+
+crate::vmstate! {
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct MsrWire as "msr", version 1, minimum 1 {
+        pub index: u32,
+        pub value: u64,
+    }
+}
+
+crate::vmstate! {
+    /// The vCPU's migration section (`cpu`, instance 0).
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct VcpuWire as "cpu", version 1, minimum 1 {
+        pub gprs: [u64; 16],
+        pub rip: u64,
+        pub rflags: u64,
+        pub cr0: u64,
+        pub cr2: u64,
+        pub cr3: u64,
+        pub cr4: u64,
+        pub efer: u64,
+        pub nsegments: u8,
+        pub segments: alloc::vec::Vec<SegmentWire> [count = nsegments, max = 8],
+        pub gdt_base: u64,
+        pub gdt_limit: u32,
+        pub idt_base: u64,
+        pub idt_limit: u32,
+        pub dr: [u64; 6],
+        pub debugctl: u64,
+        pub pat: u64,
+        pub sysenter: [u64; 3],
+        pub syscall_msrs: [u64; 5],
+        pub nmsrs: u16,
+        pub msrs: alloc::vec::Vec<MsrWire> [count = nmsrs, max = 256],
+        pub tsc: u64,
+        pub tsc_adjust: u64,
+        pub pdptes: [u64; 4],
+        pub interruptibility: u32,
+        pub activity: u32,
+        pub pending_debug: u64,
+        pub event_pending: bool,
+        pub event_info: u32,
+        pub event_error: u32,
+        pub event_len: u32,
+        pub fxsave: [u8; 512] [buffer],
+    }
+}
+
+impl VcpuWire {
+    pub fn of(s: &VcpuState) -> Self {
+        let mut fx = [0u8; 512];
+        let n = s.fxsave.len().min(512);
+        fx[..n].copy_from_slice(&s.fxsave[..n]);
+        let (event_pending, (event_info, event_error, event_len)) = match s.pending_event {
+            Some(e) => (true, e),
+            None => (false, (0, 0, 0)),
+        };
+        Self {
+            gprs: s.gprs,
+            rip: s.rip,
+            rflags: s.rflags,
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            nsegments: 8,
+            segments: s
+                .segments
+                .iter()
+                .map(|g| SegmentWire {
+                    selector: g.selector,
+                    base: g.base,
+                    limit: g.limit,
+                    access: g.access,
+                })
+                .collect(),
+            gdt_base: s.gdtr.base,
+            gdt_limit: s.gdtr.limit,
+            idt_base: s.idtr.base,
+            idt_limit: s.idtr.limit,
+            dr: s.dr,
+            debugctl: s.debugctl,
+            pat: s.pat,
+            sysenter: s.sysenter,
+            syscall_msrs: s.syscall_msrs,
+            nmsrs: s.soft_msrs.len().min(256) as u16,
+            msrs: s
+                .soft_msrs
+                .iter()
+                .take(256)
+                .map(|&(index, value)| MsrWire { index, value })
+                .collect(),
+            tsc: s.tsc,
+            tsc_adjust: s.tsc_adjust,
+            pdptes: s.pdptes,
+            interruptibility: s.interruptibility,
+            activity: s.activity,
+            pending_debug: s.pending_debug,
+            event_pending,
+            event_info,
+            event_error,
+            event_len,
+            fxsave: fx,
+        }
+    }
+
+    /// The state (its values are checked by `VcpuState::check` and the
+    /// kernel before use).
+    pub fn state(&self) -> Result<VcpuState, &'static str> {
+        let mut segments = [Segment::default(); 8];
+        if self.segments.len() != 8 {
+            return Err("a vCPU has 8 segment registers");
+        }
+        for (d, w) in segments.iter_mut().zip(&self.segments) {
+            *d = Segment {
+                selector: w.selector,
+                base: w.base,
+                limit: w.limit,
+                access: w.access,
+            };
+        }
+        Ok(VcpuState {
+            gprs: self.gprs,
+            rip: self.rip,
+            rflags: self.rflags,
+            cr0: self.cr0,
+            cr2: self.cr2,
+            cr3: self.cr3,
+            cr4: self.cr4,
+            efer: self.efer,
+            segments,
+            gdtr: DescTable {
+                base: self.gdt_base,
+                limit: self.gdt_limit,
+            },
+            idtr: DescTable {
+                base: self.idt_base,
+                limit: self.idt_limit,
+            },
+            dr: self.dr,
+            debugctl: self.debugctl,
+            pat: self.pat,
+            sysenter: self.sysenter,
+            syscall_msrs: self.syscall_msrs,
+            soft_msrs: self.msrs.iter().map(|m| (m.index, m.value)).collect(),
+            tsc: self.tsc,
+            tsc_adjust: self.tsc_adjust,
+            pdptes: self.pdptes,
+            interruptibility: self.interruptibility,
+            activity: self.activity,
+            pending_debug: self.pending_debug,
+            pending_event: self
+                .event_pending
+                .then_some((self.event_info, self.event_error, self.event_len)),
+            fxsave: self.fxsave.to_vec(),
+        })
+    }
+}
+
 fn canonical(v: u64) -> bool {
     ((v as i64) << 16 >> 16) as u64 == v
 }
@@ -304,6 +473,22 @@ pub mod hypercall {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vcpu_state_round_trips_through_its_section() {
+        let mut s = super::VcpuState {
+            fxsave: alloc::vec![7; 512],
+            soft_msrs: alloc::vec![(0x1B, 0xFEE0_0900), (0x277, 6)],
+            pending_event: Some((0x8000_0030, 0, 0)),
+            rip: 0x1234,
+            ..Default::default()
+        };
+        s.segments[1].selector = 0x8;
+        let bytes = crate::vmstate::save(&mut super::VcpuWire::of(&s)).unwrap();
+        let w: super::VcpuWire = crate::vmstate::load(&bytes, 1).unwrap();
+        assert_eq!(w.state().unwrap(), s);
+        assert!(crate::vmstate::load::<super::VcpuWire>(&bytes[..bytes.len() - 1], 1).is_err());
+    }
+
     #[test]
     fn incoming_vcpu_state_is_checked_before_it_reaches_registers() {
         let mut ok = super::VcpuState {
