@@ -659,7 +659,7 @@ impl<'a, S: SectionSizer> StreamReader<'a, S> {
             // One entry of the setup's block list.
             let name = self.counted("a RAM block name")?;
             let length = self.u64("a RAM block length")?;
-            if name.is_empty() || length % self.page_size != 0 {
+            if name.is_empty() || !length.is_multiple_of(self.page_size) {
                 return Err(self.err(at, K::RamBadBlock(name.to_string())));
             }
             let Some(left) = left.checked_sub(length) else {

@@ -145,7 +145,7 @@ impl<C: ChannelWrite> StreamWriter<C> {
             }
             total = total
                 .checked_add(length)
-                .filter(|_| length % PAGE_SIZE == 0)
+                .filter(|_| length.is_multiple_of(PAGE_SIZE))
                 .ok_or_else(|| WriteError::BadBlockLength {
                     name: name.to_string(),
                     length,
@@ -205,7 +205,7 @@ impl<C: ChannelWrite> StreamWriter<C> {
             .position(|(n, _)| n == block)
             .ok_or_else(|| WriteError::UnknownBlock(block.to_string()))?;
         let length = ram.blocks[idx].1;
-        let fits = addr % PAGE_SIZE == 0
+        let fits = addr.is_multiple_of(PAGE_SIZE)
             && page.len() as u64 == PAGE_SIZE
             && addr.checked_add(PAGE_SIZE).is_some_and(|e| e <= length);
         if !fits {

@@ -74,7 +74,7 @@ pub fn tdev(seed: u8) -> Tdev {
         ],
         blob_len: 3,
         blob: vec![seed, 0, 0xff],
-        fifo: (seed % 2 == 0).then_some(TdevFifo {
+        fifo: seed.is_multiple_of(2).then_some(TdevFifo {
             level: 3,
             bytes: [seed; 8],
         }),
