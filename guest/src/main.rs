@@ -64,6 +64,9 @@
 //!   against `expect=`.
 //! - `virtio-hostile`: bad descriptors, addresses and indices on blk0;
 //!   the device must ask for a reset and recover, the others keep working.
+//! - `migrate`: pages incremented round after round across a migration
+//!   Tern performs when asked (hypercall MIGRATE); checked on the target,
+//!   with virtio I/O before and after when `expect=` is given.
 //! - `fail`: reports failure (proves that a failing guest fails the run).
 #![no_std]
 #![no_main]
@@ -72,6 +75,7 @@ mod hostile;
 mod hw;
 mod idt;
 mod io;
+mod migrate;
 mod mmio;
 mod pci;
 mod platform;
@@ -119,6 +123,7 @@ extern "C" fn tern_entry64(protocol: u32, info_addr: u32) -> ! {
         "fail" => Err("asked to fail"),
         "virtio" => virtio::scenario(&info),
         "virtio-hostile" => hostile::scenario(&info),
+        "migrate" => migrate::scenario(&info),
         "halt" => {
             say!("guest: halting with interrupts disabled");
             io::halt();

@@ -14,6 +14,9 @@
 //! configuration accesses to the functions' [`PciConfig`]s, maps their BARs
 //! and gives each function a bus-master address space for its DMA.
 
+mod load;
+pub use load::{CommitMode, DeviceSection, LoadError, LoadStats};
+
 use crate::devices::{
     all_ones, handle_parts, region_handle, Device, DeviceCtx, DeviceId, IrqOut, MemoryRequest,
     RegionIndex, StateError,
@@ -161,6 +164,7 @@ struct DeviceSlot {
 /// The machine's side of a PCI function: its bus-master address space and
 /// the BAR addresses mapped now (recomputed against the config space by
 /// [`Machine::pci_update_mappings`]).
+#[derive(Clone, Copy, Debug)]
 struct PciFunction {
     devfn: u8,
     /// The bus-master address space, rooted at a container
@@ -536,6 +540,39 @@ impl Machine {
         Ok(Some(r))
     }
 
+    /// As [`Machine::with_device`], for a device that is not (yet) in its
+    /// slot `index` (a duplicate being loaded): it gets the slot's regions
+    /// and address space.
+    fn with_detached<R>(
+        &mut self,
+        index: u32,
+        dev: &mut Box<dyn Device>,
+        f: impl FnOnce(&mut dyn Device, &mut DeviceCtx) -> R,
+    ) -> Result<R, MachineError> {
+        let slot = self
+            .devices
+            .get(index as usize)
+            .ok_or(MachineError::Config("no such device"))?;
+        let space = slot.pci.as_ref().map_or(self.memory, |p| p.space);
+        let view = self.mem.flat_view(space)?;
+        let slot = &self.devices[index as usize];
+        let mut fx = Effects::default();
+        let r = {
+            let mem = GuestMemory::new(view, &self.ram, &mut *self.phys);
+            let mut ctx = DeviceCtx::new(
+                self.now,
+                mem,
+                &slot.regions,
+                &mut fx.irq,
+                &mut fx.requests,
+                &mut fx.exit,
+            );
+            f(&mut **dev, &mut ctx)
+        };
+        self.apply_effects(index, fx)?;
+        Ok(r)
+    }
+
     fn apply_effects(&mut self, index: u32, mut fx: Effects) -> Result<(), MachineError> {
         if let Some(s) = fx.exit {
             self.exit.get_or_insert(s);
@@ -842,12 +879,17 @@ impl Machine {
             Ok(None) => return Err(LoadDeviceError::NoSuchDevice),
             Err(e) => return Err(LoadDeviceError::Machine(e)),
         }
-        // A PCI function's BARs and bus mastering follow its loaded config.
+        // A PCI function's BARs and bus mastering follow its loaded config,
+        // then the device may read the address space that results.
         if self.devices[index as usize].pci.is_some() {
             self.pci_update_mappings(index)
                 .map_err(LoadDeviceError::Machine)?;
         }
-        Ok(())
+        match self.with_device(index, |d, ctx| d.post_load(ctx)) {
+            Ok(Some(r)) => r.map_err(LoadDeviceError::State),
+            Ok(None) => Err(LoadDeviceError::NoSuchDevice),
+            Err(e) => Err(LoadDeviceError::Machine(e)),
+        }
     }
 
     // ------------------------------------------------------------------

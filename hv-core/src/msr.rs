@@ -169,6 +169,34 @@ pub struct SoftMsrs {
 pub struct MsrFault;
 
 impl SoftMsrs {
+    /// The values the guest wrote, by MSR number (migration saves these).
+    pub fn entries(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.values.iter().map(|(&k, &v)| (k, v))
+    }
+
+    /// Soft MSRs with these values (a migration load): every MSR must be a
+    /// soft one of the policy and the value must pass its writable mask,
+    /// otherwise `Err(msr)`.
+    pub fn from_entries(
+        entries: &[(u32, u64)],
+        rule: impl Fn(u32) -> MsrRule,
+    ) -> Result<Self, u32> {
+        let mut m = Self::default();
+        for &(msr, v) in entries {
+            match rule(msr) {
+                r @ MsrRule::Soft { .. } => {
+                    // A value is valid if writing it over the reset value
+                    // is accepted (the same check a guest WRMSR gets).
+                    let mut probe = Self::default();
+                    probe.write(msr, r, v).map_err(|_| msr)?;
+                    m.values.extend(probe.values);
+                }
+                _ => return Err(msr),
+            }
+        }
+        Ok(m)
+    }
+
     /// Reads a soft or constant MSR.
     pub fn read(&self, msr: u32, rule: MsrRule) -> Result<u64, MsrFault> {
         match rule {

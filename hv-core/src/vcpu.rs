@@ -89,6 +89,8 @@ pub enum StopReason {
     /// An EPT violation while the CPU was delivering an interrupt or
     /// exception (e.g. the guest's IDT or stack is not RAM).
     DuringEventDelivery { gpa: u64 },
+    /// The vCPU stopped for a migration (the VM continues elsewhere).
+    Migrating,
 }
 
 impl StopReason {
@@ -104,13 +106,14 @@ impl StopReason {
 
     /// Whether the guest chose to stop (as opposed to being stopped).
     pub fn is_guest_exit(self) -> bool {
-        matches!(self, Self::Exited(_))
+        matches!(self, Self::Exited(_) | Self::Migrating)
     }
 }
 
 impl core::fmt::Display for StopReason {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
+            Self::Migrating => write!(f, "stopped for migration"),
             Self::Exited(s) => write!(f, "guest exited with status {s}"),
             Self::Halted => write!(f, "guest halted with interrupts disabled"),
             Self::HaltedForever => write!(
@@ -163,6 +166,122 @@ pub fn check_pdptes(raw: [u64; 4], phys_bits: u8) -> Option<[u64; 4]> {
         .then_some(raw)
 }
 
+/// A segment register as VMX keeps it (access rights in the VMCS format,
+/// bit 16 = unusable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    pub access: u32,
+}
+
+/// A descriptor-table register.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DescTable {
+    pub base: u64,
+    pub limit: u32,
+}
+
+/// Everything of a vCPU a migration carries: what the guest can see and
+/// what is in flight (an event being delivered, interruptibility), so that
+/// the guest resumes on the target exactly where it stopped. The guest's
+/// TSC travels as its value at the stop: the target offsets its own TSC to
+/// continue from it, so the guest's clock does not jump.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VcpuState {
+    /// RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8-R15 (the SDM's order).
+    pub gprs: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+    /// CR0 and CR4 as the guest sees them (read shadows).
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// ES, CS, SS, DS, FS, GS, LDTR, TR.
+    pub segments: [Segment; 8],
+    pub gdtr: DescTable,
+    pub idtr: DescTable,
+    /// DR0-DR3, DR6, DR7.
+    pub dr: [u64; 6],
+    pub debugctl: u64,
+    pub pat: u64,
+    pub sysenter: [u64; 3],
+    /// STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE (`msr::SWITCHED`).
+    pub syscall_msrs: [u64; 5],
+    /// The soft MSRs the guest wrote (`msr::SoftMsrs`).
+    pub soft_msrs: alloc::vec::Vec<(u32, u64)>,
+    pub tsc: u64,
+    pub tsc_adjust: u64,
+    /// The PAE PDPTEs (loaded by VMX when CR0.PG and CR4.PAE without
+    /// long mode).
+    pub pdptes: [u64; 4],
+    pub interruptibility: u32,
+    pub activity: u32,
+    pub pending_debug: u64,
+    /// An event whose delivery an exit interrupted, to inject again:
+    /// (interruption information, error code, instruction length).
+    pub pending_event: Option<(u32, u32, u32)>,
+    /// The x87/SSE state (FXSAVE image).
+    pub fxsave: alloc::vec::Vec<u8>,
+}
+
+fn canonical(v: u64) -> bool {
+    ((v as i64) << 16 >> 16) as u64 == v
+}
+
+impl VcpuState {
+    /// Checks what the hypervisor itself would load into real registers
+    /// before the guest runs (an incoming state is untrusted): values that
+    /// would make Tern's own WRMSR, FXRSTOR or MOV DR fault, and control
+    /// bits Tern never lets a guest set. The rest (segments, RFLAGS, event
+    /// fields) is checked by the CPU at VM entry, which fails cleanly.
+    /// `mxcsr_mask` is the host's (FXSAVE byte 28).
+    pub fn check(&self, mxcsr_mask: u32, cr4_hidden: u64) -> Result<(), &'static str> {
+        if self.fxsave.len() != 512 {
+            return Err("FXSAVE image is not 512 bytes");
+        }
+        let mxcsr = u32::from_le_bytes([
+            self.fxsave[24],
+            self.fxsave[25],
+            self.fxsave[26],
+            self.fxsave[27],
+        ]);
+        if mxcsr & !mxcsr_mask != 0 {
+            return Err("MXCSR has reserved bits set");
+        }
+        let [_star, lstar, cstar, sfmask, kgs] = self.syscall_msrs;
+        if !canonical(lstar) || !canonical(cstar) || !canonical(kgs) {
+            return Err("LSTAR, CSTAR or KERNEL_GS_BASE is not canonical");
+        }
+        if sfmask >> 32 != 0 {
+            return Err("SFMASK has reserved bits set");
+        }
+        if self.dr[..4].iter().any(|&d| !canonical(d)) {
+            return Err("DR0-DR3 not canonical");
+        }
+        if self.dr[4] >> 32 != 0 || self.dr[5] >> 32 != 0 {
+            return Err("DR6 or DR7 has bits 63:32 set");
+        }
+        if self.cr0 >> 32 != 0 || (self.cr0 & (1 << 29) != 0 && self.cr0 & (1 << 30) == 0) {
+            return Err("CR0 has reserved bits or NW without CD");
+        }
+        if self.cr4 & cr4_hidden != 0 {
+            return Err("CR4 has a bit Tern does not offer");
+        }
+        const EFER_OK: u64 = 1 | (1 << 8) | (1 << 10) | (1 << 11);
+        if self.efer & !EFER_OK != 0 {
+            return Err("EFER has bits Tern does not offer");
+        }
+        if self.activity > 1 {
+            return Err("activity state other than active or HLT");
+        }
+        Ok(())
+    }
+}
+
 /// Hypercall numbers (VMCALL with the number in RAX). Results in RAX;
 /// unknown numbers return `u64::MAX`.
 pub mod hypercall {
@@ -175,12 +294,48 @@ pub mod hypercall {
     /// Returns the number of EPT leaf pages in `[RBX, RBX + RCX)` that the
     /// guest dirtied since the last call, and clears their dirty flags.
     pub const DIRTY_LOG: u64 = 3;
+    /// Asks Tern to migrate the VM now (a VM started with `migrate=`).
+    /// Returns 0 on the source; the guest resumes on the target with 1,
+    /// or with 0 on the source when the migration failed or is not set up.
+    pub const MIGRATE: u64 = 4;
     /// "TERN" in ASCII.
     pub const PING_REPLY: u64 = 0x5445_524E;
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn incoming_vcpu_state_is_checked_before_it_reaches_registers() {
+        let mut ok = super::VcpuState {
+            fxsave: alloc::vec![0; 512],
+            dr: [0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
+            cr0: 0x8000_0011,
+            efer: 0x500,
+            ..Default::default()
+        };
+        ok.fxsave[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
+        assert_eq!(ok.check(0xFFBF, 0), Ok(()));
+        let bad: [fn(&mut super::VcpuState); 9] = [
+            |s| s.fxsave.truncate(100),
+            |s| s.fxsave[26] = 1,
+            |s| s.syscall_msrs[1] = 0x8000_0000_0000_0000,
+            |s| s.syscall_msrs[3] = 1 << 40,
+            |s| s.dr[5] = 1 << 33,
+            |s| s.dr[0] = 0x0001_0000_0000_0000,
+            |s| s.cr0 = 1 << 29,
+            |s| s.efer |= 1 << 15,
+            |s| s.activity = 3,
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut s = ok.clone();
+            f(&mut s);
+            assert!(s.check(0xFFBF, 0).is_err(), "case {i}");
+        }
+        let mut s = ok.clone();
+        s.cr4 = 1 << 12;
+        assert!(s.check(0xFFBF, 1 << 12).is_err());
+    }
+
     use super::*;
 
     #[test]

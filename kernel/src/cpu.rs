@@ -96,6 +96,19 @@ pub fn fxrstor(a: &FxArea) {
     unsafe { asm!("fxrstor64 [{}]", in(reg) a.0.as_ptr(), options(nostack, preserves_flags)) }
 }
 
+/// The MXCSR bits this CPU accepts (FXSAVE's MXCSR_MASK; 0 there means
+/// the architectural default 0xFFBF).
+pub fn mxcsr_mask() -> u32 {
+    let mut a = FxArea([0; 512]);
+    // Saving changes no state; the guest state is not in the registers
+    // while Tern runs between VMs, so this reads Tern's reset state.
+    fxsave(&mut a);
+    match u32::from_le_bytes([a.0[28], a.0[29], a.0[30], a.0[31]]) {
+        0 => 0xFFBF,
+        m => m,
+    }
+}
+
 /// Lets the host save and restore guests' x87/SSE state: CR4.OSFXSR and
 /// OSXMMEXCPT on, CR0.EM and TS off, MP on.
 pub fn enable_fxsr() {

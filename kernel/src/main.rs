@@ -185,6 +185,30 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
                 continue;
             }
         };
+        let migrate = match (
+            boot::info::option(cmdline, "migrate").or(info.option("migrate")),
+            boot::info::option(cmdline, "migrate.commit").or(info.option("migrate.commit")),
+        ) {
+            (None, _) => None,
+            (Some("local"), mode) => match mode.map_or(
+                Some(Default::default()),
+                hv_core::machine::CommitMode::parse,
+            ) {
+                Some(m) => Some(m),
+                None => {
+                    println!("[{name}] cannot create the VM: migrate.commit= takes deferred, eager or forced-read");
+                    status = merge(status, Status::VM_STOPPED);
+                    continue;
+                }
+            },
+            (Some(other), _) => {
+                println!(
+                    "[{name}] cannot create the VM: migrate={other}: only migrate=local is known"
+                );
+                status = merge(status, Status::VM_STOPPED);
+                continue;
+            }
+        };
         let cfg = vm::VmConfig {
             name: name.clone(),
             machine: hv_core::machine::MachineConfig {
@@ -208,6 +232,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             testdev: info.option("testdev").is_some(),
             devices,
             disk_sectors,
+            migrate,
         };
         let Some(image) = mem::module_bytes(m) else {
             println!("[{name}] module {i} has an empty or invalid range");
@@ -220,7 +245,28 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         let report = match vm::Vm::create(vmx, vpid, image, &modules, &cfg) {
             Ok(mut vm) => {
                 println!("[{name}] starting: {cmdline}");
-                vm.run()
+                let mut report = vm.run();
+                // Each migration the guest asks for moves it to a new VM
+                // (with a VPID of its own); the source is then dropped.
+                let mut generation = 0u16;
+                while matches!(report.stop, hv_core::vcpu::StopReason::Migrating) {
+                    generation = generation.wrapping_add(1);
+                    let target_vpid = vpid.wrapping_add(generation.wrapping_mul(0x100)) | 0x4000;
+                    match vm.migrate_local(vmx, target_vpid) {
+                        Ok((target, m)) => {
+                            m.print(&name);
+                            println!("[{name}] resumed on {}", target.name);
+                            vm = target;
+                        }
+                        Err(e) => {
+                            println!(
+                                "[{name}] migration failed: {e}; the guest continues on the source"
+                            );
+                        }
+                    }
+                    report = vm.run();
+                }
+                report
             }
             Err(e) => {
                 println!("[{name}] cannot create the VM: {e}");

@@ -26,6 +26,7 @@ use hv_core::frames::FrameAllocator;
 use hv_core::guest_mem::{GuestRam, RamChunk};
 use hv_core::irq::Nanos;
 use hv_core::loader::{self, LoadError, MULTIBOOT_BOOTLOADER_MAGIC};
+use hv_core::machine::{CommitMode, DeviceSection, LoadStats};
 use hv_core::machine::{
     Machine, MachineConfig, MachineError, BIOS_BLOCK, TEST_DEVICE_BASE, TEST_WINDOW_BASE,
     TEST_WINDOW_SIZE,
@@ -85,6 +86,9 @@ pub struct VmConfig {
     pub devices: DeviceSpec,
     /// Size of each RAM disk in sectors (`disk=`).
     pub disk_sectors: u64,
+    /// Migrate within this Tern when the guest asks (`migrate=local`),
+    /// loading device state in this commit mode (`migrate.commit=`).
+    pub migrate: Option<CommitMode>,
 }
 
 /// Seconds since 1970 that a VM's RTC reads when it starts (fixed, so runs
@@ -144,6 +148,50 @@ pub struct Vm {
     pub halts: u64,
     /// Time slices used and the budget (0: none), when the vCPU stopped.
     slices: (u64, u64),
+    /// How the VM was configured (a migration target is built from it).
+    cfg: VmConfig,
+    /// The guest asked to be migrated; the vCPU stops before its next entry.
+    migrate_requested: bool,
+}
+
+/// What a migration did and cost.
+pub struct MigrationReport {
+    pub mode: CommitMode,
+    pub zero_pages: u64,
+    pub pages: u64,
+    pub sections: usize,
+    pub load: LoadStats,
+    pub ept_updates: u64,
+    pub invepts: u64,
+    /// Host TSC ticks: RAM copy, non-iterable load, whole downtime.
+    pub ram_tsc: u64,
+    pub load_tsc: u64,
+    pub downtime_tsc: u64,
+    pub tsc_hz: u64,
+}
+
+impl MigrationReport {
+    fn us(&self, ticks: u64) -> u64 {
+        (u128::from(ticks) * 1_000_000 / u128::from(self.tsc_hz.max(1))) as u64
+    }
+
+    /// Prints the report, a table line per figure and one line of JSON.
+    pub fn print(&self, name: &str) {
+        let l = &self.load;
+        crate::println!(
+            "[{name}] migration ({}): RAM {} pages + {} zero pages in {} us; {} device sections loaded in {} ticks ({} us); downtime {} ticks ({} us)",
+            self.mode.name(), self.pages, self.zero_pages, self.us(self.ram_tsc), self.sections,
+            self.load_tsc, self.us(self.load_tsc), self.downtime_tsc, self.us(self.downtime_tsc)
+        );
+        crate::println!(
+            "[{name}] migration load: {} renders ({} on demand), {} commits, {} listener commits, {} forced commits, {} EPT updates, {} INVEPTs",
+            l.renders, l.on_demand_renders, l.commits, l.listener_commits, l.forced_commits, self.ept_updates, self.invepts
+        );
+        crate::println!(
+            "[{name}] migration json: {{\"mode\":\"{}\",\"sections\":{},\"load_ticks\":{},\"downtime_ticks\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{}}}",
+            self.mode.name(), self.sections, self.load_tsc, self.downtime_tsc, l.renders, l.listener_commits, l.forced_commits, self.ept_updates, self.invepts
+        );
+    }
 }
 
 /// What a VM did, for the exit summary.
@@ -183,6 +231,19 @@ impl Vm {
         modules: &[loader::Module],
         cfg: &VmConfig,
     ) -> Result<Self, VmError> {
+        Self::build(vmx, vpid, Some((image, modules)), cfg)
+    }
+
+    /// Builds a VM with its devices and RAM; with an image, loads it and
+    /// sets the vCPU at its entry, without one (a migration target) leaves
+    /// RAM zero and the vCPU to be restored.
+    fn build(
+        vmx: &Vmx,
+        vpid: u16,
+        image: Option<(&[u8], &[loader::Module])>,
+        cfg: &VmConfig,
+    ) -> Result<Self, VmError> {
+        let modules = image.map_or(&[][..], |(_, m)| m);
         let mut machine = Machine::new_pc(&cfg.machine)?;
         machine.map_pio("serial", 0x3F8, 8, Box::new(Uart16550::new()))?;
         machine.map_pio("debug-exit", 0xF4, 4, Box::new(DebugExit))?;
@@ -241,6 +302,7 @@ impl Vm {
         machine.add_write_notifier(test, 0x20, 4, None, 1)?;
         if let Some(d) = machine.device::<TestDevice>("tern-test") {
             d.window = Some(window);
+            d.layout = Some((TEST_DEVICE_BASE, false));
         }
 
         // Host memory for each block, 2 MiB aligned so EPT can use large
@@ -299,6 +361,8 @@ impl Vm {
             halt_wait_tsc: 0,
             halts: 0,
             slices: (0, 0),
+            cfg: cfg.clone(),
+            migrate_requested: false,
         };
         let space = vm.machine.memory;
         vm.machine
@@ -313,21 +377,31 @@ impl Vm {
         let (bios_hpa, bios_size) = vm.blocks[BIOS_BLOCK as usize];
         let rom: Vec<u8> = (0..bios_size).map(bios_byte).collect();
         HostMem.write(bios_hpa, &rom);
-        let ram_map = vm.guest_ram()?;
-        let loaded = loader::load_multiboot(image, &cfg.cmdline, modules, &ram_map, &mut HostMem)
-            .map_err(VmError::Load)?;
-        log::info!(
-            "[{}] loaded image {:#x}-{:#x}, entry {:#x}, {} MiB RAM",
-            vm.name,
-            loaded.image.0,
-            loaded.image.1,
-            loaded.entry,
-            cfg.machine.ram_bytes >> 20
-        );
-        let start = StartState {
-            rip: loaded.entry.into(),
-            rax: MULTIBOOT_BOOTLOADER_MAGIC.into(),
-            rbx: loaded.info.into(),
+        let start = match image {
+            Some((image, modules)) => {
+                let ram_map = vm.guest_ram()?;
+                let loaded =
+                    loader::load_multiboot(image, &cfg.cmdline, modules, &ram_map, &mut HostMem)
+                        .map_err(VmError::Load)?;
+                log::info!(
+                    "[{}] loaded image {:#x}-{:#x}, entry {:#x}, {} MiB RAM",
+                    vm.name,
+                    loaded.image.0,
+                    loaded.image.1,
+                    loaded.entry,
+                    cfg.machine.ram_bytes >> 20
+                );
+                StartState {
+                    rip: loaded.entry.into(),
+                    rax: MULTIBOOT_BOOTLOADER_MAGIC.into(),
+                    rbx: loaded.info.into(),
+                }
+            }
+            None => StartState {
+                rip: 0,
+                rax: 0,
+                rbx: 0,
+            },
         };
         let eptp = vm.ept.borrow().eptp();
         let mut vcpu = Vcpu::new(vmx, vpid, eptp, start).map_err(VmError::Vcpu)?;
@@ -375,6 +449,84 @@ impl Vm {
             }
             Err(e) => crate::println!("[{}] cannot print the memory map: {e}", self.name),
         }
+    }
+
+    /// Migrates the stopped VM to a new VM in this Tern (stop and copy):
+    /// RAM, then every device's state in one load (the commit mode of
+    /// `migrate.commit=`), then the vCPU. On success the new VM is ready to
+    /// run and this one may be dropped; on error this one can resume.
+    pub fn migrate_local(&mut self, vmx: &Vmx, vpid: u16) -> Result<(Vm, MigrationReport), String> {
+        let mode = self.cfg.migrate.unwrap_or_default();
+        let stopped = crate::cpu::rdtsc();
+        let mut b = Self::build(vmx, vpid, None, &self.cfg).map_err(|e| alloc::format!("{e}"))?;
+        b.name = alloc::format!("{}'", self.name);
+        // RAM, block by block.
+        let mut pages = (0u64, 0u64);
+        let mut page = alloc::vec![0u8; 4096];
+        for (&(src, size), &(dst, _)) in self.blocks.iter().zip(&b.blocks) {
+            for off in (0..size).step_by(4096) {
+                HostMem.read(HostPhysAddr::new(src.as_u64() + off), &mut page);
+                if page.iter().all(|&x| x == 0) {
+                    pages.0 += 1;
+                } else {
+                    pages.1 += 1;
+                    HostMem.write(HostPhysAddr::new(dst.as_u64() + off), &page);
+                }
+            }
+        }
+        let ram_done = crate::cpu::rdtsc();
+        // Devices, all in one load.
+        let saved = self.machine.save_devices();
+        let sections: Vec<DeviceSection> = saved
+            .iter()
+            .map(|(id, version, data)| DeviceSection {
+                id,
+                version: *version,
+                data,
+            })
+            .collect();
+        let ept_before = b.ept.borrow().counters;
+        let load_start = crate::cpu::rdtsc();
+        let load = b
+            .machine
+            .load_devices(&sections, mode, true)
+            .map_err(|e| alloc::format!("device state: {e}"))?;
+        let load_end = crate::cpu::rdtsc();
+        if let Some(e) = b.ept.borrow_mut().take_error() {
+            return Err(alloc::format!("EPT after the load: {e:?}"));
+        }
+        let ept = b.ept.borrow().counters;
+        // The vCPU, resuming after its MIGRATE hypercall with RAX = 1.
+        let vcpu = self.vcpu.as_ref().ok_or("the source has no vCPU")?;
+        let mut state = vcpu.capture().map_err(|e| alloc::format!("vCPU: {e}"))?;
+        state.gprs[0] = 1;
+        let target = b.vcpu.as_mut().ok_or("the target has no vCPU")?;
+        target
+            .restore(&state)
+            .map_err(|e| alloc::format!("vCPU state: {e}"))?;
+        target.budget = vcpu.budget;
+        target.slices_used = vcpu.slices_used;
+        // Virtual time stood still during the downtime.
+        let now = crate::cpu::rdtsc();
+        b.start_tsc = self.start_tsc.wrapping_add(now.wrapping_sub(stopped));
+        b.machine.now = self.machine.now;
+        b.machine.guest_tsc = self.machine.guest_tsc;
+        Ok((
+            b,
+            MigrationReport {
+                mode,
+                zero_pages: pages.0,
+                pages: pages.1,
+                sections: sections.len(),
+                load,
+                ept_updates: ept.updates - ept_before.updates,
+                invepts: ept.invepts - ept_before.invepts,
+                ram_tsc: ram_done - stopped,
+                load_tsc: load_end - load_start,
+                downtime_tsc: now - stopped,
+                tsc_hz: self.tsc_hz,
+            },
+        ))
     }
 
     /// Runs the VM until it stops.
@@ -586,6 +738,11 @@ impl Vm {
             VcpuExit::Hypercall { cpl, .. } if cpl != 0 => ExitAction::Advance(Some(u64::MAX)),
             VcpuExit::Hypercall { nr, args, .. } => match nr {
                 hypercall::PING => ExitAction::Advance(Some(hypercall::PING_REPLY)),
+                hypercall::MIGRATE => {
+                    // The source sees 0; the target resumes with 1.
+                    self.migrate_requested = self.cfg.migrate.is_some();
+                    ExitAction::Advance(Some(0))
+                }
                 hypercall::EXIT => ExitAction::Stop(StopReason::Exited(args[0] as u32)),
                 hypercall::DUMP_MEMORY_MAP => {
                     self.print_mtree();
@@ -733,6 +890,9 @@ impl VmHooks for Vm {
     fn before_entry(&mut self, vcpu: &mut Vcpu) -> Result<Option<u64>, StopReason> {
         for (id, line) in self.machine.take_reports() {
             crate::println!("[{}] {}: {line}", self.name, id.idstr);
+        }
+        if core::mem::take(&mut self.migrate_requested) {
+            return Err(StopReason::Migrating);
         }
         let now = self.advance(vcpu)?;
         let fail = |_| StopReason::VmxInstructionFailed;

@@ -2,7 +2,9 @@
 //! VMX, and QEMU (TCG for the boot path, KVM where the host has VMX).
 
 use crate::build::{build_all, Images};
+use crate::cli::{self, Parsed};
 use crate::deps;
+use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -304,18 +306,90 @@ fn host_has_vmx() -> bool {
             .unwrap_or(false)
 }
 
-struct RunArgs {
-    emulator: Option<Emulator>,
-    guest: String,
+/// `cargo xtask run --help`.
+pub const RUN_USAGE: &str = "\
+usage: cargo xtask run [OPTIONS] [KERNEL ARGS...] [-- KERNEL ARGS...]
+
+Boots Tern with the test guest (or any multiboot image) and shows its console.
+QEMU with KVM when /dev/kvm exists and the host CPU has VMX, Bochs otherwise.
+
+options:
+  --emulator bochs|qemu    the emulator (qemu without VMX on the host: TCG, where
+                           Tern only reports that VMX is missing)
+  --guest 'ARGS'           the VM's command line
+                           (default: name=demo scenario=hello expect_ram_kib=32768,
+                           or scenario=virtio when a devices= argument is given)
+  --guest-image FILE       run this multiboot (v1) ELF image instead of the test
+                           guest; its file name becomes argv[0], and it gets no
+                           test-guest arguments unless --guest is given
+  --module FILE[=STRING]   a multiboot module of the VM, with its string (repeatable)
+  -h, --help               this text
+
+Kernel arguments are Tern's command line: ram=MiB lowmem=MiB budget=N
+rom_writes=stop ept=rebuild mtree log=debug e9 testdev (README.md says what each
+does); `mtree` is added unless given. Words after `--` are kernel arguments even
+when they start with '-'.
+";
+
+/// `cargo xtask image --help`.
+pub const IMAGE_USAGE: &str = "\
+usage: cargo xtask image [OPTIONS] [KERNEL ARGS...] [-- KERNEL ARGS...]
+
+Builds Tern and writes target/tern.iso, a GRUB rescue ISO (multiboot2) that boots
+Tern with its command line and the VM as a boot module, for Bochs or a real machine.
+
+options:
+  --guest 'ARGS'           the VM's command line
+                           (default: name=demo scenario=hello expect_ram_kib=32768)
+  --guest-image FILE       a multiboot (v1) ELF image instead of the test guest
+  --module FILE[=STRING]   a multiboot module of the VM, with its string (repeatable)
+  -h, --help               this text
+
+Kernel arguments as for `cargo xtask run` (`mtree` is added unless given).
+";
+
+/// The emulator `--emulator` asks for (QEMU's accelerator is chosen when
+/// it runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmulatorChoice {
+    Bochs,
+    Qemu,
+}
+
+/// The options of `run` and `image`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// `None`: QEMU with KVM where it can run VMX, else Bochs.
+    pub emulator: Option<EmulatorChoice>,
+    /// The VM's command line.
+    pub guest: String,
     /// A multiboot image to run instead of Tern's test guest.
-    guest_image: Option<PathBuf>,
+    pub guest_image: Option<PathBuf>,
     /// Multiboot modules of the VM: (file, string).
-    modules: Vec<(PathBuf, String)>,
-    kernel: String,
+    pub modules: Vec<(PathBuf, String)>,
+    /// Tern's command line.
+    pub kernel: String,
+}
+
+impl RunOptions {
+    /// Every file named on the command line exists.
+    pub fn check_files(&self) -> Result<(), String> {
+        if let Some(f) = &self.guest_image {
+            if !f.is_file() {
+                return Err(format!("--guest-image: {} is not a file", f.display()));
+            }
+        }
+        for (f, _) in &self.modules {
+            if !f.is_file() {
+                return Err(format!("--module: {} is not a file", f.display()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The VM (and its modules) `run` and `image` start.
-fn guest_specs(a: &RunArgs, images: &Images) -> Vec<GuestSpec> {
+fn guest_specs(a: &RunOptions, images: &Images) -> Vec<GuestSpec> {
     let image = a
         .guest_image
         .clone()
@@ -352,8 +426,31 @@ pub fn option(cmdline: &str, key: &str) -> Option<String> {
         .map(String::from)
 }
 
-fn parse_run_args(args: &[String]) -> Result<RunArgs, String> {
-    let mut r = RunArgs {
+/// Parses `cargo xtask run` arguments.
+pub fn parse_run<I>(args: I) -> Result<Parsed<RunOptions>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    parse_vm("run", RUN_USAGE, args)
+}
+
+/// Parses `cargo xtask image` arguments (those of `run` but `--emulator`).
+pub fn parse_image<I>(args: I) -> Result<Parsed<RunOptions>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    parse_vm("image", IMAGE_USAGE, args)
+}
+
+fn parse_vm<I>(cmd: &str, usage: &'static str, args: I) -> Result<Parsed<RunOptions>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    use lexopt::Arg::{Long, Short, Value};
+    let mut r = RunOptions {
         emulator: None,
         guest: "name=demo scenario=hello expect_ram_kib=32768".into(),
         guest_image: None,
@@ -361,83 +458,85 @@ fn parse_run_args(args: &[String]) -> Result<RunArgs, String> {
         kernel: String::new(),
     };
     let mut guest_given = false;
-    let mut it = args.iter();
-    let mut words = Vec::new();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--emulator" => {
-                r.emulator = Some(match it.next().map(String::as_str) {
-                    Some("bochs") => Emulator::Bochs,
-                    Some("qemu") => {
-                        if host_has_vmx() {
-                            Emulator::QemuKvm
-                        } else {
-                            Emulator::QemuTcg
-                        }
+    let mut words: Vec<String> = Vec::new();
+    let mut p = cli::parser(args);
+    while let Some(arg) = p.next().map_err(|e| cli::error(cmd, e))? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Parsed::Help(usage)),
+            Long("emulator") if cmd == "run" => {
+                r.emulator = Some(match cli::string(cmd, p.value())?.as_str() {
+                    "bochs" => EmulatorChoice::Bochs,
+                    "qemu" => EmulatorChoice::Qemu,
+                    other => {
+                        return Err(cli::error(
+                            cmd,
+                            format!("--emulator takes bochs or qemu, not {other:?}"),
+                        ))
                     }
-                    other => return Err(format!("--emulator bochs|qemu, not {other:?}")),
-                })
+                });
             }
-            "--guest" => {
-                r.guest = it.next().ok_or("--guest needs its command line")?.clone();
+            Long("guest") => {
+                r.guest = cli::string(cmd, p.value())?;
                 guest_given = true;
             }
-            "--guest-image" => {
-                let f = PathBuf::from(it.next().ok_or("--guest-image needs a file")?);
-                if !f.is_file() {
-                    return Err(format!("--guest-image: {} is not a file", f.display()));
-                }
-                r.guest_image = Some(f);
+            Long("guest-image") => {
+                r.guest_image = Some(PathBuf::from(p.value().map_err(|e| cli::error(cmd, e))?));
             }
-            "--module" => {
-                let m = it.next().ok_or("--module needs FILE[=STRING]")?;
-                let (f, string) = m.split_once('=').unwrap_or((m, ""));
-                if !Path::new(f).is_file() {
-                    return Err(format!("--module: {f} is not a file"));
+            Long("module") => {
+                let m = cli::string(cmd, p.value())?;
+                let (f, string) = m.split_once('=').unwrap_or((&m, ""));
+                if f.is_empty() {
+                    return Err(cli::error(cmd, "--module needs FILE[=STRING]"));
                 }
                 r.modules.push((PathBuf::from(f), string.to_string()));
             }
-            w if w.starts_with("--") => {
-                return Err(format!(
-                    "unknown option {w}; options: --emulator bochs|qemu, --guest 'ARGS', --guest-image FILE, --module FILE[=STRING]"
-                ))
-            }
-            w => words.push(w.to_string()),
+            Value(w) => words.push(cli::string(cmd, Ok(w))?),
+            other => return Err(cli::error(cmd, other.unexpected())),
         }
     }
     // A foreign image gets no test-guest arguments unless given.
     if r.guest_image.is_some() && !guest_given {
         r.guest.clear();
     }
+    // With virtio devices, the test guest drives them all by default.
+    if let (false, None, Some(spec)) = (
+        guest_given,
+        &r.guest_image,
+        words.iter().find_map(|w| w.strip_prefix("devices=")),
+    ) {
+        r.guest = format!("name=demo scenario=virtio expect={spec}");
+    }
     // `run` shows the VM's memory map at the end unless told otherwise.
     if !words.iter().any(|w| w.starts_with("mtree")) {
         words.push("mtree".into());
     }
     r.kernel = words.join(" ");
-    Ok(r)
+    Ok(Parsed::Run(r))
 }
 
 /// `cargo xtask image`.
-pub fn image_cmd(args: &[String]) -> Result<(), String> {
-    let a = parse_run_args(args)?;
+pub fn image_cmd(a: &RunOptions) -> Result<(), String> {
+    a.check_files()?;
     let images = build_all()?;
     let out = crate::root().join("target/tern.iso");
-    let guests = guest_specs(&a, &images);
+    let guests = guest_specs(a, &images);
     make_iso(&images, &a.kernel, &guests, &out)?;
     println!("xtask: wrote {}", out.display());
     Ok(())
 }
 
 /// `cargo xtask run`.
-pub fn run_cmd(args: &[String]) -> Result<(), String> {
-    let a = parse_run_args(args)?;
-    let emulator = a.emulator.unwrap_or(if host_has_vmx() {
-        Emulator::QemuKvm
-    } else {
-        Emulator::Bochs
-    });
+pub fn run_cmd(a: &RunOptions) -> Result<(), String> {
+    a.check_files()?;
+    let emulator = match a.emulator {
+        Some(EmulatorChoice::Bochs) => Emulator::Bochs,
+        Some(EmulatorChoice::Qemu) if host_has_vmx() => Emulator::QemuKvm,
+        Some(EmulatorChoice::Qemu) => Emulator::QemuTcg,
+        None if host_has_vmx() => Emulator::QemuKvm,
+        None => Emulator::Bochs,
+    };
     let images = build_all()?;
-    let guests = guest_specs(&a, &images);
+    let guests = guest_specs(a, &images);
     println!("xtask: running Tern under {emulator:?}");
     let timeout = Duration::from_secs(600);
     let out = match emulator {
@@ -456,5 +555,170 @@ pub fn run_cmd(args: &[String]) -> Result<(), String> {
         }
         (false, Some(s)) => Err(format!("Tern exited with status {s}")),
         (false, None) => Err("Tern ended without printing its exit status".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{args, err, ok};
+
+    const DEFAULT_GUEST: &str = "name=demo scenario=hello expect_ram_kib=32768";
+
+    #[test]
+    fn run_and_image_help() {
+        for a in [&["-h"][..], &["--help"], &["ram=64", "--help"]] {
+            assert_eq!(parse_run(args(a)), Ok(Parsed::Help(RUN_USAGE)));
+            assert_eq!(parse_image(args(a)), Ok(Parsed::Help(IMAGE_USAGE)));
+        }
+        for o in ["--emulator", "--guest", "--guest-image", "--module"] {
+            assert!(RUN_USAGE.contains(o), "{o}");
+        }
+        assert!(!IMAGE_USAGE.contains("--emulator"));
+    }
+
+    #[test]
+    fn run_defaults_add_mtree() {
+        let r = ok(parse_run(args(&[])));
+        assert_eq!(
+            r,
+            RunOptions {
+                emulator: None,
+                guest: DEFAULT_GUEST.into(),
+                guest_image: None,
+                modules: vec![],
+                kernel: "mtree".into(),
+            }
+        );
+        // Given (in any form), it is not added again.
+        assert_eq!(ok(parse_run(args(&["mtree=off"]))).kernel, "mtree=off");
+    }
+
+    #[test]
+    fn run_each_option() {
+        let r = ok(parse_run(args(&[
+            "--emulator",
+            "bochs",
+            "--guest",
+            "name=x scenario=cpuid",
+            "--module",
+            "env.txt=A=1 B",
+            "--module=plain.bin",
+            "ram=64",
+        ])));
+        assert_eq!(r.emulator, Some(EmulatorChoice::Bochs));
+        assert_eq!(r.guest, "name=x scenario=cpuid");
+        assert_eq!(
+            r.modules,
+            [
+                (PathBuf::from("env.txt"), "A=1 B".to_string()),
+                (PathBuf::from("plain.bin"), String::new())
+            ]
+        );
+        assert_eq!(r.kernel, "ram=64 mtree");
+        let q = ok(parse_run(args(&["--emulator=qemu"])));
+        assert_eq!(q.emulator, Some(EmulatorChoice::Qemu));
+        // A foreign image loses the test guest's default arguments...
+        let g = ok(parse_run(args(&["--guest-image", "k.elf"])));
+        assert_eq!(
+            (g.guest_image, g.guest.as_str()),
+            (Some(PathBuf::from("k.elf")), "")
+        );
+        // ...but keeps given ones, in either order.
+        let g = ok(parse_run(args(&[
+            "--guest",
+            "a b",
+            "--guest-image",
+            "k.elf",
+        ])));
+        assert_eq!(g.guest, "a b");
+        let i = ok(parse_image(args(&["--guest", "scenario=ept", "lowmem=32"])));
+        assert_eq!(
+            (i.guest.as_str(), i.kernel.as_str()),
+            ("scenario=ept", "lowmem=32 mtree")
+        );
+    }
+
+    #[test]
+    fn run_kernel_args_pass_through() {
+        let r = ok(parse_run(args(&[
+            "ram=64",
+            "--guest",
+            "g",
+            "log=debug",
+            "--",
+            "-x",
+            "--guest",
+            "e9",
+        ])));
+        assert_eq!(r.guest, "g");
+        assert_eq!(r.kernel, "ram=64 log=debug -x --guest e9 mtree");
+        // A value that looks like an option is still the option's value.
+        assert_eq!(ok(parse_run(args(&["--guest", "-v"]))).guest, "-v");
+    }
+
+    #[test]
+    fn run_with_devices_drives_them_with_the_virtio_guest() {
+        let r = ok(parse_run(args(&["devices=net:8x16,blk:16x4"])));
+        assert_eq!(
+            r.guest,
+            "name=demo scenario=virtio expect=net:8x16,blk:16x4"
+        );
+        assert_eq!(r.kernel, "devices=net:8x16,blk:16x4 mtree");
+        let r = ok(parse_run(args(&["--guest", "g", "devices=blk:1x1"])));
+        assert_eq!(r.guest, "g");
+    }
+
+    #[test]
+    fn run_unknown_and_bad_options_are_errors() {
+        let e = err(parse_run(args(&["--emulater", "qemu"])));
+        assert_eq!(
+            e,
+            "run: invalid option '--emulater' (see `cargo xtask run --help`)"
+        );
+        assert!(err(parse_run(args(&["-x"]))).contains("invalid option '-x'"));
+        let e = err(parse_run(args(&["--emulator", "vbox"])));
+        assert!(
+            e.contains("--emulator takes bochs or qemu, not \"vbox\""),
+            "{e}"
+        );
+        assert!(err(parse_image(args(&["--emulator", "qemu"])))
+            .starts_with("image: invalid option '--emulator'"));
+        assert!(err(parse_run(args(&["--module", "=x"]))).contains("FILE[=STRING]"));
+        let e = err(parse_run(args(&["--guest-image=k.elf=x", "--emulator"])));
+        assert!(
+            e.starts_with("run: missing argument for option '--emulator'"),
+            "{e}"
+        );
+        assert!(err(parse_run(args(&["--bare-metal-only"]))).contains("'--bare-metal-only'"));
+    }
+
+    #[test]
+    fn run_missing_values_are_errors() {
+        for o in ["--emulator", "--guest", "--guest-image", "--module"] {
+            let e = err(parse_run(args(&["ram=64", o])));
+            assert_eq!(
+                e,
+                format!("run: missing argument for option '{o}' (see `cargo xtask run --help`)")
+            );
+        }
+    }
+
+    #[test]
+    fn run_named_files_must_exist() {
+        let dir = std::env::temp_dir().join(format!("xtask-emu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("k.elf");
+        std::fs::write(&f, b"x").unwrap();
+        let mut r = ok(parse_run(vec![
+            OsString::from("--guest-image"),
+            f.clone().into_os_string(),
+        ]));
+        assert_eq!(r.check_files(), Ok(()));
+        r.modules.push((dir.join("missing"), String::new()));
+        assert!(r.check_files().unwrap_err().starts_with("--module: "));
+        r.guest_image = Some(dir.join("gone.elf"));
+        assert!(r.check_files().unwrap_err().starts_with("--guest-image: "));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,15 +14,177 @@
 //!   (VMX) and QEMU TCG (boot path, no-VMX report).
 //! - `bench`: the criterion benchmarks (arguments go to criterion).
 //! - `mtree --flat FILE`: Tern's flat views of an `info mtree` tree dump.
+//!
+//! Every command takes `-h`/`--help`. Each command's module has a `parse`
+//! (lexopt) from its arguments to its options, or to its help text; an
+//! unknown option is an error that names the command.
 
 mod build;
+mod cli;
 mod deps;
 mod emu;
 mod mtree;
 mod scenarios;
 mod suite;
 
+use cli::Parsed;
+use std::ffi::OsString;
 use std::path::PathBuf;
+
+/// `cargo xtask --help`.
+const USAGE: &str = "\
+usage: cargo xtask COMMAND [OPTIONS]
+
+Builds, runs, tests and benchmarks Tern.
+
+commands:
+  build       build tern (the hypervisor) and tern-guest for x86_64-unknown-none
+  image       write target/tern.iso, a GRUB ISO that boots Tern with a VM
+  run         boot Tern with the test guest (or any multiboot image) in QEMU+KVM
+              or Bochs and show its console
+  run-suite   run a directory of test kernels (kvm-unit-tests) as Tern guests
+  test        the host unit tests, then every bare-metal scenario
+  bench       the criterion benchmarks of hv-core
+  mtree       QEMU `info mtree` dumps through Tern's memory API
+  help [COMMAND]
+
+`cargo xtask COMMAND --help` shows a command's options.
+";
+
+/// `cargo xtask build --help`.
+const BUILD_USAGE: &str = "\
+usage: cargo xtask build
+
+Builds tern (the hypervisor) and tern-guest (the test guest) in release mode for
+x86_64-unknown-none, adding the target to the pinned toolchain if it is missing.
+Every other command builds what it needs itself.
+
+options:
+  -h, --help   this text
+";
+
+/// `cargo xtask bench --help`.
+const BENCH_USAGE: &str = "\
+usage: cargo xtask bench [CRITERION ARGS...]
+
+Runs the criterion benchmarks of hv-core in one run, so that their ratios compare
+like with like: flat-view render and commit cost against region count,
+per-mutation commits against one transaction, read policies inside a
+transaction, EPT incremental update against rebuild. Every argument goes to
+criterion (e.g. a benchmark name filter, --save-baseline NAME); criterion's own
+options: cargo xtask bench -- --help.
+
+options (first argument only):
+  -h, --help   this text
+  --           pass everything after it to criterion
+";
+
+/// A whole `cargo xtask` command line.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Build,
+    Image(emu::RunOptions),
+    Run(emu::RunOptions),
+    RunSuite(suite::SuiteOptions),
+    Test(scenarios::TestOptions),
+    Bench(Vec<OsString>),
+    Mtree(mtree::Mode),
+}
+
+/// Parses the command line after the program name.
+fn parse<I>(args: I) -> Result<Parsed<Command>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    use lexopt::Arg::{Long, Short, Value};
+    let mut p = cli::parser(args);
+    let arg = p.next().map_err(|e| cli::error("", e))?;
+    match arg {
+        None => Err(format!("no command given\n\n{USAGE}")),
+        Some(Short('h') | Long("help")) => Ok(Parsed::Help(USAGE)),
+        Some(Value(cmd)) => {
+            let cmd = cli::string("", Ok(cmd))?;
+            let rest: Vec<OsString> = p.raw_args().map_err(|e| cli::error(&cmd, e))?.collect();
+            if cmd == "help" {
+                return match rest.as_slice() {
+                    [] => Ok(Parsed::Help(USAGE)),
+                    [c] => match command(&cli::string("help", Ok(c.clone()))?, ["--help"])? {
+                        Parsed::Help(h) => Ok(Parsed::Help(h)),
+                        Parsed::Run(_) => Err("help: no help text".into()),
+                    },
+                    _ => Err(cli::error("help", "one COMMAND only")),
+                };
+            }
+            command(&cmd, rest)
+        }
+        Some(other) => Err(cli::error("", other.unexpected())),
+    }
+}
+
+/// Parses the arguments of subcommand `cmd`.
+fn command<I>(cmd: &str, args: I) -> Result<Parsed<Command>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    fn map<T>(p: Parsed<T>, f: impl FnOnce(T) -> Command) -> Parsed<Command> {
+        match p {
+            Parsed::Help(h) => Parsed::Help(h),
+            Parsed::Run(t) => Parsed::Run(f(t)),
+        }
+    }
+    Ok(match cmd {
+        "build" => map(parse_build(args)?, |()| Command::Build),
+        "image" => map(emu::parse_image(args)?, Command::Image),
+        "run" => map(emu::parse_run(args)?, Command::Run),
+        "run-suite" => map(suite::parse(args)?, Command::RunSuite),
+        "test" => map(scenarios::parse(args)?, Command::Test),
+        "bench" => map(parse_bench(args), Command::Bench),
+        "mtree" => map(mtree::parse(args)?, Command::Mtree),
+        other => {
+            return Err(cli::error(
+                "",
+                format!(
+                    "unknown command {other:?}; commands: build, image, run, run-suite, test, bench, mtree"
+                ),
+            ))
+        }
+    })
+}
+
+/// `cargo xtask build` takes no arguments but `--help`.
+fn parse_build<I>(args: I) -> Result<Parsed<()>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    use lexopt::Arg::{Long, Short};
+    let mut p = cli::parser(args);
+    match p.next().map_err(|e| cli::error("build", e))? {
+        None => Ok(Parsed::Run(())),
+        Some(Short('h') | Long("help")) => Ok(Parsed::Help(BUILD_USAGE)),
+        Some(other) => Err(cli::error("build", other.unexpected())),
+    }
+}
+
+/// `cargo xtask bench`: `-h`/`--help` first is ours, a leading `--` is
+/// dropped, everything else goes to criterion unchanged.
+fn parse_bench<I>(args: I) -> Parsed<Vec<OsString>>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    match args.first().and_then(|a| a.to_str()) {
+        Some("-h" | "--help") => Parsed::Help(BENCH_USAGE),
+        Some("--") => {
+            args.remove(0);
+            Parsed::Run(args)
+        }
+        _ => Parsed::Run(args),
+    }
+}
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
@@ -33,7 +195,7 @@ pub fn root() -> PathBuf {
 /// `cargo xtask bench [CRITERION ARGS]`: the criterion benchmarks of
 /// hv-core (memory API render/commit/transactions, EPT incremental versus
 /// rebuild), in one run so that their ratios compare like with like.
-fn bench(args: &[String]) -> Result<(), String> {
+fn bench(args: &[OsString]) -> Result<(), String> {
     let ok = std::process::Command::new(env!("CARGO"))
         .current_dir(root())
         .args(["bench", "-p", "hv-core", "--benches", "--"])
@@ -48,23 +210,139 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
 }
 
+fn run(cmd: &Command) -> Result<(), String> {
+    match cmd {
+        Command::Build => build::build_all().map(|_| ()),
+        Command::Image(o) => emu::image_cmd(o),
+        Command::Run(o) => emu::run_cmd(o),
+        Command::RunSuite(o) => suite::run_suite(o),
+        Command::Test(o) => scenarios::test_cmd(o),
+        Command::Bench(a) => bench(a),
+        Command::Mtree(m) => mtree::main(m),
+    }
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest = args.get(1..).unwrap_or(&[]);
-    let result = match args.first().map(String::as_str) {
-        Some("build") => build::build_all().map(|_| ()),
-        Some("image") => emu::image_cmd(rest),
-        Some("run") => emu::run_cmd(rest),
-        Some("test") => scenarios::test_cmd(rest),
-        Some("mtree") => mtree::main(rest),
-        Some("bench") => bench(rest),
-        Some("run-suite") => suite::run_suite(rest),
-        _ => Err(
-            "usage: cargo xtask <build|image|run|run-suite|test|bench|mtree> [args]".to_string(),
-        ),
-    };
+    let result = parse(std::env::args_os().skip(1)).and_then(|p| match p {
+        Parsed::Help(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        Parsed::Run(cmd) => run(&cmd),
+    });
     if let Err(e) = result {
         eprintln!("xtask: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{args, err, ok};
+
+    #[test]
+    fn top_level_help() {
+        for a in [&["-h"][..], &["--help"], &["help"]] {
+            assert_eq!(parse(args(a)), Ok(Parsed::Help(USAGE)));
+        }
+        for c in [
+            "build",
+            "image",
+            "run",
+            "run-suite",
+            "test",
+            "bench",
+            "mtree",
+        ] {
+            assert!(USAGE.contains(&format!("\n  {c} ")), "{c}");
+        }
+        // `help CMD` is `CMD --help`.
+        let cmds = [
+            ("build", BUILD_USAGE),
+            ("image", emu::IMAGE_USAGE),
+            ("run", emu::RUN_USAGE),
+            ("run-suite", suite::USAGE),
+            ("test", scenarios::USAGE),
+            ("bench", BENCH_USAGE),
+            ("mtree", mtree::USAGE),
+        ];
+        for (c, text) in cmds {
+            assert!(text.starts_with(&format!("usage: cargo xtask {c}")), "{c}");
+            assert_eq!(parse(args(&[c, "--help"])), Ok(Parsed::Help(text)), "{c}");
+            assert_eq!(parse(args(&[c, "-h"])), Ok(Parsed::Help(text)), "{c}");
+            assert_eq!(parse(args(&["help", c])), Ok(Parsed::Help(text)), "{c}");
+        }
+        assert!(err(parse(args(&["help", "nope"]))).contains("unknown command \"nope\""));
+        assert!(err(parse(args(&["help", "run", "test"]))).contains("one COMMAND only"));
+    }
+
+    #[test]
+    fn top_level_errors() {
+        assert!(err(parse(args(&[]))).starts_with("no command given\n\nusage:"));
+        assert_eq!(
+            err(parse(args(&["--verbose", "run"]))),
+            "invalid option '--verbose' (see `cargo xtask --help`)"
+        );
+        assert_eq!(
+            err(parse(args(&["biuld"]))),
+            "unknown command \"biuld\"; commands: build, image, run, run-suite, test, bench, mtree (see `cargo xtask --help`)"
+        );
+    }
+
+    #[test]
+    fn top_level_dispatch() {
+        assert_eq!(ok(parse(args(&["build"]))), Command::Build);
+        assert_eq!(
+            err(parse(args(&["build", "--release"]))),
+            "build: invalid option '--release' (see `cargo xtask build --help`)"
+        );
+        assert!(err(parse(args(&["build", "x"]))).starts_with("build: unexpected argument"));
+        let Command::Run(r) = ok(parse(args(&["run", "--emulator", "bochs", "ram=64"]))) else {
+            panic!("not run");
+        };
+        assert_eq!(
+            (r.emulator, r.kernel.as_str()),
+            (Some(emu::EmulatorChoice::Bochs), "ram=64 mtree")
+        );
+        assert!(matches!(ok(parse(args(&["image"]))), Command::Image(_)));
+        assert!(matches!(
+            ok(parse(args(&["run-suite", "d"]))),
+            Command::RunSuite(_)
+        ));
+        assert_eq!(
+            ok(parse(args(&["test", "hello"]))),
+            Command::Test(scenarios::TestOptions {
+                bare_metal_only: false,
+                filter: Some("hello".into())
+            })
+        );
+        assert_eq!(
+            ok(parse(args(&["mtree", "--flat", "t"]))),
+            Command::Mtree(mtree::Mode::Flat("t".into()))
+        );
+        // Words after the command are the command's, even `--`.
+        assert_eq!(
+            ok(parse(args(&["run", "--", "--guest"]))),
+            Command::Run(ok(emu::parse_run(args(&["--", "--guest"]))))
+        );
+    }
+
+    #[test]
+    fn bench_forwards_to_criterion() {
+        assert_eq!(
+            ok(parse(args(&["bench", "render", "--save-baseline", "main"]))),
+            Command::Bench(args(&["render", "--save-baseline", "main"]))
+        );
+        assert_eq!(
+            ok(parse(args(&["bench", "--", "--help"]))),
+            Command::Bench(args(&["--help"]))
+        );
+        assert_eq!(ok(parse(args(&["bench"]))), Command::Bench(vec![]));
+        // Only a first -h is ours.
+        assert_eq!(
+            ok(parse(args(&["bench", "x", "-h"]))),
+            Command::Bench(args(&["x", "-h"]))
+        );
     }
 }

@@ -16,7 +16,9 @@
 //! in the table).
 
 use crate::build::build_all;
+use crate::cli::{self, Parsed};
 use crate::emu::{run_bochs, GuestSpec};
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -171,30 +173,120 @@ fn classify(serial: &str, name: &str) -> Option<Outcome> {
     Some(Outcome { result, detail })
 }
 
-/// `cargo xtask run-suite DIR [--timeout SECS] [--ram MIB] [--only A,B] [--out FILE]`.
-pub fn run_suite(args: &[String]) -> Result<(), String> {
-    let mut dir = None;
-    let mut timeout = 120u64;
-    let mut ram = 128u64;
-    let mut only: Option<Vec<String>> = None;
-    let mut out_file = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = |what: &str| it.next().cloned().ok_or(format!("{a} needs {what}"));
-        match a.as_str() {
-            "--timeout" => timeout = val("seconds")?.parse().map_err(|_| "--timeout: seconds")?,
-            "--ram" => ram = val("MiB")?.parse().map_err(|_| "--ram: MiB")?,
-            "--only" => only = Some(val("names")?.split(',').map(String::from).collect()),
-            "--out" => out_file = Some(PathBuf::from(val("a file")?)),
-            "-h" | "--help" => {
-                println!("usage: cargo xtask run-suite DIR [--timeout SECS] [--ram MIB] [--only NAME,..] [--out FILE]");
-                return Ok(());
+/// `cargo xtask run-suite --help`.
+pub const USAGE: &str = "\
+usage: cargo xtask run-suite DIR [OPTIONS]
+
+Runs every test kernel of DIR as a Tern guest in Bochs: one line per kernel, then
+a markdown table and a summary. DIR is a kvm-unit-tests checkout (or its x86/),
+whose unittests.cfg gives each test's file and arguments (kernels that need more
+than one CPU or KVM itself are listed as not run); without a unittests.cfg, every
+.flat and .elf file of DIR is a test without arguments.
+
+options:
+  --timeout SECS   time limit of each kernel, 1 to 86400 (default 120)
+  --ram MIB        guest RAM of each kernel (default 128)
+  --only A,B       run only these tests (unittests.cfg section names or file stems)
+  --out FILE       also write the table and the summary to FILE
+  -h, --help       this text
+";
+
+/// The options of `run-suite`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SuiteOptions {
+    pub dir: PathBuf,
+    /// Seconds per kernel (1..=86400).
+    pub timeout: u64,
+    /// Guest RAM in MiB.
+    pub ram: u64,
+    pub only: Option<Vec<String>>,
+    pub out: Option<PathBuf>,
+}
+
+/// Parses `cargo xtask run-suite` arguments.
+pub fn parse<I>(args: I) -> Result<Parsed<SuiteOptions>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    use lexopt::Arg::{Long, Short, Value};
+    const CMD: &str = "run-suite";
+    let mut dir: Option<PathBuf> = None;
+    let mut o = SuiteOptions {
+        dir: PathBuf::new(),
+        timeout: 120,
+        ram: 128,
+        only: None,
+        out: None,
+    };
+    let mut p = cli::parser(args);
+    while let Some(arg) = p.next().map_err(|e| cli::error(CMD, e))? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Parsed::Help(USAGE)),
+            Long("timeout") => {
+                let v = cli::string(CMD, p.value())?;
+                o.timeout = v
+                    .parse()
+                    .ok()
+                    .filter(|t| (1..=86_400).contains(t))
+                    .ok_or_else(|| {
+                        cli::error(
+                            CMD,
+                            format!("--timeout takes 1 to 86400 seconds, not {v:?}"),
+                        )
+                    })?;
             }
-            w if w.starts_with('-') => return Err(format!("run-suite: unknown option {w}")),
-            w => dir = Some(PathBuf::from(w)),
+            Long("ram") => {
+                let v = cli::string(CMD, p.value())?;
+                o.ram = v
+                    .parse()
+                    .ok()
+                    .filter(|&r| r > 0)
+                    .ok_or_else(|| cli::error(CMD, format!("--ram takes MiB, not {v:?}")))?;
+            }
+            Long("only") => {
+                let names: Vec<String> = cli::string(CMD, p.value())?
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(String::from)
+                    .collect();
+                if names.is_empty() {
+                    return Err(cli::error(CMD, "--only needs test names"));
+                }
+                o.only = Some(names);
+            }
+            Long("out") => {
+                o.out = Some(PathBuf::from(p.value().map_err(|e| cli::error(CMD, e))?));
+            }
+            Value(d) => {
+                if let Some(first) = &dir {
+                    return Err(cli::error(
+                        CMD,
+                        format!(
+                            "one DIR only, not {} and {}",
+                            first.display(),
+                            PathBuf::from(d).display()
+                        ),
+                    ));
+                }
+                dir = Some(PathBuf::from(d));
+            }
+            other => return Err(cli::error(CMD, other.unexpected())),
         }
     }
-    let dir = dir.ok_or("usage: cargo xtask run-suite DIR [--timeout SECS] [--ram MIB] [--only NAME,..] [--out FILE]")?;
+    o.dir = dir.ok_or_else(|| cli::error(CMD, "DIR missing"))?;
+    Ok(Parsed::Run(o))
+}
+
+/// `cargo xtask run-suite`.
+pub fn run_suite(o: &SuiteOptions) -> Result<(), String> {
+    let SuiteOptions {
+        dir,
+        timeout,
+        ram,
+        only,
+        out: out_file,
+    } = o.clone();
     let dir = if dir.join("unittests.cfg").is_file() || !dir.join("x86/unittests.cfg").is_file() {
         dir
     } else {
@@ -338,6 +430,78 @@ pub fn run_suite(args: &[String]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{args, err, ok};
+
+    #[test]
+    fn suite_help() {
+        for a in [&["-h"][..], &["--help"], &["dir", "--ram", "64", "-h"]] {
+            assert_eq!(parse(args(a)), Ok(Parsed::Help(USAGE)));
+        }
+        for o in ["--timeout", "--ram", "--only", "--out"] {
+            assert!(USAGE.contains(o), "{o}");
+        }
+    }
+
+    #[test]
+    fn suite_each_option() {
+        assert_eq!(
+            ok(parse(args(&["kut"]))),
+            SuiteOptions {
+                dir: "kut".into(),
+                timeout: 120,
+                ram: 128,
+                only: None,
+                out: None
+            }
+        );
+        let o = ok(parse(args(&[
+            "--timeout",
+            "30",
+            "--ram=64",
+            "--only",
+            "msr,,vmexit_cpuid",
+            "kut/x86",
+            "--out",
+            "r.md",
+        ])));
+        assert_eq!(
+            o,
+            SuiteOptions {
+                dir: "kut/x86".into(),
+                timeout: 30,
+                ram: 64,
+                only: Some(vec!["msr".into(), "vmexit_cpuid".into()]),
+                out: Some("r.md".into())
+            }
+        );
+    }
+
+    #[test]
+    fn suite_bad_command_lines_are_errors() {
+        assert_eq!(
+            err(parse(args(&["kut", "--verbose"]))),
+            "run-suite: invalid option '--verbose' (see `cargo xtask run-suite --help`)"
+        );
+        assert!(err(parse(args(&[]))).starts_with("run-suite: DIR missing"));
+        assert!(err(parse(args(&["a", "b"]))).contains("one DIR only, not a and b"));
+        for (o, v) in [
+            ("--timeout", "0"),
+            ("--timeout", "86401"),
+            ("--timeout", "x"),
+            ("--ram", "0"),
+            ("--ram", "-1"),
+        ] {
+            let e = err(parse(args(&["kut", o, v])));
+            assert!(e.starts_with(&format!("run-suite: {o} takes")), "{e}");
+        }
+        assert!(err(parse(args(&["kut", "--only", ","]))).contains("--only needs test names"));
+        for o in ["--timeout", "--ram", "--only", "--out"] {
+            assert_eq!(
+                err(parse(args(&["kut", o]))),
+                format!("run-suite: missing argument for option '{o}' (see `cargo xtask run-suite --help`)")
+            );
+        }
+    }
 
     #[test]
     fn cfg_sections_become_tests_with_reasons() {

@@ -238,6 +238,19 @@ pub trait Device {
     /// The machine then recomputes the BAR mappings; memory requests made
     /// here go into the same transaction.
     fn pci_config_written(&mut self, _ctx: &mut DeviceCtx, _offset: u16, _size: u8) {}
+    /// Runs after a migration load, once every device's state is in and
+    /// the memory map follows it (BARs, bus mastering): the device may now
+    /// read the address space (ring caches, tables). An error fails the
+    /// whole load.
+    fn post_load(&mut self, _ctx: &mut DeviceCtx) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// A copy of the device to load a state into, so that a load that fails
+    /// half-way leaves the original untouched. Devices with state
+    /// (`state_version` != 0) must provide it.
+    fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {
+        None
+    }
     /// A network frame from the VM's switch for queue pair `pair`; whether
     /// the device took it (network devices only).
     fn receive_frame(&mut self, _ctx: &mut DeviceCtx, _pair: u16, _frame: &[u8]) -> bool {

@@ -108,6 +108,10 @@ impl Device for PcTestdev {
         Ok(())
     }
 
+    fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {
+        Some(alloc::boxed::Box::new(self.clone()))
+    }
+
     fn as_any(&mut self) -> &mut dyn core::any::Any {
         self
     }

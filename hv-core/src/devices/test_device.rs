@@ -12,7 +12,7 @@
 //!   size and alignment inside the area, so every MMIO instruction form can
 //!   be checked end to end.
 
-use super::{all_ones, Device, DeviceCtx, MemoryRequest, RegionIndex};
+use super::{all_ones, Device, DeviceCtx, MemoryRequest, RegionIndex, StateError, StateReader};
 use crate::memory::RegionId;
 
 /// The test device.
@@ -24,6 +24,29 @@ pub struct TestDevice {
     pub writes: u64,
     /// Write-notifier hits delivered to the device.
     pub notified: u64,
+    /// The layout the guest set (base, window enabled), if it set one:
+    /// memory-map state the device owns and migrates.
+    pub layout: Option<(u64, bool)>,
+}
+
+impl TestDevice {
+    /// Asks for the memory map of `layout` (the window's state too when
+    /// `window` is set).
+    fn request_layout(&self, ctx: &mut DeviceCtx, window: bool) {
+        let Some((base, window_on)) = self.layout else {
+            return;
+        };
+        if let Some(region) = ctx.region(0) {
+            ctx.request(MemoryRequest::Move { region, addr: base });
+        }
+        match self.window {
+            Some(region) if window => ctx.request(MemoryRequest::Enable {
+                region,
+                on: window_on,
+            }),
+            _ => {}
+        }
+    }
 }
 
 /// The ID register's value.
@@ -36,6 +59,7 @@ impl Default for TestDevice {
             scratch: [0; 256],
             writes: 0,
             notified: 0,
+            layout: None,
         }
     }
 }
@@ -61,25 +85,13 @@ impl Device for TestDevice {
     fn write(&mut self, ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, size: u8, value: u64) {
         match offset {
             0x8 => {
-                if let Some(region) = ctx.region(0) {
-                    ctx.request(MemoryRequest::Move {
-                        region,
-                        addr: value & !0xfff,
-                    });
-                }
-                if let Some(window) = self.window {
-                    if value & 1 != 0 {
-                        ctx.request(MemoryRequest::Enable {
-                            region: window,
-                            on: true,
-                        });
-                    } else if value & 2 != 0 {
-                        ctx.request(MemoryRequest::Enable {
-                            region: window,
-                            on: false,
-                        });
-                    }
-                }
+                let window_on = match value & 3 {
+                    1 => true,
+                    2 => false,
+                    _ => self.layout.is_some_and(|(_, on)| on),
+                };
+                self.layout = Some((value & !0xfff, window_on));
+                self.request_layout(ctx, value & 3 != 0);
             }
             0x100..0x200 => {
                 let o = (offset - 0x100) as usize;
@@ -96,6 +108,50 @@ impl Device for TestDevice {
 
     fn notify(&mut self, _ctx: &mut DeviceCtx, _token: u64) {
         self.notified += 1;
+    }
+
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self, out: &mut alloc::vec::Vec<u8>) {
+        out.extend_from_slice(&self.scratch);
+        out.extend_from_slice(&self.writes.to_le_bytes());
+        let (base, on) = self.layout.unwrap_or((u64::MAX, false));
+        out.extend_from_slice(&base.to_le_bytes());
+        out.push(u8::from(on));
+    }
+
+    fn load(&mut self, ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
+        if version != 1 {
+            return Err(StateError::Version {
+                got: version,
+                min: 1,
+                max: 1,
+            });
+        }
+        let mut r = StateReader::new(data);
+        let scratch = r.bytes(256)?;
+        let writes = r.u64()?;
+        let base = r.u64()?;
+        let on = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(StateError::Invalid("window flag")),
+        };
+        r.finish()?;
+        if base != u64::MAX && base & 0xfff != 0 {
+            return Err(StateError::Invalid("unaligned base"));
+        }
+        self.scratch.copy_from_slice(scratch);
+        self.writes = writes;
+        self.layout = (base != u64::MAX).then_some((base, on));
+        self.request_layout(ctx, true);
+        Ok(())
+    }
+
+    fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {
+        Some(alloc::boxed::Box::new(self.clone()))
     }
 
     fn as_any(&mut self) -> &mut dyn core::any::Any {

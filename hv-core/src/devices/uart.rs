@@ -123,6 +123,10 @@ impl Device for Uart16550 {
         Ok(())
     }
 
+    fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {
+        Some(alloc::boxed::Box::new(self.clone()))
+    }
+
     fn as_any(&mut self) -> &mut dyn core::any::Any {
         self
     }

@@ -50,6 +50,7 @@ pub const fn ecam_decode(offset: u64) -> ConfigAddress {
 }
 
 /// The host bridge.
+#[derive(Clone)]
 pub struct PciHostBridge {
     pub config: PciConfig,
     /// The CF8 latch as last written by a 32-bit write.
@@ -131,6 +132,10 @@ impl Device for PciHostBridge {
         self.config_address = latch;
         Ok(())
     }
+    fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {
+        Some(alloc::boxed::Box::new(self.clone()))
+    }
+
     fn as_any(&mut self) -> &mut dyn core::any::Any {
         self
     }

@@ -50,6 +50,7 @@ pub struct BlkCounters {
 }
 
 /// A virtio-blk device.
+#[derive(Clone)]
 pub struct VirtioBlk {
     disk: Vec<u8>,
     queues: u16,

@@ -27,3 +27,6 @@ pub mod blk;
 pub mod net;
 pub mod pci;
 pub mod spec;
+
+#[cfg(test)]
+mod tests;

@@ -48,6 +48,7 @@ pub struct NetCounters {
 }
 
 /// A virtio-net device.
+#[derive(Clone)]
 pub struct VirtioNet {
     mac: [u8; 6],
     pairs: u16,

@@ -211,6 +211,7 @@ pub struct VirtioStats {
 }
 
 /// A virtio device on PCI.
+#[derive(Clone)]
 pub struct VirtioPci<B: VirtioBackend> {
     pci: PciConfig,
     pub backend: B,
@@ -629,7 +630,7 @@ fn split_pci(data: &[u8]) -> Result<(&[u8], &[u8]), StateError> {
     Ok((pci, rest))
 }
 
-impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
+impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
     fn read(&mut self, _ctx: &mut DeviceCtx, region: RegionIndex, offset: u64, size: u8) -> u64 {
         match region {
             regions::COMMON => read_le(&self.common_image(), offset, size),
@@ -665,12 +666,9 @@ impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
             regions::MSIX_TABLE => self.pci.msix_table_write(ctx, offset, size, value),
             // A kick that did not go through the notifier (e.g. another
             // size): the queue is the slot written.
-            regions::NOTIFY => {
-                if offset.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) {
-                    let q = offset / u64::from(NOTIFY_MULTIPLIER);
-                    if let Ok(q) = u16::try_from(q) {
-                        self.kick(ctx, q);
-                    }
+            regions::NOTIFY if offset.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) => {
+                if let Ok(q) = u16::try_from(offset / u64::from(NOTIFY_MULTIPLIER)) {
+                    self.kick(ctx, q);
                 }
             }
             _ => {}
@@ -765,11 +763,13 @@ impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
         let mut queues: Vec<SplitQueue> = self.queues.clone();
         let event_idx = driver_features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
         let indirect = driver_features & 1 << VIRTIO_RING_F_INDIRECT_DESC != 0;
+        // The rings are checked in `post_load`, once the memory map follows
+        // the loaded state (BARs, bus mastering).
         for (q, s) in queues.iter_mut().zip(&states) {
             q.set_features(event_idx, indirect);
-            q.load_state(s, &ctx.mem)
-                .map_err(|_| StateError::Invalid("virtio queue rings"))?;
+            q.restore(s);
         }
+        let _ = &ctx;
         self.backend.load(backend_state)?;
         self.pci = pci;
         self.queues = queues;
@@ -785,6 +785,22 @@ impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
         Ok(())
     }
 
+    fn post_load(&mut self, ctx: &mut DeviceCtx) -> Result<(), StateError> {
+        for q in &mut self.queues {
+            q.post_load(&ctx.mem).map_err(|e| {
+                ctx.report(format!("loaded queue unusable: {e}"));
+                StateError::Invalid(
+                    "virtio queue rings are not in RAM of the device's address space",
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn duplicate(&self) -> Option<Box<dyn Device>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn as_any(&mut self) -> &mut dyn core::any::Any {
         self
     }
@@ -793,7 +809,7 @@ impl<B: VirtioBackend + 'static> Device for VirtioPci<B> {
 /// Adds a virtio-pci device to the machine at `devfn` with the regions of
 /// the layout above and one write notifier per queue; returns its device
 /// index.
-pub fn add_virtio_pci<B: VirtioBackend + 'static>(
+pub fn add_virtio_pci<B: VirtioBackend + Clone + 'static>(
     m: &mut Machine,
     idstr: &str,
     devfn: u8,

@@ -823,6 +823,34 @@ impl SplitQueue {
     /// error nothing changed. Features are not part of the state: the
     /// transport calls [`SplitQueue::set_features`]. Clears a broken state
     /// (a still-malformed ring is found again by the next operation).
+    /// Takes a saved state without reading memory (a migration load, where
+    /// the memory map is complete only later); [`SplitQueue::post_load`]
+    /// then checks the rings and builds the cache.
+    pub fn restore(&mut self, s: &QueueState) {
+        self.size = s.size;
+        self.ready = s.ready;
+        self.desc = s.desc;
+        self.avail = s.avail;
+        self.used = s.used;
+        self.msix_vector = s.msix_vector;
+        self.last_avail = s.last_avail;
+        self.used_idx = s.used_idx;
+        self.signalled_used = s.signalled_used;
+        self.signalled_valid = s.signalled_valid;
+        self.cache = None;
+        self.broken = None;
+    }
+
+    /// After [`SplitQueue::restore`]: a ready queue's rings are checked in
+    /// `mem` (the device's address space as the loaded state maps it) and
+    /// resolved into the ring cache.
+    pub fn post_load(&mut self, mem: &GuestMemory) -> Result<(), QueueError> {
+        if self.ready {
+            self.cache = Some(self.build(self.geometry(), mem)?);
+        }
+        Ok(())
+    }
+
     pub fn load_state(&mut self, s: &QueueState, mem: &GuestMemory) -> Result<(), QueueError> {
         let cache = if s.ready {
             let geo = Geometry {

@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 use hv_core::addr::HostPhysAddr;
 use hv_core::frames::FrameAllocator;
 use hv_core::msr::{self, HostMsrFeatures, MsrRule, SoftMsrs, VmcsMsr};
-use hv_core::vcpu::{ExitAction, StopReason, VcpuExit};
+use hv_core::vcpu::{DescTable, ExitAction, Segment, StopReason, VcpuExit, VcpuState};
 use hv_core::vmx::caps::{Controls, EntryControls, ProcControls};
 use hv_core::vmx::exit::{CrAccess, EptViolation, ExitReason, IoQualification, VmExitInfo};
 use hv_core::vmx::{ControlError, VmxCaps};
@@ -147,6 +147,25 @@ pub struct Vcpu {
     vpid: u16,
     /// The guest's x87/SSE state while it does not run.
     fpu: alloc::boxed::Box<cpu::FxArea>,
+}
+
+/// Why a migrated vCPU state was not taken (nothing changed).
+#[derive(Debug)]
+pub enum RestoreError {
+    /// A soft MSR the policy does not have, or a value it refuses.
+    Msr(u32),
+    Invalid(&'static str),
+    Vmx(VmxFail),
+}
+
+impl core::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Msr(m) => write!(f, "MSR {m:#x} cannot take the saved value"),
+            Self::Invalid(why) => write!(f, "{why}"),
+            Self::Vmx(e) => write!(f, "VMX: {e}"),
+        }
+    }
 }
 
 /// The VM's half of the exit dispatch and of event delivery.
@@ -1313,6 +1332,261 @@ impl Vcpu {
     }
 
     /// Points the VMCS at a new EPT root (after a rebuild).
+    /// The VMCS fields of ES, CS, SS, DS, FS, GS, LDTR and TR:
+    /// (selector, base, limit, access rights).
+    const SEGMENTS: [(u32, u32, u32, u32); 8] = [
+        (
+            guest::ES_SELECTOR,
+            guest::ES_BASE,
+            guest::ES_LIMIT,
+            guest::ES_ACCESS_RIGHTS,
+        ),
+        (
+            guest::CS_SELECTOR,
+            guest::CS_BASE,
+            guest::CS_LIMIT,
+            guest::CS_ACCESS_RIGHTS,
+        ),
+        (
+            guest::SS_SELECTOR,
+            guest::SS_BASE,
+            guest::SS_LIMIT,
+            guest::SS_ACCESS_RIGHTS,
+        ),
+        (
+            guest::DS_SELECTOR,
+            guest::DS_BASE,
+            guest::DS_LIMIT,
+            guest::DS_ACCESS_RIGHTS,
+        ),
+        (
+            guest::FS_SELECTOR,
+            guest::FS_BASE,
+            guest::FS_LIMIT,
+            guest::FS_ACCESS_RIGHTS,
+        ),
+        (
+            guest::GS_SELECTOR,
+            guest::GS_BASE,
+            guest::GS_LIMIT,
+            guest::GS_ACCESS_RIGHTS,
+        ),
+        (
+            guest::LDTR_SELECTOR,
+            guest::LDTR_BASE,
+            guest::LDTR_LIMIT,
+            guest::LDTR_ACCESS_RIGHTS,
+        ),
+        (
+            guest::TR_SELECTOR,
+            guest::TR_BASE,
+            guest::TR_LIMIT,
+            guest::TR_ACCESS_RIGHTS,
+        ),
+    ];
+    const PDPTES: [u32; 4] = [
+        guest::PDPTE0_FULL,
+        guest::PDPTE1_FULL,
+        guest::PDPTE2_FULL,
+        guest::PDPTE3_FULL,
+    ];
+
+    /// The vCPU's state for a migration (the vCPU is stopped: its FPU,
+    /// debug and SYSCALL state are in this struct, not in the registers).
+    pub fn capture(&self) -> Result<VcpuState, VmxFail> {
+        // SAFETY: the VMCS is this vCPU's own and was launched or cleared.
+        unsafe { instr::vmptrld(self.vmcs.as_u64())? };
+        let r = &self.regs;
+        let mut segments = [Segment::default(); 8];
+        for (seg, (sel, base, limit, ar)) in segments.iter_mut().zip(Self::SEGMENTS) {
+            *seg = Segment {
+                selector: instr::vmread(sel)? as u16,
+                base: instr::vmread(base)?,
+                limit: instr::vmread(limit)? as u32,
+                access: instr::vmread(ar)? as u32,
+            };
+        }
+        let mut pdptes = [0; 4];
+        for (p, f) in pdptes.iter_mut().zip(Self::PDPTES) {
+            *p = instr::vmread(f)?;
+        }
+        let info = instr::vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD)? as u32;
+        let pending_event = if info & (1 << 31) != 0 {
+            Some((
+                info,
+                instr::vmread(control::VMENTRY_EXCEPTION_ERR_CODE)? as u32,
+                instr::vmread(control::VMENTRY_INSTRUCTION_LEN)? as u32,
+            ))
+        } else {
+            None
+        };
+        let [d0, d1, d2, d3, d6] = self.debug_regs;
+        Ok(VcpuState {
+            gprs: [
+                r.rax,
+                r.rcx,
+                r.rdx,
+                r.rbx,
+                instr::vmread(guest::RSP)?,
+                r.rbp,
+                r.rsi,
+                r.rdi,
+                r.r8,
+                r.r9,
+                r.r10,
+                r.r11,
+                r.r12,
+                r.r13,
+                r.r14,
+                r.r15,
+            ],
+            rip: instr::vmread(guest::RIP)?,
+            rflags: instr::vmread(guest::RFLAGS)?,
+            cr0: Self::guest_view(
+                guest::CR0,
+                control::CR0_GUEST_HOST_MASK,
+                control::CR0_READ_SHADOW,
+            )?,
+            cr2: r.cr2,
+            cr3: instr::vmread(guest::CR3)?,
+            cr4: Self::guest_view(
+                guest::CR4,
+                control::CR4_GUEST_HOST_MASK,
+                control::CR4_READ_SHADOW,
+            )?,
+            efer: instr::vmread(guest::IA32_EFER_FULL)?,
+            segments,
+            gdtr: DescTable {
+                base: instr::vmread(guest::GDTR_BASE)?,
+                limit: instr::vmread(guest::GDTR_LIMIT)? as u32,
+            },
+            idtr: DescTable {
+                base: instr::vmread(guest::IDTR_BASE)?,
+                limit: instr::vmread(guest::IDTR_LIMIT)? as u32,
+            },
+            dr: [d0, d1, d2, d3, d6, instr::vmread(guest::DR7)?],
+            debugctl: instr::vmread(guest::IA32_DEBUGCTL_FULL)?,
+            pat: instr::vmread(guest::IA32_PAT_FULL)?,
+            sysenter: [
+                instr::vmread(guest::IA32_SYSENTER_CS)?,
+                instr::vmread(guest::IA32_SYSENTER_ESP)?,
+                instr::vmread(guest::IA32_SYSENTER_EIP)?,
+            ],
+            syscall_msrs: self.switched,
+            soft_msrs: self.soft_msrs.entries().collect(),
+            tsc: self.guest_tsc(),
+            tsc_adjust: self.tsc_adjust,
+            pdptes,
+            interruptibility: instr::vmread(guest::INTERRUPTIBILITY_STATE)? as u32,
+            activity: instr::vmread(guest::ACTIVITY_STATE)? as u32,
+            pending_debug: instr::vmread(guest::PENDING_DBG_EXCEPTIONS)?,
+            pending_event,
+            fxsave: self.fpu.0.to_vec(),
+        })
+    }
+
+    /// A control register as the guest sees it: its own bits, and the read
+    /// shadow's for the bits Tern owns (the guest/host mask).
+    fn guest_view(real: u32, mask: u32, shadow: u32) -> Result<u64, VmxFail> {
+        let m = instr::vmread(mask)?;
+        Ok((instr::vmread(real)? & !m) | (instr::vmread(shadow)? & m))
+    }
+
+    /// Takes a migrated state (checked first: nothing changes on error).
+    /// The guest's TSC continues from the saved value.
+    pub fn restore(&mut self, s: &VcpuState) -> Result<(), RestoreError> {
+        let soft = SoftMsrs::from_entries(&s.soft_msrs, |m| msr::rule(m, self.host_msr))
+            .map_err(RestoreError::Msr)?;
+        s.check(cpu::mxcsr_mask(), CR4_HIDDEN)
+            .map_err(RestoreError::Invalid)?;
+        // SAFETY: the VMCS is this vCPU's own.
+        unsafe { instr::vmptrld(self.vmcs.as_u64()).map_err(RestoreError::Vmx)? };
+        self.write_state(s).map_err(RestoreError::Vmx)?;
+        let g = &s.gprs;
+        self.regs = GuestRegs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            cr2: s.cr2,
+        };
+        self.soft_msrs = soft;
+        self.switched = s.syscall_msrs;
+        self.debug_regs = [s.dr[0], s.dr[1], s.dr[2], s.dr[3], s.dr[4]];
+        self.fpu.0.copy_from_slice(&s.fxsave);
+        self.tsc_adjust = s.tsc_adjust;
+        self.reinject = None;
+        Ok(())
+    }
+
+    fn write_state(&mut self, s: &VcpuState) -> Result<(), VmxFail> {
+        for (seg, (sel, base, limit, ar)) in s.segments.iter().zip(Self::SEGMENTS) {
+            rw(sel, seg.selector.into())?;
+            rw(base, seg.base)?;
+            rw(limit, seg.limit.into())?;
+            rw(ar, seg.access.into())?;
+        }
+        for (p, f) in s.pdptes.iter().zip(Self::PDPTES) {
+            rw(f, *p)?;
+        }
+        rw(guest::RSP, s.gprs[4])?;
+        rw(guest::RIP, s.rip)?;
+        rw(guest::RFLAGS, s.rflags)?;
+        rw(guest::CR3, s.cr3)?;
+        rw(control::CR4_READ_SHADOW, s.cr4)?;
+        rw(guest::CR4, self.caps.fix_cr4(s.cr4))?;
+        rw(control::CR0_READ_SHADOW, s.cr0)?;
+        rw(guest::CR0, self.caps.fix_cr0(s.cr0, true))?;
+        rw(guest::IA32_EFER_FULL, s.efer)?;
+        let mut entry = instr::vmread(control::VMENTRY_CONTROLS)?;
+        let ia32e = u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+        if s.efer & EFER_LMA != 0 {
+            entry |= ia32e;
+        } else {
+            entry &= !ia32e;
+        }
+        rw(control::VMENTRY_CONTROLS, entry)?;
+        rw(guest::GDTR_BASE, s.gdtr.base)?;
+        rw(guest::GDTR_LIMIT, s.gdtr.limit.into())?;
+        rw(guest::IDTR_BASE, s.idtr.base)?;
+        rw(guest::IDTR_LIMIT, s.idtr.limit.into())?;
+        rw(guest::DR7, s.dr[5])?;
+        rw(guest::IA32_DEBUGCTL_FULL, s.debugctl)?;
+        rw(guest::IA32_PAT_FULL, s.pat)?;
+        rw(guest::IA32_SYSENTER_CS, s.sysenter[0])?;
+        rw(guest::IA32_SYSENTER_ESP, s.sysenter[1])?;
+        rw(guest::IA32_SYSENTER_EIP, s.sysenter[2])?;
+        rw(guest::INTERRUPTIBILITY_STATE, s.interruptibility.into())?;
+        rw(guest::ACTIVITY_STATE, s.activity.into())?;
+        rw(guest::PENDING_DBG_EXCEPTIONS, s.pending_debug)?;
+        match s.pending_event {
+            Some((info, err, len)) => {
+                rw(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.into())?;
+                rw(control::VMENTRY_EXCEPTION_ERR_CODE, err.into())?;
+                rw(control::VMENTRY_INSTRUCTION_LEN, len.into())?;
+            }
+            None => rw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0)?,
+        }
+        // The guest's TSC goes on from where it stopped.
+        self.tsc_offset = s.tsc.wrapping_sub(cpu::rdtsc());
+        rw(control::TSC_OFFSET_FULL, self.tsc_offset)?;
+        if let Some(kind) = self.caps.invvpid_type() {
+            instr::invvpid(kind, self.vpid)?;
+        }
+        Ok(())
+    }
+
     pub fn set_eptp(&mut self, eptp: u64) -> Result<(), VmxFail> {
         rw(control::EPTP_FULL, eptp)
     }

@@ -1,0 +1,119 @@
+//! Scenario `migrate`: the guest keeps working while Tern migrates it, as
+//! QEMU's migration test does. It increments the first byte of every page
+//! of a range, round after round; in the middle of a round it asks to be
+//! migrated (hypercall MIGRATE, which returns 1 on the target); on the
+//! target it checks that every page follows the pattern (each page equal
+//! to the one before it or exactly one step behind, and the step exactly
+//! where the round stopped), that its TSC did not go back, and goes on
+//! with more rounds. With `expect=` it also sets up its virtio devices and
+//! does I/O on every queue before and after the migration.
+//!
+//! Options: `pages=N` (default 2048: 8 MiB from 16 MiB), `expect=` as the
+//! virtio scenario, `migrations=N` (default 1).
+
+use crate::hw::{rd8, wr8};
+use crate::io::vmcall;
+use crate::virtio::say;
+
+use boot::BootInfo;
+
+type R = Result<(), &'static str>;
+
+const BASE: u64 = 16 << 20;
+const MIGRATE: u64 = 4;
+
+/// One round over pages `[from, to)`.
+fn touch(from: u64, to: u64) {
+    for p in from..to {
+        let a = BASE + p * 4096;
+        wr8(a, rd8(a).wrapping_add(1));
+    }
+}
+
+/// Pages `[0, k)` must hold `v + 1` and `[k, n)` must hold `v`: the
+/// pattern a round stopped at page `k` leaves.
+fn check(n: u64, k: u64, v: u8) -> R {
+    for p in 0..n {
+        let got = rd8(BASE + p * 4096);
+        let want = if p < k { v.wrapping_add(1) } else { v };
+        if got != want {
+            say!("guest: page {p}: {got}, expected {want} (round stopped at page {k})");
+            return Err("a page lost a write across the migration");
+        }
+    }
+    Ok(())
+}
+
+pub fn scenario(info: &BootInfo) -> R {
+    let n: u64 = info
+        .option("pages")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let migrations: u32 = info
+        .option("migrations")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    if n == 0
+        || BASE + n * 4096
+            > info
+                .memory
+                .iter()
+                .map(|r| r.start + r.len)
+                .max()
+                .unwrap_or(0)
+    {
+        return Err("pages= does not fit in RAM above 16 MiB");
+    }
+    let mut virtio = match info.option("expect") {
+        Some(e) => {
+            let expect = crate::virtio::parse_expect(e)?;
+            let drv = crate::virtio::Virtio::take(crate::virtio::Pages::new(info)?)?;
+            crate::virtio::setup(drv, info, expect, false)?;
+            crate::virtio_blk::run(drv)?;
+            crate::virtio_net::run(drv)?;
+            Some(drv)
+        }
+        None => None,
+    };
+    crate::hw::fill(BASE, n * 4096, 0);
+    let mut v = 0u8;
+    for m in 0..migrations {
+        for _ in 0..3 {
+            touch(0, n);
+            v = v.wrapping_add(1);
+        }
+        let k = n / 2 + u64::from(m);
+        touch(0, k);
+        let before = crate::idt::rdtsc();
+        let r = vmcall(MIGRATE, 0);
+        let after = crate::idt::rdtsc();
+        if r != 1 {
+            say!("guest: MIGRATE returned {r}");
+            return Err("not migrated");
+        }
+        say!(
+            "guest: migrated ({} of {migrations}); checking {n} pages",
+            m + 1
+        );
+        if after < before {
+            return Err("the TSC went back across the migration");
+        }
+        check(n, k, v)?;
+        touch(k, n);
+        v = v.wrapping_add(1);
+        check(n, 0, v)?;
+        if let Some(drv) = virtio.as_deref_mut() {
+            crate::virtio_blk::run(drv)?;
+            crate::virtio_net::run(drv)?;
+            crate::virtio::check_all_up(drv)?;
+            say!("guest: virtio I/O on every queue after migration {}", m + 1);
+        }
+    }
+    for _ in 0..2 {
+        touch(0, n);
+        v = v.wrapping_add(1);
+    }
+    check(n, 0, v)?;
+    say!("guest: {n} pages follow the pattern after {migrations} migration(s)");
+    Ok(())
+}
