@@ -1126,6 +1126,16 @@ pub fn load<T: VmState>(bytes: &[u8], version: u32) -> Result<T, VmStateError> {
     Ok(v)
 }
 
+/// Loads a state of `version` from the start of `bytes` and says how many
+/// bytes it used (what follows is not looked at). A stream's loader uses
+/// this to delimit a device section, whose length is not on the wire.
+pub fn load_prefix<T: VmState>(bytes: &[u8], version: u32) -> Result<(T, usize), VmStateError> {
+    check_version::<T>(version, 0)?;
+    let mut dec = Decoder::new(bytes);
+    let v = load_body::<T>(&mut dec, version)?;
+    Ok((v, dec.pos()))
+}
+
 /// Whether `sub` is a proper subsection name of `parent` (`parent/...`).
 /// Used by the macro's compile-time check.
 pub const fn is_subsection_name(sub: &str, parent: &str) -> bool {

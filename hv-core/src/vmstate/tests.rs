@@ -461,3 +461,13 @@ fn empty_arrays_are_not_described() {
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].array, ArrayMark::Single);
 }
+
+#[test]
+fn load_prefix_reports_the_length() {
+    let mut bytes = sample_bytes();
+    let n = bytes.len();
+    bytes.extend_from_slice(&[0x7e, 0, 0, 0, 1]);
+    let (d, used) = load_prefix::<Dev>(&bytes, 3).unwrap();
+    assert_eq!(used, n);
+    assert_eq!(d, load::<Dev>(&bytes[..n], 3).unwrap());
+}
