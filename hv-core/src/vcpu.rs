@@ -389,9 +389,11 @@ impl VcpuWire {
             interruptibility: self.interruptibility,
             activity: self.activity,
             pending_debug: self.pending_debug,
-            pending_event: self
-                .event_pending
-                .then_some((self.event_info, self.event_error, self.event_len)),
+            pending_event: self.event_pending.then_some((
+                self.event_info,
+                self.event_error,
+                self.event_len,
+            )),
             fxsave: self.fxsave.to_vec(),
         })
     }

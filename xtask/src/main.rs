@@ -23,6 +23,7 @@ mod build;
 mod cli;
 mod deps;
 mod emu;
+mod migrate;
 mod mtree;
 mod scenarios;
 mod suite;
@@ -46,6 +47,7 @@ commands:
   test        the host unit tests, then every bare-metal scenario
   bench       the criterion benchmarks of hv-core
   mtree       QEMU `info mtree` dumps through Tern's memory API
+  migrate     migration streams: `migrate inspect FILE`
   help [COMMAND]
 
 `cargo xtask COMMAND --help` shows a command's options.
@@ -79,6 +81,20 @@ options (first argument only):
   --           pass everything after it to criterion
 ";
 
+/// `cargo xtask migrate --help`.
+const MIGRATE_USAGE: &str = "\
+usage: cargo xtask migrate inspect FILE
+
+Prints a migration stream in QEMU's format (Tern's or QEMU's own, e.g. from
+`migrate \"exec:cat > FILE\"`): each section's offset, type, id, idstr,
+instance, version and length, RAM pages by kind per block, every device's
+fields walked with the stream's own description, and the description. Bad
+input is an error with its byte offset.
+
+options:
+  -h, --help   this text
+";
+
 /// A whole `cargo xtask` command line.
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
@@ -89,6 +105,7 @@ enum Command {
     Test(scenarios::TestOptions),
     Bench(Vec<OsString>),
     Mtree(mtree::Mode),
+    MigrateInspect(PathBuf),
 }
 
 /// Parses the command line after the program name.
@@ -142,15 +159,38 @@ where
         "test" => map(scenarios::parse(args)?, Command::Test),
         "bench" => map(parse_bench(args), Command::Bench),
         "mtree" => map(mtree::parse(args)?, Command::Mtree),
+        "migrate" => map(parse_migrate(args)?, Command::MigrateInspect),
         other => {
             return Err(cli::error(
                 "",
                 format!(
-                    "unknown command {other:?}; commands: build, image, run, run-suite, test, bench, mtree"
+                    "unknown command {other:?}; commands: build, image, run, run-suite, test, bench, mtree, migrate"
                 ),
             ))
         }
     })
+}
+
+/// `cargo xtask migrate inspect FILE`.
+fn parse_migrate<I>(args: I) -> Result<Parsed<PathBuf>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    use lexopt::Arg::{Long, Short, Value};
+    let mut p = cli::parser(args);
+    let mut words: Vec<OsString> = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| cli::error("migrate", e))? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Parsed::Help(MIGRATE_USAGE)),
+            Value(w) => words.push(w),
+            other => return Err(cli::error("migrate", other.unexpected())),
+        }
+    }
+    match words.as_slice() {
+        [sub, file] if sub == "inspect" => Ok(Parsed::Run(PathBuf::from(file))),
+        _ => Err(cli::error("migrate", "expected `inspect FILE`")),
+    }
 }
 
 /// `cargo xtask build` takes no arguments but `--help`.
@@ -219,6 +259,7 @@ fn run(cmd: &Command) -> Result<(), String> {
         Command::Test(o) => scenarios::test_cmd(o),
         Command::Bench(a) => bench(a),
         Command::Mtree(m) => mtree::main(m),
+        Command::MigrateInspect(f) => migrate::inspect(f).map(|out| print!("{out}")),
     }
 }
 
@@ -254,6 +295,7 @@ mod tests {
             "test",
             "bench",
             "mtree",
+            "migrate",
         ] {
             assert!(USAGE.contains(&format!("\n  {c} ")), "{c}");
         }
@@ -266,6 +308,7 @@ mod tests {
             ("test", scenarios::USAGE),
             ("bench", BENCH_USAGE),
             ("mtree", mtree::USAGE),
+            ("migrate", MIGRATE_USAGE),
         ];
         for (c, text) in cmds {
             assert!(text.starts_with(&format!("usage: cargo xtask {c}")), "{c}");
@@ -286,8 +329,19 @@ mod tests {
         );
         assert_eq!(
             err(parse(args(&["biuld"]))),
-            "unknown command \"biuld\"; commands: build, image, run, run-suite, test, bench, mtree (see `cargo xtask --help`)"
+            "unknown command \"biuld\"; commands: build, image, run, run-suite, test, bench, mtree, migrate (see `cargo xtask --help`)"
         );
+    }
+
+    #[test]
+    fn migrate_inspect_parses() {
+        assert_eq!(
+            ok(parse(args(&["migrate", "inspect", "s.mig"]))),
+            Command::MigrateInspect("s.mig".into())
+        );
+        assert!(err(parse(args(&["migrate", "inspect"]))).contains("expected `inspect FILE`"));
+        assert!(err(parse(args(&["migrate", "dump", "f"]))).contains("expected `inspect FILE`"));
+        assert!(err(parse(args(&["migrate", "--x"]))).contains("invalid option"));
     }
 
     #[test]
