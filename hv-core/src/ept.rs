@@ -71,6 +71,45 @@ pub struct EptStats {
     pub entries_written: u64,
     pub tables_allocated: u64,
     pub tables_freed: u64,
+    /// Large leaves replaced by a table of smaller leaves.
+    pub splits: u64,
+}
+
+/// The largest leaf a mapping may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageLimit {
+    /// The largest the alignment and the CPU allow.
+    Largest,
+    /// 4 KiB leaves only (dirty logging: one dirty flag per 4 KiB page).
+    Only4K,
+}
+
+/// A leaf flag that [`Ept::take_leaf_flag`] reports and clears.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HarvestFlag {
+    /// The dirty flag the CPU sets on writes (EPT A/D enabled).
+    Dirty,
+    /// Write permission (granted on a write fault when dirty pages are
+    /// tracked by write protection).
+    Writable,
+}
+
+impl HarvestFlag {
+    fn bits(self) -> u64 {
+        match self {
+            Self::Dirty => EptFlags::DIRTY.bits(),
+            Self::Writable => EptFlags::WRITE.bits(),
+        }
+    }
+}
+
+/// What `map_level` writes: `delta` is `hpa - gpa` (wrapping) for the whole
+/// range, `max_level` the highest level that may hold a leaf.
+#[derive(Clone, Copy)]
+struct Fill {
+    delta: u64,
+    flags: EptFlags,
+    max_level: u32,
 }
 
 /// One leaf mapping of the tree.
@@ -142,7 +181,10 @@ impl Ept {
         Ok(())
     }
 
-    fn large_ok(&self, level: u32) -> bool {
+    fn large_ok(&self, level: u32, max_level: u32) -> bool {
+        if level > max_level {
+            return false;
+        }
         match level {
             0 => true,
             1 => self.sizes.two_mib,
@@ -163,25 +205,38 @@ impl Ept {
         size: u64,
         perm: EptPerm,
     ) -> Result<InveptRequired, EptError> {
+        self.map_with(host, gpa, hpa, size, perm, PageLimit::Largest)
+    }
+
+    /// [`map`](Self::map) with leaves no larger than `limit` allows: with
+    /// [`PageLimit::Only4K`] every page of the range gets its own leaf (large
+    /// leaves there are split; the new leaves have clear A/D flags).
+    pub fn map_with(
+        &mut self,
+        host: &mut (impl PhysAccess + FrameAllocator),
+        gpa: GuestPhysAddr,
+        hpa: HostPhysAddr,
+        size: u64,
+        perm: EptPerm,
+        limit: PageLimit,
+    ) -> Result<InveptRequired, EptError> {
         let (g, h) = (gpa.as_u64(), hpa.as_u64());
         Self::check_range(g, size, h)?;
         if size > 0 {
             let root = self.root;
-            self.map_level(
-                host,
-                root,
-                3,
-                0,
-                g,
-                g + size,
-                h.wrapping_sub(g),
-                perm.flags(),
-            )?;
+            let fill = Fill {
+                delta: h.wrapping_sub(g),
+                flags: perm.flags(),
+                max_level: match limit {
+                    PageLimit::Largest => 2,
+                    PageLimit::Only4K => 0,
+                },
+            };
+            self.map_level(host, root, 3, 0, g, g + size, fill)?;
         }
         Ok(InveptRequired)
     }
 
-    /// `delta` is `hpa - gpa` (wrapping) for the whole range.
     #[allow(clippy::too_many_arguments)]
     fn map_level(
         &mut self,
@@ -191,8 +246,7 @@ impl Ept {
         table_base: u64,
         start: u64,
         end: u64,
-        delta: u64,
-        flags: EptFlags,
+        fill: Fill,
     ) -> Result<(), EptError> {
         let span = 1u64 << (12 + 9 * level);
         let first = (start - table_base) / span;
@@ -203,8 +257,12 @@ impl Ept {
             let (s, en) = (start.max(e_start), end.min(e_start + span));
             let old = host.read_u64(e);
             let old_is_table = level > 0 && old & RWX != 0 && old & EptFlags::LARGE.bits() == 0;
-            let hpa = s.wrapping_add(delta);
-            if s == e_start && en - s == span && hpa.is_multiple_of(span) && self.large_ok(level) {
+            let hpa = s.wrapping_add(fill.delta);
+            if s == e_start
+                && en - s == span
+                && hpa.is_multiple_of(span)
+                && self.large_ok(level, fill.max_level)
+            {
                 if old_is_table {
                     self.free_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1);
                 }
@@ -213,7 +271,7 @@ impl Ept {
                 } else {
                     EptFlags::empty()
                 };
-                host.write_u64(e, hpa | (flags | EptFlags::MEMTYPE_WB | large).bits());
+                host.write_u64(e, hpa | (fill.flags | EptFlags::MEMTYPE_WB | large).bits());
                 self.stats.entries_written += 1;
                 continue;
             }
@@ -228,7 +286,7 @@ impl Ept {
                 self.stats.entries_written += 1;
                 t
             };
-            self.map_level(host, child, level - 1, e_start, s, en, delta, flags)?;
+            self.map_level(host, child, level - 1, e_start, s, en, fill)?;
         }
         Ok(())
     }
@@ -257,6 +315,7 @@ impl Ept {
         }
         host.write_u64(e, t.as_u64() | RWX);
         self.stats.entries_written += 513;
+        self.stats.splits += 1;
         Ok(t)
     }
 
@@ -369,51 +428,116 @@ impl Ept {
         size: u64,
     ) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        let (start, end) = (gpa.as_u64(), gpa.as_u64().saturating_add(size));
-        self.dirty_in(mem, self.root, 3, 0, start, end, &mut out);
+        self.take_leaf_flag(mem, gpa.as_u64(), size, HarvestFlag::Dirty, &mut |g, s| {
+            out.push((g, s))
+        });
         out
     }
 
+    /// Calls `found(leaf gpa, leaf size)` for every leaf overlapping
+    /// `[gpa, gpa + size)` (clipped to the 48-bit space) that has `flag`,
+    /// and clears the flag there, in address order. Returns the number of
+    /// leaves. The caller must INVEPT before relying on the cleared flags
+    /// (the CPU may cache a translation with the flag set).
+    pub fn take_leaf_flag(
+        &mut self,
+        mem: &mut impl PhysAccess,
+        gpa: u64,
+        size: u64,
+        flag: HarvestFlag,
+        found: &mut impl FnMut(u64, u64),
+    ) -> u64 {
+        let (start, end) = (gpa, gpa.saturating_add(size).min(MAX_GPA));
+        if start >= end {
+            return 0;
+        }
+        let mut n = 0;
+        let root = self.root;
+        self.flag_in(mem, root, 3, 0, (start, end), flag.bits(), found, &mut n);
+        n
+    }
+
+    /// `range` lies inside this table's span.
     #[allow(clippy::too_many_arguments)]
-    fn dirty_in(
+    fn flag_in(
         &mut self,
         mem: &mut impl PhysAccess,
         table: HostPhysAddr,
         level: u32,
         base: u64,
-        start: u64,
-        end: u64,
-        out: &mut Vec<(u64, u64)>,
+        range: (u64, u64),
+        bit: u64,
+        found: &mut impl FnMut(u64, u64),
+        n: &mut u64,
     ) {
         let span = 1u64 << (12 + 9 * level);
-        for i in 0..512 {
-            let e_start = base + i * span;
-            if e_start >= end || e_start.saturating_add(span) <= start {
-                continue;
-            }
+        let (start, end) = range;
+        for i in (start - base) / span..=(end - 1 - base) / span {
             let e = entry_addr(table, i);
             let v = mem.read_u64(e);
             if v & RWX == 0 {
                 continue;
             }
+            let e_start = base + i * span;
             if level == 0 || v & EptFlags::LARGE.bits() != 0 {
-                if v & EptFlags::DIRTY.bits() != 0 {
-                    out.push((e_start, span));
-                    mem.write_u64(e, v & !EptFlags::DIRTY.bits());
+                if v & bit != 0 {
+                    mem.write_u64(e, v & !bit);
                     self.stats.entries_written += 1;
+                    *n += 1;
+                    found(e_start, span);
                 }
             } else {
-                self.dirty_in(
-                    mem,
-                    HostPhysAddr::new(v & ADDR_MASK),
-                    level - 1,
-                    e_start,
-                    start,
-                    end,
-                    out,
-                );
+                let sub = (start.max(e_start), end.min(e_start + span));
+                let child = HostPhysAddr::new(v & ADDR_MASK);
+                self.flag_in(mem, child, level - 1, e_start, sub, bit, found, n);
             }
         }
+    }
+
+    /// The entry of the leaf that maps `gpa`, its value and its size.
+    fn walk(&self, mem: &impl PhysAccess, gpa: u64) -> Option<(HostPhysAddr, u64, u64)> {
+        if gpa >= MAX_GPA {
+            return None;
+        }
+        let mut table = self.root;
+        for level in (0..=3).rev() {
+            let e = entry_addr(table, index(gpa, level));
+            let v = mem.read_u64(e);
+            if v & RWX == 0 {
+                return None;
+            }
+            if level == 0 || v & EptFlags::LARGE.bits() != 0 {
+                return Some((e, v, 1u64 << (12 + 9 * level)));
+            }
+            table = HostPhysAddr::new(v & ADDR_MASK);
+        }
+        None
+    }
+
+    /// Grants write permission on the leaf that maps `gpa`: `None` if
+    /// nothing maps it, else whether the leaf changed. Used after a write
+    /// fault on a write-protected page; the EPT violation already
+    /// invalidated what the CPU cached for that address (SDM Vol. 3C,
+    /// "Operations that Invalidate Cached Mappings"), so no INVEPT is needed.
+    pub fn make_writable(&mut self, mem: &mut impl PhysAccess, gpa: GuestPhysAddr) -> Option<bool> {
+        let (e, v, _) = self.walk(mem, gpa.as_u64())?;
+        if v & EptFlags::WRITE.bits() != 0 {
+            return Some(false);
+        }
+        mem.write_u64(e, v | EptFlags::WRITE.bits());
+        self.stats.entries_written += 1;
+        Some(true)
+    }
+
+    /// The leaf entry that maps `gpa` and the leaf size (tests play the
+    /// CPU with it).
+    #[cfg(test)]
+    pub(crate) fn leaf_entry(
+        &self,
+        mem: &impl PhysAccess,
+        gpa: u64,
+    ) -> Option<(HostPhysAddr, u64)> {
+        self.walk(mem, gpa).map(|(e, _, size)| (e, size))
     }
 
     /// Translates a guest-physical address: host address, writable, and the
@@ -424,20 +548,9 @@ impl Ept {
         gpa: GuestPhysAddr,
     ) -> Option<(HostPhysAddr, bool, u64)> {
         let g = gpa.as_u64();
-        let mut table = self.root;
-        for level in (0..=3).rev() {
-            let v = mem.read_u64(entry_addr(table, index(g, level)));
-            if v & RWX == 0 {
-                return None;
-            }
-            if level == 0 || v & EptFlags::LARGE.bits() != 0 {
-                let page = 1u64 << (12 + 9 * level);
-                let base = v & ADDR_MASK & !(page - 1);
-                return Some((HostPhysAddr::new(base + (g & (page - 1))), v & 2 != 0, page));
-            }
-            table = HostPhysAddr::new(v & ADDR_MASK);
-        }
-        None
+        let (_, v, page) = self.walk(mem, g)?;
+        let base = v & ADDR_MASK & !(page - 1);
+        Some((HostPhysAddr::new(base + (g & (page - 1))), v & 2 != 0, page))
     }
 
     fn free_table(
@@ -681,6 +794,122 @@ mod tests {
         assert!(ept
             .take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20)
             .is_empty());
+    }
+
+    #[test]
+    fn only_4k_splits_large_leaves_and_largest_merges_them_back() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let rwx = EptPerm::ReadWriteExecute;
+        let g = |a| GuestPhysAddr::new(a);
+        let _ = ept
+            .map(&mut host, g(0), HostPhysAddr::new(1 << 30), 1 << 30, rwx)
+            .unwrap();
+        let frames = host.outstanding();
+        // 4 KiB pages for [2 MiB, 6 MiB): the 1 GiB leaf and two 2 MiB
+        // leaves split, the rest of the gigabyte keeps 2 MiB pages.
+        let _ = ept
+            .map_with(
+                &mut host,
+                g(2 << 20),
+                HostPhysAddr::new((1 << 30) + (2 << 20)),
+                4 << 20,
+                rwx,
+                PageLimit::Only4K,
+            )
+            .unwrap();
+        assert_eq!(ept.stats.splits, 3);
+        let leaves = ept.leaves(&host);
+        assert_eq!(leaves.len(), 1024 + 510);
+        for l in &leaves {
+            let small = (2 << 20..6 << 20).contains(&l.gpa);
+            assert_eq!(l.size, if small { 4096 } else { 2 << 20 }, "{l:x?}");
+            assert_eq!(l.hpa, (1 << 30) + l.gpa);
+        }
+        let _ = ept
+            .map(&mut host, g(0), HostPhysAddr::new(1 << 30), 1 << 30, rwx)
+            .unwrap();
+        assert_eq!(ept.leaves(&host).len(), 1);
+        assert_eq!(host.outstanding(), frames);
+    }
+
+    #[test]
+    fn leaf_flags_are_taken_in_a_range_and_write_permission_granted() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let _ = ept
+            .map_with(
+                &mut host,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(0),
+                64 << 12,
+                EptPerm::ReadExecute,
+                PageLimit::Only4K,
+            )
+            .unwrap();
+        assert_eq!(
+            ept.make_writable(&mut host, GuestPhysAddr::new(5 << 12)),
+            Some(true)
+        );
+        assert_eq!(
+            ept.make_writable(&mut host, GuestPhysAddr::new(5 << 12)),
+            Some(false)
+        );
+        assert_eq!(
+            ept.make_writable(&mut host, GuestPhysAddr::new(9 << 12)),
+            Some(true)
+        );
+        assert_eq!(
+            ept.make_writable(&mut host, GuestPhysAddr::new(64 << 12)),
+            None
+        );
+        assert_eq!(
+            ept.translate(&host, GuestPhysAddr::new(5 << 12))
+                .map(|t| t.1),
+            Some(true)
+        );
+        // Only the range asked for.
+        let mut found = Vec::new();
+        let n = ept.take_leaf_flag(
+            &mut host,
+            6 << 12,
+            10 << 12,
+            HarvestFlag::Writable,
+            &mut |g, s| found.push((g, s)),
+        );
+        assert_eq!((n, found), (1, vec![(9 << 12, 4096)]));
+        assert_eq!(
+            ept.translate(&host, GuestPhysAddr::new(9 << 12))
+                .map(|t| t.1),
+            Some(false)
+        );
+        let mut found = Vec::new();
+        let n = ept.take_leaf_flag(
+            &mut host,
+            0,
+            u64::MAX,
+            HarvestFlag::Writable,
+            &mut |g, s| found.push((g, s)),
+        );
+        assert_eq!((n, found), (1, vec![(5 << 12, 4096)]));
+        assert_eq!(
+            ept.take_leaf_flag(
+                &mut host,
+                0,
+                u64::MAX,
+                HarvestFlag::Writable,
+                &mut |_, _| ()
+            ),
+            0
+        );
+        assert_eq!(
+            ept.take_leaf_flag(&mut host, MAX_GPA, 4096, HarvestFlag::Dirty, &mut |_, _| ()),
+            0
+        );
+        assert!(ept
+            .leaves(&host)
+            .iter()
+            .all(|l| !l.writable && l.size == 4096));
     }
 
     proptest::proptest! {

@@ -13,6 +13,7 @@ extern crate alloc;
 
 pub mod addr;
 pub mod devices;
+pub mod dirty;
 pub mod emulate;
 pub mod ept;
 pub mod ept_listener;
