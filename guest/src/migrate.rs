@@ -1,11 +1,10 @@
 //! Scenario `migrate`: the guest keeps working while Tern migrates it, as
-//! QEMU's migration test does. It increments the first byte of every page
-//! of a range, round after round; in the middle of a round it asks to be
-//! migrated (hypercall MIGRATE, which returns 1 on the target); on the
-//! target it checks that every page follows the pattern (each page equal
-//! to the one before it or exactly one step behind, and the step exactly
-//! where the round stopped), that its TSC did not go back, and goes on
-//! with more rounds. With `expect=` it also sets up its virtio devices and
+//! QEMU's migration test does. It asks to be migrated (hypercall MIGRATE)
+//! and increments the first byte of every page of a range, round after
+//! round, while Tern sends RAM; after every round every page must hold the
+//! round's value, so a write the dirty log lost shows at once. When the
+//! generation hypercall says it moved, it checks the pages again, that
+//! its TSC did not go back, and goes on with more rounds. With `expect=` it also sets up its virtio devices and
 //! does I/O on every queue before and after the migration.
 //!
 //! Options: `pages=N` (default 2048: 8 MiB from 16 MiB), `expect=` as the
@@ -21,6 +20,7 @@ type R = Result<(), &'static str>;
 
 const BASE: u64 = 16 << 20;
 const MIGRATE: u64 = 4;
+const GENERATION: u64 = 5;
 
 /// One round over pages `[from, to)`.
 fn touch(from: u64, to: u64) {
@@ -78,28 +78,36 @@ pub fn scenario(info: &BootInfo) -> R {
     crate::hw::fill(BASE, n * 4096, 0);
     let mut v = 0u8;
     for m in 0..migrations {
-        for _ in 0..3 {
-            touch(0, n);
-            v = v.wrapping_add(1);
-        }
-        let k = n / 2 + u64::from(m);
-        touch(0, k);
         let before = crate::idt::rdtsc();
         let r = vmcall(MIGRATE, 0);
-        let after = crate::idt::rdtsc();
-        if r != 1 {
+        if r != 0 {
             say!("guest: MIGRATE returned {r}");
-            return Err("not migrated");
+            return Err("Tern did not start a migration");
         }
+        // Rounds go on while Tern sends RAM; each ends with every page
+        // checked, so a write lost in the move is seen at once.
+        let mut rounds = 0u32;
+        while vmcall(GENERATION, 0) == u64::from(m) {
+            touch(0, n);
+            v = v.wrapping_add(1);
+            check(n, 0, v)?;
+            rounds += 1;
+            if rounds > 100_000 {
+                return Err("the migration never completed");
+            }
+        }
+        let after = crate::idt::rdtsc();
         say!(
-            "guest: migrated ({} of {migrations}); checking {n} pages",
+            "guest: migrated ({} of {migrations}) after {rounds} rounds; checking {n} pages",
             m + 1
         );
         if after < before {
             return Err("the TSC went back across the migration");
         }
-        check(n, k, v)?;
-        touch(k, n);
+        check(n, 0, v)?;
+        touch(0, n / 2);
+        check(n, n / 2, v)?;
+        touch(n / 2, n);
         v = v.wrapping_add(1);
         check(n, 0, v)?;
         if let Some(drv) = virtio.as_deref_mut() {

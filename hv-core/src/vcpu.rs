@@ -465,10 +465,13 @@ pub mod hypercall {
     /// Returns the number of EPT leaf pages in `[RBX, RBX + RCX)` that the
     /// guest dirtied since the last call, and clears their dirty flags.
     pub const DIRTY_LOG: u64 = 3;
-    /// Asks Tern to migrate the VM now (a VM started with `migrate=`).
-    /// Returns 0 on the source; the guest resumes on the target with 1,
-    /// or with 0 on the source when the migration failed or is not set up.
+    /// Asks Tern to migrate the VM (a VM started with `migrate=`): 0 when
+    /// the migration starts, 1 when it cannot (not configured, or one is
+    /// under way). The guest keeps running while RAM is sent.
     pub const MIGRATE: u64 = 4;
+    /// Returns how many migrations brought the VM where it runs (0 on the
+    /// VM Tern started).
+    pub const MIGRATION_GENERATION: u64 = 5;
     /// "TERN" in ASCII.
     pub const PING_REPLY: u64 = 0x5445_524E;
 }

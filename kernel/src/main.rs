@@ -13,6 +13,7 @@ extern crate alloc;
 mod cpu;
 mod exit;
 mod mem;
+mod migrate;
 mod serial;
 mod vm;
 mod vmx;
@@ -185,23 +186,33 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
                 continue;
             }
         };
+        let opt = |k: &str| boot::info::option(cmdline, k).or(info.option(k));
         let migrate = match (
-            boot::info::option(cmdline, "migrate").or(info.option("migrate")),
-            boot::info::option(cmdline, "migrate.commit").or(info.option("migrate.commit")),
+            opt("migrate"),
+            opt("migrate.commit"),
+            opt("migrate.precopy"),
         ) {
-            (None, _) => None,
-            (Some("local"), mode) => match mode.map_or(
-                Some(Default::default()),
-                hv_core::machine::CommitMode::parse,
-            ) {
-                Some(m) => Some(m),
-                None => {
-                    println!("[{name}] cannot create the VM: migrate.commit= takes deferred, eager or forced-read");
-                    status = merge(status, Status::VM_STOPPED);
-                    continue;
+            (None, _, _) => None,
+            (Some("local"), mode, precopy) => {
+                let mode = mode.map_or(
+                    Some(Default::default()),
+                    hv_core::machine::CommitMode::parse,
+                );
+                let precopy = match precopy {
+                    None | Some("on") => Some(true),
+                    Some("off") => Some(false),
+                    Some(_) => None,
+                };
+                match (mode, precopy) {
+                    (Some(mode), Some(precopy)) => Some(migrate::MigrateConfig { mode, precopy }),
+                    _ => {
+                        println!("[{name}] cannot create the VM: migrate.commit= takes deferred, eager or forced-read; migrate.precopy= on or off");
+                        status = merge(status, Status::VM_STOPPED);
+                        continue;
+                    }
                 }
-            },
-            (Some(other), _) => {
+            }
+            (Some(other), _, _) => {
                 println!(
                     "[{name}] cannot create the VM: migrate={other}: only migrate=local is known"
                 );
@@ -246,13 +257,29 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             Ok(mut vm) => {
                 println!("[{name}] starting: {cmdline}");
                 let mut report = vm.run();
-                // Each migration the guest asks for moves it to a new VM
-                // (with a VPID of its own); the source is then dropped.
+                // A migration the guest asks for: the target is built and
+                // RAM sent while the guest runs (pre-copy), then the vCPU
+                // stops, the rest is sent and the target takes over with a
+                // VPID of its own; the source is dropped.
                 let mut generation = 0u16;
                 while matches!(report.stop, hv_core::vcpu::StopReason::Migrating) {
-                    generation = generation.wrapping_add(1);
-                    let target_vpid = vpid.wrapping_add(generation.wrapping_mul(0x100)) | 0x4000;
-                    match vm.migrate_local(vmx, target_vpid) {
+                    if !vm.migrating() {
+                        generation = generation.wrapping_add(1);
+                        let target_vpid =
+                            vpid.wrapping_add(generation.wrapping_mul(0x100)) | 0x4000;
+                        if let Err(e) = vm.begin_migration(vmx, target_vpid) {
+                            println!(
+                                "[{name}] migration failed: {e}; the guest continues on the source"
+                            );
+                            report = vm.run();
+                            continue;
+                        }
+                        if vm.precopy() {
+                            report = vm.run();
+                            continue;
+                        }
+                    }
+                    match vm.finish_migration() {
                         Ok((target, m)) => {
                             m.print(&name);
                             println!("[{name}] resumed on {}", target.name);

@@ -4,6 +4,7 @@
 //! unmapped accesses, hypercalls, halts).
 
 use crate::mem::{Frames, HostMem};
+use crate::migrate::{Checkpoints, MigrateConfig, MigrationReport, Outgoing};
 use crate::vmx::instr;
 use crate::vmx::vcpu::{ExitCounters, StartState, Vcpu, VcpuError, VmHooks};
 use crate::vmx::Vmx;
@@ -26,13 +27,13 @@ use hv_core::frames::FrameAllocator;
 use hv_core::guest_mem::{GuestRam, RamChunk};
 use hv_core::irq::Nanos;
 use hv_core::loader::{self, LoadError, MULTIBOOT_BOOTLOADER_MAGIC};
-use hv_core::machine::{CommitMode, DeviceSection, LoadStats};
 use hv_core::machine::{
     Machine, MachineConfig, MachineError, BIOS_BLOCK, TEST_DEVICE_BASE, TEST_WINDOW_BASE,
     TEST_WINDOW_SIZE,
 };
 use hv_core::memory::RangeTarget;
 use hv_core::phys::PhysAccess;
+use hv_core::vcpu::VcpuState;
 use hv_core::vcpu::{hypercall, ExitAction, StopReason, VcpuExit};
 use hv_core::virtio::blk::VirtioBlk;
 use hv_core::virtio::pci::VirtioPci;
@@ -89,8 +90,9 @@ pub struct VmConfig {
     /// Size of each RAM disk in sectors (`disk=`).
     pub disk_sectors: u64,
     /// Migrate within this Tern when the guest asks (`migrate=local`),
-    /// loading device state in this commit mode (`migrate.commit=`).
-    pub migrate: Option<CommitMode>,
+    /// loading device state in this commit mode (`migrate.commit=`), with
+    /// or without pre-copy (`migrate.precopy=`).
+    pub migrate: Option<MigrateConfig>,
 }
 
 /// Seconds since 1970 that a VM's RTC reads when it starts (fixed, so runs
@@ -154,46 +156,12 @@ pub struct Vm {
     cfg: VmConfig,
     /// The guest asked to be migrated; the vCPU stops before its next entry.
     migrate_requested: bool,
-}
-
-/// What a migration did and cost.
-pub struct MigrationReport {
-    pub mode: CommitMode,
-    pub zero_pages: u64,
-    pub pages: u64,
-    pub sections: usize,
-    pub load: LoadStats,
-    pub ept_updates: u64,
-    pub invepts: u64,
-    /// Host TSC ticks: RAM copy, non-iterable load, whole downtime.
-    pub ram_tsc: u64,
-    pub load_tsc: u64,
-    pub downtime_tsc: u64,
-    pub tsc_hz: u64,
-}
-
-impl MigrationReport {
-    fn us(&self, ticks: u64) -> u64 {
-        (u128::from(ticks) * 1_000_000 / u128::from(self.tsc_hz.max(1))) as u64
-    }
-
-    /// Prints the report, a table line per figure and one line of JSON.
-    pub fn print(&self, name: &str) {
-        let l = &self.load;
-        crate::println!(
-            "[{name}] migration ({}): RAM {} pages + {} zero pages in {} us; {} device sections loaded in {} ticks ({} us); downtime {} ticks ({} us)",
-            self.mode.name(), self.pages, self.zero_pages, self.us(self.ram_tsc), self.sections,
-            self.load_tsc, self.us(self.load_tsc), self.downtime_tsc, self.us(self.downtime_tsc)
-        );
-        crate::println!(
-            "[{name}] migration load: {} renders ({} on demand), {} commits, {} listener commits, {} forced commits, {} EPT updates, {} INVEPTs",
-            l.renders, l.on_demand_renders, l.commits, l.listener_commits, l.forced_commits, self.ept_updates, self.invepts
-        );
-        crate::println!(
-            "[{name}] migration json: {{\"mode\":\"{}\",\"sections\":{},\"load_ticks\":{},\"downtime_ticks\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{}}}",
-            self.mode.name(), self.sections, self.load_tsc, self.downtime_tsc, l.renders, l.listener_commits, l.forced_commits, self.ept_updates, self.invepts
-        );
-    }
+    /// The migration under way (pre-copy), and its checkpoints.
+    outgoing: Option<Outgoing>,
+    checkpoints: Checkpoints,
+    /// How many migrations brought the VM here (hypercall
+    /// MIGRATION_GENERATION).
+    pub generation: u64,
 }
 
 /// What a VM did, for the exit summary.
@@ -365,6 +333,9 @@ impl Vm {
             slices: (0, 0),
             cfg: cfg.clone(),
             migrate_requested: false,
+            outgoing: None,
+            checkpoints: Checkpoints::default(),
+            generation: 0,
         };
         let space = vm.machine.memory;
         vm.machine
@@ -453,31 +424,70 @@ impl Vm {
         }
     }
 
-    /// Migrates the stopped VM to a new VM in this Tern (stop and copy):
-    /// RAM, then every device's state in one load (the commit mode of
-    /// `migrate.commit=`), then the vCPU. On success the new VM is ready to
-    /// run and this one may be dropped; on error this one can resume.
-    pub fn migrate_local(&mut self, vmx: &Vmx, vpid: u16) -> Result<(Vm, MigrationReport), String> {
-        let mode = self.cfg.migrate.unwrap_or_default();
-        let stopped = crate::cpu::rdtsc();
-        let mut b = Self::build(vmx, vpid, None, &self.cfg).map_err(|e| alloc::format!("{e}"))?;
-        b.name = alloc::format!("{}'", self.name);
-        // RAM, block by block.
-        let mut pages = (0u64, 0u64);
-        let mut page = alloc::vec![0u8; 4096];
-        for (&(src, size), &(dst, _)) in self.blocks.iter().zip(&b.blocks) {
-            for off in (0..size).step_by(4096) {
-                HostMem.read(HostPhysAddr::new(src.as_u64() + off), &mut page);
-                if page.iter().all(|&x| x == 0) {
-                    pages.0 += 1;
-                } else {
-                    pages.1 += 1;
-                    HostMem.write(HostPhysAddr::new(dst.as_u64() + off), &page);
-                }
-            }
+    /// The VM's EPT listener.
+    pub fn ept_listener(&self) -> core::cell::RefMut<'_, EptListener<KernelEptHost>> {
+        self.ept.borrow_mut()
+    }
+
+    /// The VM's machine (devices, memory map).
+    pub fn machine(&mut self) -> &mut Machine {
+        &mut self.machine
+    }
+
+    /// Host memory of each RAM block: (address, size).
+    pub fn blocks(&self) -> &[(HostPhysAddr, u64)] {
+        &self.blocks
+    }
+
+    /// Sizes of the RAM blocks.
+    pub fn block_sizes(&self) -> Vec<u64> {
+        self.machine.blocks.clone()
+    }
+
+    /// Turns dirty logging of guest RAM on or off (the EPT maps it with
+    /// 4 KiB pages while it is on).
+    pub fn set_ram_logging(&mut self, on: bool) -> Result<(), String> {
+        let ram = self.machine.regions.ram;
+        let mask = if on { hv_core::dirty::LOG_MIGRATION } else { 0 };
+        self.machine
+            .mem
+            .set_dirty_log_mask(ram, mask)
+            .map_err(|e| alloc::format!("dirty logging: {e}"))?;
+        if let Some(e) = self.ept.borrow_mut().take_error() {
+            return Err(alloc::format!("EPT while changing dirty logging: {e:?}"));
         }
-        let ram_done = crate::cpu::rdtsc();
-        // Disks are shared storage: the target's disks are the source's.
+        Ok(())
+    }
+
+    /// The stopped vCPU's state.
+    pub fn capture_vcpu(&self) -> Result<VcpuState, String> {
+        let v = self.vcpu.as_ref().ok_or("no vCPU")?;
+        v.capture().map_err(|e| alloc::format!("vCPU: {e}"))
+    }
+
+    /// Gives the vCPU a migrated state.
+    pub fn restore_vcpu(&mut self, s: &VcpuState) -> Result<(), String> {
+        let v = self.vcpu.as_mut().ok_or("no vCPU")?;
+        v.restore(s).map_err(|e| alloc::format!("vCPU state: {e}"))
+    }
+
+    /// Whether this VM's migrations send RAM while it runs.
+    pub fn precopy(&self) -> bool {
+        self.cfg.migrate.is_some_and(|m| m.precopy)
+    }
+
+    /// Whether a migration of this VM is under way.
+    pub fn migrating(&self) -> bool {
+        self.outgoing.is_some()
+    }
+
+    /// Starts migrating this (stopped) VM: builds the target from the same
+    /// configuration (its disks are this VM's: shared storage) and opens
+    /// the stream with RAM logging on.
+    pub fn begin_migration(&mut self, vmx: &Vmx, vpid: u16) -> Result<(), String> {
+        let mut target =
+            Self::build(vmx, vpid, None, &self.cfg).map_err(crate::migrate::target_error)?;
+        target.name = alloc::format!("{}'", self.name);
         let blk: Vec<String> = self
             .machine
             .device_ids()
@@ -487,62 +497,70 @@ impl Vm {
         for idstr in blk {
             type Blk = VirtioPci<VirtioBlk>;
             let disk = self.machine.device::<Blk>(&idstr).map(|d| d.backend.disk());
-            if let (Some(disk), Some(t)) = (disk, b.machine.device::<Blk>(&idstr)) {
+            if let (Some(disk), Some(t)) = (disk, target.machine.device::<Blk>(&idstr)) {
                 t.backend.attach_disk(disk);
             }
         }
-        // Devices, all in one load.
-        let saved = self.machine.save_devices();
-        let sections: Vec<DeviceSection> = saved
-            .iter()
-            .map(|(id, version, data)| DeviceSection {
-                id,
-                version: *version,
-                data,
-            })
-            .collect();
-        let ept_before = b.ept.borrow().counters;
-        let load_start = crate::cpu::rdtsc();
-        let load = b
-            .machine
-            .load_devices(&sections, mode, true)
-            .map_err(|e| alloc::format!("device state: {e}"))?;
-        let load_end = crate::cpu::rdtsc();
-        if let Some(e) = b.ept.borrow_mut().take_error() {
-            return Err(alloc::format!("EPT after the load: {e:?}"));
+        let precopy = self.cfg.migrate.is_some_and(|m| m.precopy);
+        let out = Outgoing::start(self, target, precopy)?;
+        self.checkpoints = Checkpoints::default();
+        self.outgoing = Some(out);
+        Ok(())
+    }
+
+    /// Ends the migration with the vCPU stopped: the rest of the stream,
+    /// then the target loads it. On success the target is returned ready to
+    /// run; on error this VM carries on (logging off, stream dropped).
+    pub fn finish_migration(&mut self) -> Result<(Vm, MigrationReport), String> {
+        let mut out = self.outgoing.take().ok_or("no migration under way")?;
+        let mut cp = core::mem::take(&mut self.checkpoints);
+        let stopped = crate::cpu::rdtsc();
+        cp.0.push(("src-downtime-start", stopped));
+        cp.0.push(("src-vm-stopped", stopped));
+        let r = out.finish(self, &mut cp);
+        let stream = match r {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.set_ram_logging(false);
+                return Err(e);
+            }
+        };
+        let mode = self.cfg.migrate.map(|m| m.mode).unwrap_or_default();
+        let mut target = out.target;
+        let ept_before = target.ept.borrow().counters;
+        let (load, load_tsc, sections) = crate::migrate::load(&mut target, &stream, mode)?;
+        cp.0.push(("dst-precopy-loadvm-completes", crate::cpu::rdtsc()));
+        let ept = target.ept.borrow().counters;
+        if let (Some(src), Some(dst)) = (self.vcpu.as_ref(), target.vcpu.as_mut()) {
+            dst.budget = src.budget;
+            dst.slices_used = src.slices_used;
         }
-        let ept = b.ept.borrow().counters;
-        // The vCPU, resuming after its MIGRATE hypercall with RAX = 1.
-        let vcpu = self.vcpu.as_ref().ok_or("the source has no vCPU")?;
-        let mut state = vcpu.capture().map_err(|e| alloc::format!("vCPU: {e}"))?;
-        state.gprs[0] = 1;
-        let target = b.vcpu.as_mut().ok_or("the target has no vCPU")?;
-        target
-            .restore(&state)
-            .map_err(|e| alloc::format!("vCPU state: {e}"))?;
-        target.budget = vcpu.budget;
-        target.slices_used = vcpu.slices_used;
-        // Virtual time stood still during the downtime.
+        // Virtual time stood still while the vCPU was stopped.
         let now = crate::cpu::rdtsc();
-        b.start_tsc = self.start_tsc.wrapping_add(now.wrapping_sub(stopped));
-        b.machine.now = self.machine.now;
-        b.machine.guest_tsc = self.machine.guest_tsc;
-        Ok((
-            b,
-            MigrationReport {
-                mode,
-                zero_pages: pages.0,
-                pages: pages.1,
-                sections: sections.len(),
-                load,
-                ept_updates: ept.updates - ept_before.updates,
-                invepts: ept.invepts - ept_before.invepts,
-                ram_tsc: ram_done - stopped,
-                load_tsc: load_end - load_start,
-                downtime_tsc: now - stopped,
-                tsc_hz: self.tsc_hz,
-            },
-        ))
+        target.start_tsc = self.start_tsc.wrapping_add(now.wrapping_sub(stopped));
+        target.machine.now = self.machine.now;
+        target.machine.guest_tsc = self.machine.guest_tsc;
+        target.generation = self.generation + 1;
+        cp.0.push(("src-downtime-end", now));
+        cp.0.push(("dst-vm-started", now));
+        let report = MigrationReport {
+            mode,
+            precopy: out.precopy,
+            iterations: out.iterations,
+            pages: out.pages_sent,
+            zero_pages: out.zero_pages,
+            stream_bytes: stream.len(),
+            sections,
+            load,
+            ept_updates: ept.updates - ept_before.updates,
+            invepts: ept.invepts - ept_before.invepts,
+            load_tsc,
+            downtime_tsc: now - stopped,
+            total_tsc: now - out.started,
+            checkpoints: cp,
+            tsc_hz: self.tsc_hz,
+        };
+        Ok((*target, report))
     }
 
     /// Runs the VM until it stops.
@@ -755,10 +773,13 @@ impl Vm {
             VcpuExit::Hypercall { nr, args, .. } => match nr {
                 hypercall::PING => ExitAction::Advance(Some(hypercall::PING_REPLY)),
                 hypercall::MIGRATE => {
-                    // The source sees 0; the target resumes with 1.
-                    self.migrate_requested = self.cfg.migrate.is_some();
-                    ExitAction::Advance(Some(0))
+                    // Starts a migration; the guest learns that it moved
+                    // from MIGRATION_GENERATION.
+                    let ok = self.cfg.migrate.is_some() && self.outgoing.is_none();
+                    self.migrate_requested = ok;
+                    ExitAction::Advance(Some(u64::from(!ok)))
                 }
+                hypercall::MIGRATION_GENERATION => ExitAction::Advance(Some(self.generation)),
                 hypercall::EXIT => ExitAction::Stop(StopReason::Exited(args[0] as u32)),
                 hypercall::DUMP_MEMORY_MAP => {
                     self.print_mtree();
@@ -909,6 +930,21 @@ impl VmHooks for Vm {
         }
         if core::mem::take(&mut self.migrate_requested) {
             return Err(StopReason::Migrating);
+        }
+        // Pre-copy: a chunk of dirty pages before each entry; the vCPU
+        // stops when the rest is small or the iterations are spent.
+        if let Some(mut out) = self.outgoing.take() {
+            let r = out.step(self);
+            self.outgoing = Some(out);
+            match r {
+                Ok(false) => {}
+                Ok(true) => return Err(StopReason::Migrating),
+                Err(e) => {
+                    crate::println!("[{}] migration abandoned: {e}", self.name);
+                    self.outgoing = None;
+                    let _ = self.set_ram_logging(false);
+                }
+            }
         }
         let now = self.advance(vcpu)?;
         let fail = |_| StopReason::VmxInstructionFailed;
