@@ -92,6 +92,13 @@ pub fn scenario(info: &BootInfo) -> R {
             v = v.wrapping_add(1);
             check(n, 0, v)?;
             rounds += 1;
+            // Device I/O while RAM is sent: the devices' writes into guest
+            // memory (used rings, read buffers) must reach the target too.
+            if rounds % 8 == 0 {
+                if let Some(drv) = virtio.as_deref_mut() {
+                    crate::virtio_blk::run(drv)?;
+                }
+            }
             if rounds > 100_000 {
                 return Err("the migration never completed");
             }

@@ -18,12 +18,14 @@
 //!   first runs.
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
+use crate::dirty::DirtyBitmap;
 use crate::ept_listener::RamBlock;
 use crate::memory::{FlatView, RangeTarget};
 use crate::phys::PhysAccess;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::Cell;
+use core::cell::RefCell;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Why a guest-memory access failed. Nothing was read or written.
@@ -76,6 +78,9 @@ pub struct GuestMemory<'a> {
     blocks: &'a [RamBlock],
     phys: &'a mut dyn PhysAccess,
     lookups: Cell<u64>,
+    /// Where writes are logged while RAM is being migrated (writes Tern
+    /// makes for the guest do not set the EPT's dirty flags).
+    dirty: Option<&'a RefCell<DirtyBitmap>>,
 }
 
 impl<'a> GuestMemory<'a> {
@@ -87,6 +92,28 @@ impl<'a> GuestMemory<'a> {
             blocks,
             phys,
             lookups: Cell::new(0),
+            dirty: None,
+        }
+    }
+
+    /// Logs every write into `log` (a migration's bitmap of dirty pages).
+    pub fn with_dirty_log(mut self, log: Option<&'a RefCell<DirtyBitmap>>) -> Self {
+        self.dirty = log;
+        self
+    }
+
+    /// Marks the pages of a host range written (no-op without a log).
+    fn mark(&self, hpa: HostPhysAddr, len: usize) {
+        let Some(log) = self.dirty else {
+            return;
+        };
+        let h = hpa.as_u64();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let start = b.hpa.as_u64();
+            if h >= start && h - start < b.size {
+                let _ = log.borrow_mut().set_range(i as u32, h - start, len as u64);
+                return;
+            }
         }
     }
 
@@ -249,6 +276,7 @@ impl<'a> GuestMemory<'a> {
             });
         }
         self.phys.write(h, data);
+        self.mark(h, data.len());
         Ok(())
     }
 
@@ -264,6 +292,7 @@ impl<'a> GuestMemory<'a> {
     pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), GuestMemError> {
         for (h, off, n) in self.pieces(gpa, data.len() as u64, true)? {
             self.phys.write(h, &data[off..off + n]);
+            self.mark(h, n);
         }
         Ok(())
     }
@@ -695,5 +724,36 @@ mod tests {
             })
             .is_err());
         assert!(ram.read(&m, GuestPhysAddr::new(u64::MAX), &mut b).is_err());
+    }
+
+    #[test]
+    fn writes_are_logged_by_page_when_a_log_is_attached() {
+        use crate::dirty::DirtyBitmap;
+        use core::cell::RefCell;
+        let mut phys = MockPhys::new(1 << 20);
+        let mut mem = MemorySystem::new();
+        let sys = mem.create_container("sys", 1 << 32).unwrap();
+        let back = RamBacking {
+            block: 0,
+            offset: 0,
+        };
+        let ram = mem.create_ram("ram", 0x8000u64.into(), back).unwrap();
+        mem.add_subregion(sys, 0, ram).unwrap();
+        let space = mem.create_address_space("memory", sys).unwrap();
+        let view = mem.flat_view(space).unwrap();
+        let blocks = [RamBlock {
+            hpa: HostPhysAddr::new(0x4_0000),
+            size: 0x8000,
+        }];
+        let log = RefCell::new(DirtyBitmap::new(&[0x8000]).unwrap());
+        let mut m = GuestMemory::new(view.clone(), &blocks, &mut phys).with_dirty_log(Some(&log));
+        m.write(0x1FFE, &[1, 2, 3, 4]).unwrap();
+        let span = m.resolve(0x6000, 0x10, true).unwrap();
+        m.write_span(&span, 8, &[7]).unwrap();
+        let pages: alloc::vec::Vec<(u32, u64)> = log.borrow().iter().collect();
+        assert_eq!(pages, [(0, 1), (0, 2), (0, 6)]);
+        let mut m = GuestMemory::new(view, &blocks, &mut phys);
+        m.write(0x5000, &[9]).unwrap();
+        assert_eq!(log.borrow().count(), 3, "no log, no marks");
     }
 }

@@ -218,6 +218,9 @@ pub struct Machine {
     exit: Option<u32>,
     /// Report lines of devices, taken by [`Machine::take_reports`].
     reports: Vec<(DeviceId, String)>,
+    /// Guest RAM written by Tern itself (device DMA, emulation) while a
+    /// migration logs dirty pages.
+    dma_dirty: Option<core::cell::RefCell<crate::dirty::DirtyBitmap>>,
     /// The device index of the interrupt controllers and timers.
     platform: Option<u32>,
     /// The device index of the PCI host bridge.
@@ -319,6 +322,7 @@ impl Machine {
             guest_tsc: 0,
             exit: None,
             reports: Vec::new(),
+            dma_dirty: None,
             platform: None,
             pci_host: None,
             pci_functions: BTreeMap::new(),
@@ -340,7 +344,8 @@ impl Machine {
     /// Guest memory as the memory space's current view shows it.
     pub fn guest_memory(&mut self) -> Result<GuestMemory<'_>, MachineError> {
         let view = self.mem.flat_view(self.memory)?;
-        Ok(GuestMemory::new(view, &self.ram, &mut *self.phys))
+        Ok(GuestMemory::new(view, &self.ram, &mut *self.phys)
+            .with_dirty_log(self.dma_dirty.as_ref()))
     }
 
     /// Adds a device with its identity; regions are added with
@@ -525,7 +530,8 @@ impl Machine {
         };
         let mut fx = Effects::default();
         let r = {
-            let mem = GuestMemory::new(view, &self.ram, &mut *self.phys);
+            let mem = GuestMemory::new(view, &self.ram, &mut *self.phys)
+                .with_dirty_log(self.dma_dirty.as_ref());
             let mut ctx = DeviceCtx::new(
                 self.now,
                 mem,
@@ -558,7 +564,8 @@ impl Machine {
         let slot = &self.devices[index as usize];
         let mut fx = Effects::default();
         let r = {
-            let mem = GuestMemory::new(view, &self.ram, &mut *self.phys);
+            let mem = GuestMemory::new(view, &self.ram, &mut *self.phys)
+                .with_dirty_log(self.dma_dirty.as_ref());
             let mut ctx = DeviceCtx::new(
                 self.now,
                 mem,
@@ -622,6 +629,24 @@ impl Machine {
             }
         }
         Ok(())
+    }
+
+    /// Starts or stops logging the guest RAM Tern writes itself (device
+    /// DMA, emulated instructions), as the EPT logs the guest's own writes.
+    pub fn log_dma(&mut self, on: bool) -> Result<(), MachineError> {
+        self.dma_dirty = if on {
+            let b = crate::dirty::DirtyBitmap::new(&self.blocks)
+                .map_err(|_| MachineError::Config("dirty bitmap"))?;
+            Some(core::cell::RefCell::new(b))
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// The pages Tern wrote since the last call (and clears them).
+    pub fn take_dma_dirty(&mut self) -> Option<crate::dirty::DirtyBitmap> {
+        self.dma_dirty.as_ref().map(|d| d.borrow_mut().take())
     }
 
     /// Report lines devices wrote since the last call, with their identity.

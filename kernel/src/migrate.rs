@@ -178,16 +178,28 @@ impl Outgoing {
     pub fn step(&mut self, vm: &mut Vm) -> Result<bool, String> {
         if self.bitmap.is_clean() {
             self.iterations += 1;
-            let n = vm
-                .ept_listener()
-                .sync_dirty(&mut self.bitmap)
-                .map_err(|e| format!("dirty log: {e:?}"))?;
+            let n = self.sync(vm)?;
             if n <= CONVERGED || self.iterations >= MAX_ITERATIONS {
                 return Ok(true);
             }
         }
         self.send(vm, RamSection::Part, CHUNK)?;
         Ok(false)
+    }
+
+    /// Harvests what was written since the last sync: the guest's writes
+    /// (EPT dirty flags) and Tern's own (device DMA, emulation). Returns
+    /// the pages now dirty.
+    fn sync(&mut self, vm: &mut Vm) -> Result<u64, String> {
+        vm.ept_listener()
+            .sync_dirty(&mut self.bitmap)
+            .map_err(|e| format!("dirty log: {e:?}"))?;
+        if let Some(dma) = vm.machine().take_dma_dirty() {
+            self.bitmap
+                .merge(&dma)
+                .map_err(|e| format!("dirty log: {e:?}"))?;
+        }
+        Ok(self.bitmap.count())
     }
 
     /// Sends up to `max` dirty pages. In this Tern the channel to the
@@ -232,9 +244,7 @@ impl Outgoing {
         vm: &mut Vm,
         checkpoints: &mut Checkpoints,
     ) -> Result<Vec<u8>, String> {
-        vm.ept_listener()
-            .sync_dirty(&mut self.bitmap)
-            .map_err(|e| format!("dirty log: {e:?}"))?;
+        self.sync(vm)?;
         self.send(vm, RamSection::End, u64::MAX)?;
         vm.set_ram_logging(false)?;
         checkpoints

@@ -456,7 +456,9 @@ impl Vm {
         if let Some(e) = self.ept.borrow_mut().take_error() {
             return Err(alloc::format!("EPT while changing dirty logging: {e:?}"));
         }
-        Ok(())
+        self.machine
+            .log_dma(on)
+            .map_err(|e| alloc::format!("dirty logging: {e}"))
     }
 
     /// The stopped vCPU's state.
