@@ -94,7 +94,7 @@ pub fn scenario(info: &BootInfo) -> R {
             rounds += 1;
             // Device I/O while RAM is sent: the devices' writes into guest
             // memory (used rings, read buffers) must reach the target too.
-            if rounds % 8 == 0 {
+            if rounds.is_multiple_of(8) {
                 if let Some(drv) = virtio.as_deref_mut() {
                     crate::virtio_blk::run(drv)?;
                 }
