@@ -449,6 +449,14 @@ impl VcpuState {
         if self.activity > 1 {
             return Err("activity state other than active or HLT");
         }
+        // What the guest's own WRMSR may set (LBR and BTF only).
+        if self.debugctl & !0b11 != 0 {
+            return Err("DEBUGCTL has bits a guest cannot set");
+        }
+        let pat_ok = (0..8).all(|i| matches!((self.pat >> (8 * i)) & 0xFF, 0 | 1 | 4 | 5 | 6 | 7));
+        if !pat_ok {
+            return Err("PAT holds a reserved memory type");
+        }
         Ok(())
     }
 }
@@ -498,6 +506,7 @@ mod tests {
     fn incoming_vcpu_state_is_checked_before_it_reaches_registers() {
         let mut ok = super::VcpuState {
             fxsave: alloc::vec![0; 512],
+            pat: 0x0007_0406_0007_0406,
             dr: [0, 0, 0, 0, 0xFFFF_0FF0, 0x400],
             cr0: 0x8000_0011,
             efer: 0x500,
@@ -505,7 +514,9 @@ mod tests {
         };
         ok.fxsave[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
         assert_eq!(ok.check(0xFFBF, 0), Ok(()));
-        let bad: [fn(&mut super::VcpuState); 9] = [
+        let bad: [fn(&mut super::VcpuState); 11] = [
+            |s| s.debugctl = 1 << 6,
+            |s| s.pat = 2,
             |s| s.fxsave.truncate(100),
             |s| s.fxsave[26] = 1,
             |s| s.syscall_msrs[1] = 0x8000_0000_0000_0000,

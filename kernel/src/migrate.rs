@@ -151,7 +151,6 @@ impl Outgoing {
             b.set_all();
             b
         };
-        vm.set_ram_logging(true)?;
         let mut writer = StreamWriter::new(MemChannel::new(), "pc").map_err(err)?;
         let blocks: Vec<(&str, u64)> = vm
             .block_sizes()
@@ -160,6 +159,11 @@ impl Outgoing {
             .map(|(&s, n)| (n, s))
             .collect();
         writer.ram_setup(RAM_ID, &blocks).map_err(err)?;
+        if target.block_sizes() != vm.block_sizes() {
+            return Err("the target's RAM blocks differ from the source's".into());
+        }
+        // Last: nothing above can fail with logging left on.
+        vm.set_ram_logging(true)?;
         Ok(Self {
             target: Box::new(target),
             writer: Some(writer),
@@ -242,10 +246,14 @@ impl Outgoing {
     pub fn finish(
         &mut self,
         vm: &mut Vm,
+        state: &hv_core::vcpu::VcpuState,
         checkpoints: &mut Checkpoints,
     ) -> Result<Vec<u8>, String> {
         self.sync(vm)?;
-        self.send(vm, RamSection::End, u64::MAX)?;
+        while !self.bitmap.is_clean() {
+            self.send(vm, RamSection::Part, CHUNK)?;
+        }
+        self.send(vm, RamSection::End, 0)?;
         vm.set_ram_logging(false)?;
         checkpoints
             .0
@@ -258,8 +266,7 @@ impl Outgoing {
                 .map_err(err)?;
             id += 1;
         }
-        let state = vm.capture_vcpu()?;
-        w.device(id, "cpu", 0, &mut VcpuWire::of(&state))
+        w.device(id, "cpu", 0, &mut VcpuWire::of(state))
             .map_err(err)?;
         checkpoints
             .0

@@ -473,6 +473,15 @@ impl Vm {
         v.restore(s).map_err(|e| alloc::format!("vCPU state: {e}"))
     }
 
+    /// Points the stopped vCPU at the EPT's current root (a rebuild in
+    /// `ept=rebuild` mode moves it).
+    fn sync_eptp(&mut self) {
+        let eptp = self.ept.borrow().eptp();
+        if let Some(v) = self.vcpu.as_mut() {
+            let _ = v.set_eptp(eptp);
+        }
+    }
+
     /// Whether this VM's migrations send RAM while it runs.
     pub fn precopy(&self) -> bool {
         self.cfg.migrate.is_some_and(|m| m.precopy)
@@ -487,6 +496,13 @@ impl Vm {
     /// configuration (its disks are this VM's: shared storage) and opens
     /// the stream with RAM logging on.
     pub fn begin_migration(&mut self, vmx: &Vmx, vpid: u16) -> Result<(), String> {
+        if !self.ept.borrow().dirty_tracking() {
+            // Logging without EPT A/D write-protects RAM, and the exit path
+            // does not resolve those faults yet.
+            return Err(
+                "this CPU has no EPT accessed/dirty flags; live migration needs them".into(),
+            );
+        }
         let mut target =
             Self::build(vmx, vpid, None, &self.cfg).map_err(crate::migrate::target_error)?;
         target.name = alloc::format!("{}'", self.name);
@@ -504,7 +520,9 @@ impl Vm {
             }
         }
         let precopy = self.cfg.migrate.is_some_and(|m| m.precopy);
-        let out = Outgoing::start(self, target, precopy)?;
+        let out = Outgoing::start(self, target, precopy);
+        self.sync_eptp();
+        let out = out?;
         self.checkpoints = Checkpoints::default();
         self.outgoing = Some(out);
         Ok(())
@@ -519,7 +537,17 @@ impl Vm {
         let stopped = crate::cpu::rdtsc();
         cp.0.push(("src-downtime-start", stopped));
         cp.0.push(("src-vm-stopped", stopped));
-        let r = out.finish(self, &mut cp);
+        // The guest's TSC and virtual time both stop here.
+        let state = match self.capture_vcpu() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.set_ram_logging(false);
+                self.sync_eptp();
+                return Err(e);
+            }
+        };
+        let r = out.finish(self, &state, &mut cp);
+        self.sync_eptp();
         let stream = match r {
             Ok(s) => s,
             Err(e) => {
@@ -531,6 +559,7 @@ impl Vm {
         let mut target = out.target;
         let ept_before = target.ept.borrow().counters;
         let (load, load_tsc, sections) = crate::migrate::load(&mut target, &stream, mode)?;
+        target.sync_eptp();
         cp.0.push(("dst-precopy-loadvm-completes", crate::cpu::rdtsc()));
         let ept = target.ept.borrow().counters;
         if let (Some(src), Some(dst)) = (self.vcpu.as_ref(), target.vcpu.as_mut()) {
@@ -787,6 +816,10 @@ impl Vm {
                     self.print_mtree();
                     ExitAction::Advance(Some(0))
                 }
+                // A migration owns the dirty flags while it runs.
+                hypercall::DIRTY_LOG if self.outgoing.is_some() => {
+                    ExitAction::Advance(Some(u64::MAX))
+                }
                 hypercall::DIRTY_LOG => {
                     let mut ept = self.ept.borrow_mut();
                     if !ept.dirty_tracking() {
@@ -945,6 +978,10 @@ impl VmHooks for Vm {
                     crate::println!("[{}] migration abandoned: {e}", self.name);
                     self.outgoing = None;
                     let _ = self.set_ram_logging(false);
+                    // With `ept=rebuild` the change may have moved the root.
+                    if let Some(stop) = self.after_remap(vcpu) {
+                        return Err(stop);
+                    }
                 }
             }
         }

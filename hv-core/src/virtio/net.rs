@@ -33,6 +33,11 @@ pub const HDR_LEN: usize = 12;
 pub const MAX_FRAME: usize = 65_550;
 /// Frames that may wait per receive queue.
 pub const BACKLOG: usize = 64;
+/// Bytes of frames one transmit pass may hand to the switch (the rest
+/// waits for the next kick), and bytes waiting in a NIC's backlogs: a
+/// driver cannot make Tern hold more.
+pub const TX_BYTES_PER_PASS: usize = 1 << 20;
+pub const BACKLOG_BYTES: usize = 256 << 10;
 /// Most queue pairs (the transport allows 127 queues in all).
 pub const MAX_PAIRS: u16 = 63;
 
@@ -121,7 +126,11 @@ impl VirtioNet {
         q: u16,
     ) -> Result<(), QueueError> {
         let pair = q / 2;
+        let mut sent = 0usize;
         for _ in 0..256 {
+            if sent >= TX_BYTES_PER_PASS {
+                break;
+            }
             let Some(queue) = io.queues.get_mut(usize::from(q)) else {
                 return Ok(());
             };
@@ -131,6 +140,7 @@ impl VirtioNet {
             let bytes = chain.read_all(&ctx.mem, HDR_LEN + MAX_FRAME)?;
             if bytes.len() > HDR_LEN {
                 self.counters.tx_frames += 1;
+                sent += bytes.len();
                 ctx.send_frame(pair, &bytes[HDR_LEN..]);
             }
             io.complete(ctx, q, chain.head, 0)?;
@@ -253,8 +263,9 @@ impl VirtioBackend for VirtioNet {
         if !waiting && self.deliver(ctx, io, q, frame)? {
             return Ok(true);
         }
+        let held: usize = self.backlog.iter().flatten().map(Vec::len).sum();
         match self.backlog.get_mut(usize::from(pair)) {
-            Some(b) if b.len() < BACKLOG => {
+            Some(b) if b.len() < BACKLOG && held + frame.len() <= BACKLOG_BYTES => {
                 b.push_back(frame.to_vec());
                 Ok(true)
             }

@@ -565,7 +565,9 @@ impl<B: VirtioBackend> VirtioPci<B> {
             self.reset();
             return;
         }
-        let mut v = v | (self.status & STATUS_NEEDS_RESET);
+        // Only a reset clears status bits (virtio 1.x 2.1.1: the driver
+        // never clears a bit it set).
+        let mut v = v | self.status;
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             // Only a subset of what was offered, and always VERSION_1.
             let ok = self.driver_features & !self.device_features() == 0

@@ -274,6 +274,30 @@ fn frames_cross_the_switch_on_the_same_queue_pair() {
 }
 
 #[test]
+fn frames_waiting_for_receive_buffers_are_bounded_in_bytes() {
+    let mut m = machine("net:2x1");
+    let features = V1 | 1 << 5 | 1 << 17 | 1 << 22;
+    let mut a = Drv::init(&mut m, 0, 1, features, true);
+    let b = Drv::init(&mut m, 1, 2, features, true);
+    let mac_b: Vec<u8> = (0..6).map(|k| mmio_read(&mut m, b.device + k, 1) as u8).collect();
+    // B posts no receive buffer; A sends 8 frames of 60,000 bytes.
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&mac_b);
+    frame.resize(12 + 60_000, 0x5A);
+    ram_write(&mut m, 0x20_0000, &frame);
+    for _ in 0..8 {
+        a.submit(&mut m, 1, &[(0x20_0000, frame.len() as u32, false)]);
+    }
+    let nic = m
+        .device::<VirtioPci<VirtioNet>>("0000:00:02.0/virtio-net")
+        .unwrap();
+    let c = nic.backend.counters;
+    // 256 KiB of backlog holds 4 of them; the rest are dropped.
+    assert_eq!(c.rx_dropped, 4, "{c:?}");
+    assert_eq!(m.stats.frames_switched, 8);
+}
+
+#[test]
 fn bad_descriptor_needs_reset_with_one_report_and_reset_recovers() {
     let mut m = machine("blk:1x1");
     let mut d = Drv::init(&mut m, 0, 1, V1, true);
