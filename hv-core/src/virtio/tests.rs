@@ -279,7 +279,9 @@ fn frames_waiting_for_receive_buffers_are_bounded_in_bytes() {
     let features = V1 | 1 << 5 | 1 << 17 | 1 << 22;
     let mut a = Drv::init(&mut m, 0, 1, features, true);
     let b = Drv::init(&mut m, 1, 2, features, true);
-    let mac_b: Vec<u8> = (0..6).map(|k| mmio_read(&mut m, b.device + k, 1) as u8).collect();
+    let mac_b: Vec<u8> = (0..6)
+        .map(|k| mmio_read(&mut m, b.device + k, 1) as u8)
+        .collect();
     // B posts no receive buffer; A sends 8 frames of 60,000 bytes.
     let mut frame = vec![0u8; 12];
     frame.extend_from_slice(&mac_b);
@@ -663,6 +665,43 @@ mod load {
             let at = find_u64(&blk.2, ring(2, 0)).expect("the saved ring address");
             blk.2[at..at + 8].copy_from_slice(&0x7_0000_0000u64.to_le_bytes());
             assert_refused(&bad, mode, |e| matches!(e, LoadError::PostLoad { .. }));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Real saved states with one byte changed or cut short: the load
+        /// never panics, and when it refuses, nothing changed (devices,
+        /// every flat view, the EPT, no transaction left open).
+        #[test]
+        fn mutated_states_load_whole_or_not_at_all(
+            section in 0usize..64,
+            at in 0usize..1 << 16,
+            byte in proptest::prelude::any::<u8>(),
+            cut in proptest::prelude::any::<bool>(),
+        ) {
+            let mut saved = source().save_devices();
+            let n = saved.len();
+            let data = &mut saved[section % n].2;
+            if !data.is_empty() {
+                let i = at % data.len();
+                if cut {
+                    data.truncate(i);
+                } else {
+                    data[i] = byte;
+                }
+            }
+            let (mut m, ept) = target();
+            let devices = m.save_devices();
+            let v = views(&m);
+            let e = ept_state(&ept);
+            let r = m.load_devices(&sections(&saved), CommitMode::Deferred, true);
+            proptest::prop_assert_eq!(m.mem.transaction_depth(), 0);
+            if r.is_err() {
+                proptest::prop_assert!(m.save_devices() == devices, "devices changed");
+                proptest::prop_assert!(views(&m) == v, "views changed");
+                proptest::prop_assert!(ept_state(&ept) == e, "EPT changed");
+            }
         }
     }
 
