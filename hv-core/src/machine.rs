@@ -887,6 +887,25 @@ impl Machine {
             .collect()
     }
 
+    /// As [`Machine::save_devices`], with each state's description where
+    /// the device has one (devices described with `vmstate!`).
+    pub fn save_devices_described(
+        &self,
+    ) -> Vec<(DeviceId, u32, Vec<u8>, Option<crate::vmstate::StructDesc>)> {
+        self.devices
+            .iter()
+            .filter(|s| s.dev.state_version() != 0)
+            .map(|s| match s.dev.save_described() {
+                Some((bytes, desc)) => (s.id.clone(), s.dev.state_version(), bytes, Some(desc)),
+                None => {
+                    let mut out = Vec::new();
+                    s.dev.save(&mut out);
+                    (s.id.clone(), s.dev.state_version(), out, None)
+                }
+            })
+            .collect()
+    }
+
     /// Loads one device's state by identity.
     pub fn load_device(
         &mut self,

@@ -323,6 +323,10 @@ impl Device for Platform {
         Ok(())
     }
 
+    fn save_described(&self) -> Option<(alloc::vec::Vec<u8>, crate::vmstate::StructDesc)> {
+        crate::vmstate::save_described(&mut state::PlatformWire::of(self)).ok()
+    }
+
     fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {
         Some(alloc::boxed::Box::new(self.clone()))
     }

@@ -260,8 +260,11 @@ impl Outgoing {
             .push(("src-iterable-saved", crate::cpu::rdtsc()));
         let w = self.writer.as_mut().ok_or("stream closed")?;
         let mut id = RAM_ID + 1;
-        for (dev, version, body) in vm.machine().save_devices() {
-            let desc = buffer_desc(&dev.idstr, version, body.len());
+        for (dev, version, body, desc) in vm.machine().save_devices_described() {
+            let desc = match desc {
+                Some(d) => d.to_json(),
+                None => buffer_desc(&dev.idstr, version, body.len()),
+            };
             w.device_raw(id, &dev.idstr, dev.instance, version, &body, Some(desc))
                 .map_err(err)?;
             id += 1;

@@ -247,6 +247,11 @@ pub trait Device {
     /// The machine then recomputes the BAR mappings; memory requests made
     /// here go into the same transaction.
     fn pci_config_written(&mut self, _ctx: &mut DeviceCtx, _offset: u16, _size: u8) {}
+    /// The state as `save` writes it, with its description (QEMU's
+    /// vmdesc), for devices described with `vmstate!`.
+    fn save_described(&self) -> Option<(Vec<u8>, crate::vmstate::StructDesc)> {
+        None
+    }
     /// Runs after a migration load, once every device's state is in and
     /// the memory map follows it (BARs, bus mastering): the device may now
     /// read the address space (ring caches, tables). An error fails the

@@ -6,7 +6,7 @@
 //! state and decodes addresses.
 
 use super::*;
-use crate::devices::{Device, DeviceCtx, StateReader};
+use crate::devices::{Device, DeviceCtx};
 
 /// Region index of the 4-byte address latch at 0xCF8.
 pub const REGION_CONFIG_ADDRESS: RegionIndex = 0;
@@ -98,6 +98,29 @@ impl PciHostBridge {
     }
 }
 
+crate::vmstate! {
+    /// The host bridge's migration section: the CF8 latch and its own
+    /// configuration space.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct HostWire as "mch", version 2, minimum 2 {
+        pub config_address: u32,
+        pub pci_len: u32,
+        pub pci: Vec<u8> [len = pci_len, max = 65536],
+    }
+}
+
+impl PciHostBridge {
+    fn wire(&self) -> HostWire {
+        let mut pci = Vec::new();
+        self.config.save(&mut pci);
+        HostWire {
+            config_address: self.config_address,
+            pci_len: pci.len() as u32,
+            pci,
+        }
+    }
+}
+
 impl Device for PciHostBridge {
     // The machine handles the bridge's regions itself.
     fn read(&mut self, _ctx: &mut DeviceCtx, _region: RegionIndex, _offset: u64, size: u8) -> u64 {
@@ -108,28 +131,22 @@ impl Device for PciHostBridge {
         Some(&mut self.config)
     }
     fn state_version(&self) -> u32 {
-        1
+        <HostWire as crate::vmstate::VmState>::VERSION
     }
-    /// The latch (4 bytes, little-endian), then the configuration space.
     fn save(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.config_address.to_le_bytes());
-        self.config.save(out);
+        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
+            out.extend_from_slice(&b);
+        }
+    }
+    fn save_described(&self) -> Option<(Vec<u8>, crate::vmstate::StructDesc)> {
+        crate::vmstate::save_described(&mut self.wire()).ok()
     }
     fn load(&mut self, _ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
-        if version != 1 {
-            return Err(StateError::Version {
-                got: version,
-                min: 1,
-                max: 1,
-            });
-        }
-        let mut r = StateReader::new(data);
-        let latch = r.bytes(4)?;
-        let latch = u32::from_le_bytes([latch[0], latch[1], latch[2], latch[3]]);
-        let config = r.bytes(self.config.state_len())?;
-        r.finish()?;
-        self.config.load(config)?;
-        self.config_address = latch;
+        let w: HostWire = crate::vmstate::load(data, version)?;
+        let mut config = self.config.clone();
+        config.load(&w.pci)?;
+        self.config = config;
+        self.config_address = w.config_address;
         Ok(())
     }
     fn duplicate(&self) -> Option<alloc::boxed::Box<dyn Device>> {

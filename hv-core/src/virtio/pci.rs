@@ -593,43 +593,88 @@ impl<B: VirtioBackend> VirtioPci<B> {
         }
     }
 
-    /// Transport, queue and backend state for migration (after the PCI
-    /// state).
-    fn save_state(&self, out: &mut Vec<u8>) {
-        out.push(self.status);
-        out.extend_from_slice(&self.dfselect.to_le_bytes());
-        out.extend_from_slice(&self.gfselect.to_le_bytes());
-        out.extend_from_slice(&self.driver_features.to_le_bytes());
-        out.extend_from_slice(&self.queue_select.to_le_bytes());
-        out.extend_from_slice(&self.config_vector.to_le_bytes());
-        out.push(self.isr);
-        out.push(self.generation);
-        out.extend_from_slice(&(self.queues.len() as u16).to_le_bytes());
-        for q in &self.queues {
-            let s = q.state();
-            out.extend_from_slice(&s.size.to_le_bytes());
-            out.push(u8::from(s.ready));
-            out.extend_from_slice(&s.desc.to_le_bytes());
-            out.extend_from_slice(&s.avail.to_le_bytes());
-            out.extend_from_slice(&s.used.to_le_bytes());
-            out.extend_from_slice(&s.msix_vector.to_le_bytes());
-            out.extend_from_slice(&s.last_avail.to_le_bytes());
-            out.extend_from_slice(&s.used_idx.to_le_bytes());
-            out.extend_from_slice(&s.signalled_used.to_le_bytes());
-            out.push(u8::from(s.signalled_valid));
+    /// The migration state, described once (vmstate).
+    fn wire(&self) -> VirtioPciWire {
+        let mut pci = Vec::new();
+        self.pci.save(&mut pci);
+        let mut backend = Vec::new();
+        self.backend.save(&mut backend);
+        let queues: Vec<QueueWire> = self
+            .queues
+            .iter()
+            .map(|q| {
+                let s = q.state();
+                QueueWire {
+                    size: s.size,
+                    ready: s.ready,
+                    desc: s.desc,
+                    avail: s.avail,
+                    used: s.used,
+                    msix_vector: s.msix_vector,
+                    last_avail: s.last_avail,
+                    used_idx: s.used_idx,
+                    signalled_used: s.signalled_used,
+                    signalled_valid: s.signalled_valid,
+                }
+            })
+            .collect();
+        VirtioPciWire {
+            pci_len: pci.len() as u32,
+            pci,
+            status: self.status,
+            dfselect: self.dfselect,
+            gfselect: self.gfselect,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            config_vector: self.config_vector,
+            isr: self.isr,
+            generation: self.generation,
+            num_queues: queues.len() as u16,
+            queues,
+            backend_len: backend.len() as u32,
+            backend,
         }
-        self.backend.save(out);
     }
 }
 
-/// Splits a saved state into the PCI part (length-prefixed) and the rest.
-fn split_pci(data: &[u8]) -> Result<(&[u8], &[u8]), StateError> {
-    let mut r = StateReader::new(data);
-    let n = r.u64()?;
-    let n = usize::try_from(n).map_err(|_| StateError::Invalid("PCI state length"))?;
-    let pci = r.bytes(n)?;
-    let rest = &data[8 + n..];
-    Ok((pci, rest))
+crate::vmstate! {
+    /// One virtqueue's migration state.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct QueueWire as "virtqueue", version 1, minimum 1 {
+        pub size: u16,
+        pub ready: bool,
+        pub desc: u64,
+        pub avail: u64,
+        pub used: u64,
+        pub msix_vector: u16,
+        pub last_avail: u16,
+        pub used_idx: u16,
+        pub signalled_used: u16,
+        pub signalled_valid: bool,
+    }
+}
+
+crate::vmstate! {
+    /// A virtio-pci device's migration section: the PCI function (its
+    /// config space, MSI-X table and PBA), the transport registers, every
+    /// queue, and the device type's own state.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct VirtioPciWire as "virtio-pci", version 2, minimum 2 {
+        pub pci_len: u32,
+        pub pci: Vec<u8> [len = pci_len, max = 65536],
+        pub status: u8,
+        pub dfselect: u32,
+        pub gfselect: u32,
+        pub driver_features: u64,
+        pub queue_select: u16,
+        pub config_vector: u16,
+        pub isr: u8,
+        pub generation: u8,
+        pub num_queues: u16,
+        pub queues: Vec<QueueWire> [count = num_queues, max = 127],
+        pub backend_len: u32,
+        pub backend: Vec<u8> [len = backend_len, max = 4096],
+    }
 }
 
 impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
@@ -709,57 +754,62 @@ impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
     }
 
     fn state_version(&self) -> u32 {
-        1
+        <VirtioPciWire as crate::vmstate::VmState>::VERSION
     }
 
     fn save(&self, out: &mut Vec<u8>) {
-        let mut pci = Vec::new();
-        self.pci.save(&mut pci);
-        out.extend_from_slice(&(pci.len() as u64).to_le_bytes());
-        out.extend_from_slice(&pci);
-        self.save_state(out);
+        // Encoding a state built from the device cannot fail (the counts
+        // and lengths are its own, within the maxima).
+        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    fn save_described(&self) -> Option<(Vec<u8>, crate::vmstate::StructDesc)> {
+        crate::vmstate::save_described(&mut self.wire()).ok()
     }
 
     fn load(&mut self, ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
-        if version != 1 {
-            return Err(StateError::Version {
-                got: version,
-                min: 1,
-                max: 1,
-            });
-        }
-        let (pci_bytes, rest) = split_pci(data)?;
-        let mut r = StateReader::new(rest);
-        let status = r.u8()?;
-        let dfselect = r.u32()?;
-        let gfselect = r.u32()?;
-        let driver_features = r.u64()?;
-        let queue_select = r.u16()?;
-        let config_vector = r.u16()?;
-        let isr = r.u8()?;
-        let generation = r.u8()?;
-        let nq = r.u16()?;
-        if usize::from(nq) != self.queues.len() {
+        let w: VirtioPciWire = crate::vmstate::load(data, version)?;
+        if usize::from(w.num_queues) != self.queues.len() {
             return Err(StateError::Invalid("number of virtio queues"));
         }
-        let mut states = Vec::with_capacity(self.queues.len());
-        for _ in 0..nq {
-            states.push(QueueState {
-                size: r.u16()?,
-                ready: r.u8()? != 0,
-                desc: r.u64()?,
-                avail: r.u64()?,
-                used: r.u64()?,
-                msix_vector: r.u16()?,
-                last_avail: r.u16()?,
-                used_idx: r.u16()?,
-                signalled_used: r.u16()?,
-                signalled_valid: r.u8()? != 0,
-            });
+        let (status, dfselect, gfselect, driver_features) =
+            (w.status, w.dfselect, w.gfselect, w.driver_features);
+        let (queue_select, config_vector, isr, generation) =
+            (w.queue_select, w.config_vector, w.isr, w.generation);
+        // What a driver could not have negotiated is refused.
+        if status & STATUS_FEATURES_OK != 0
+            && (driver_features & !self.device_features() != 0
+                || driver_features & 1 << VIRTIO_F_VERSION_1 == 0)
+        {
+            return Err(StateError::Invalid(
+                "negotiated features the device does not offer",
+            ));
         }
+        if status & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK == 0 {
+            return Err(StateError::Invalid("DRIVER_OK without FEATURES_OK"));
+        }
+        let states: Vec<QueueState> = w
+            .queues
+            .iter()
+            .map(|q| QueueState {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                avail: q.avail,
+                used: q.used,
+                msix_vector: q.msix_vector,
+                last_avail: q.last_avail,
+                used_idx: q.used_idx,
+                signalled_used: q.signalled_used,
+                signalled_valid: q.signalled_valid,
+            })
+            .collect();
+        let pci_bytes = &w.pci[..];
         // Everything is checked on copies first, then swapped in whole;
         // the backend goes last, as it applies its state when it is valid.
-        let backend_state = r.rest();
+        let backend_state = &w.backend[..];
         let mut pci = self.pci.clone();
         pci.load(pci_bytes)?;
         let mut queues: Vec<SplitQueue> = self.queues.clone();

@@ -663,7 +663,7 @@ mod load {
                 .find(|(id, _, _)| id.idstr.ends_with("virtio-blk"))
                 .unwrap();
             let at = find_u64(&blk.2, ring(2, 0)).expect("the saved ring address");
-            blk.2[at..at + 8].copy_from_slice(&0x7_0000_0000u64.to_le_bytes());
+            blk.2[at..at + 8].copy_from_slice(&0x7_0000_0000u64.to_be_bytes());
             assert_refused(&bad, mode, |e| matches!(e, LoadError::PostLoad { .. }));
         }
     }
@@ -705,8 +705,9 @@ mod load {
         }
     }
 
+    /// Where `v` is in a state (vmstate is big-endian).
     fn find_u64(data: &[u8], v: u64) -> Option<usize> {
-        data.windows(8).position(|w| w == v.to_le_bytes())
+        data.windows(8).position(|w| w == v.to_be_bytes())
     }
 
     #[test]
