@@ -202,7 +202,7 @@ impl Machine {
                 });
                 let r = self.in_transaction(|m| {
                     let undo = m.load_staged(sections, &targets)?;
-                    match m.follow_loaded(&undo) {
+                    match m.follow_loaded(&undo, mode) {
                         Ok(()) => Ok(()),
                         Err(e) => {
                             m.put_back(undo, false);
@@ -215,7 +215,7 @@ impl Machine {
             }
             CommitMode::Eager => {
                 let undo = self.load_staged(sections, &targets)?;
-                match self.follow_loaded(&undo) {
+                match self.follow_loaded(&undo, mode) {
                     Ok(()) => Ok(()),
                     Err(e) => {
                         self.put_back(undo, true);
@@ -315,21 +315,40 @@ impl Machine {
         Ok(undo)
     }
 
-    /// Device by device, in section order (as QEMU's post-load runs): the
-    /// memory map follows the loaded state (PCI mappings), then the
-    /// device's post-load hook runs with the view that results. In
-    /// deferred mode these reads render the pending tree on demand; in
-    /// forced-read mode each one commits what is pending first.
-    fn follow_loaded(&mut self, undo: &Undo) -> Result<(), LoadError> {
-        for &(d, _, pci) in &undo.replaced {
-            let id = self.devices[d as usize].id.clone();
+    /// The memory map follows the loaded state (PCI mappings), and each
+    /// device's post-load hook runs with the view that results.
+    ///
+    /// Eager and forced-read go device by device, in section order, as
+    /// QEMU's load does (a device's mappings, then its post-load reads):
+    /// each read then sees a tree that changed since the last one. Deferred
+    /// first applies every device's mappings, then runs every post-load, so
+    /// the reads share one on-demand render of the pending tree.
+    fn follow_loaded(&mut self, undo: &Undo, mode: CommitMode) -> Result<(), LoadError> {
+        let interleave = mode != CommitMode::Deferred;
+        for (i, &(d, _, pci)) in undo.replaced.iter().enumerate() {
             if pci.is_some() {
+                let id = self.devices[d as usize].id.clone();
                 self.pci_update_mappings(d)
                     .map_err(|error| LoadError::Machine {
-                        id: Some(id.clone()),
+                        id: Some(id),
                         error,
                     })?;
             }
+            if interleave {
+                self.post_load_one(d)?;
+            } else if i + 1 == undo.replaced.len() {
+                for &(d, _, _) in &undo.replaced {
+                    self.post_load_one(d)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs device `d`'s post-load hook.
+    fn post_load_one(&mut self, d: u32) -> Result<(), LoadError> {
+        {
+            let id = self.devices[d as usize].id.clone();
             let r = self
                 .with_device(d, |dev, ctx| dev.post_load(ctx))
                 .map_err(|error| LoadError::Machine {

@@ -575,6 +575,16 @@ mod load {
         assert_eq!(stats.listener_commits, 1, "{stats:?}");
         assert_eq!(stats.forced_commits, 0);
         assert_eq!(stats.commits, 1);
+        // Renders in all: two on-demand renders of the pending tree (the
+        // test device's own load moves its region before the PCI mappings
+        // follow; then every post-load read shares one), and the commit
+        // reuses the last one. Interleaved, each PCI function's read would
+        // render once more.
+        assert_eq!(
+            (stats.renders, stats.on_demand_renders),
+            (2, 2),
+            "{stats:?}"
+        );
         let (c, invepts, map) = ept_state(&ept);
         assert_eq!(c.updates - ept_before.0.updates, 1);
         assert_eq!(invepts - ept_before.1, 1);
