@@ -83,7 +83,16 @@ pub enum StateError {
 
 impl From<crate::vmstate::VmStateError> for StateError {
     fn from(e: crate::vmstate::VmStateError) -> Self {
-        Self::Decode(alloc::format!("{e}"))
+        use crate::vmstate::ErrorKind;
+        match e.kind {
+            ErrorKind::VersionTooNew { got, max, .. } => Self::Version { got, min: 0, max },
+            ErrorKind::VersionTooOld { got, min, .. } => Self::Version {
+                got,
+                min,
+                max: u32::MAX,
+            },
+            _ => Self::Decode(alloc::format!("{e}")),
+        }
     }
 }
 

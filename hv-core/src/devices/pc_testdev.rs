@@ -13,7 +13,7 @@
 //! 4. 0xFF000000, 64 KiB: "iomem", memory whose every access is an MMIO
 //!    exit (it reads back what was written), for the emulator tests.
 
-use super::{read_le, write_le, Device, DeviceCtx, RegionIndex, StateError, StateReader};
+use super::{read_le, write_le, Device, DeviceCtx, RegionIndex, StateError};
 use crate::irq::LineLevel;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -42,6 +42,26 @@ impl Default for PcTestdev {
         Self {
             scratch: 0,
             iomem: vec![0; IOMEM_LEN as usize],
+        }
+    }
+}
+
+crate::vmstate! {
+    /// pc-testdev's migration section.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct TestdevWire as "pc-testdev", version 2, minimum 2 {
+        pub scratch: u32,
+        pub iomem_len: u32,
+        pub iomem: Vec<u8> [len = iomem_len, max = 65536],
+    }
+}
+
+impl PcTestdev {
+    fn wire(&self) -> TestdevWire {
+        TestdevWire {
+            scratch: self.scratch,
+            iomem_len: self.iomem.len() as u32,
+            iomem: self.iomem.clone(),
         }
     }
 }
@@ -83,28 +103,25 @@ impl Device for PcTestdev {
     }
 
     fn state_version(&self) -> u32 {
-        1
+        <TestdevWire as crate::vmstate::VmState>::VERSION
     }
 
     fn save(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.scratch.to_le_bytes());
-        out.extend_from_slice(&self.iomem);
+        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    fn save_described(&self) -> Option<(Vec<u8>, crate::vmstate::StructDesc)> {
+        crate::vmstate::save_described(&mut self.wire()).ok()
     }
 
     fn load(&mut self, _ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
-        if version != 1 {
-            return Err(StateError::Version {
-                got: version,
-                min: 1,
-                max: 1,
-            });
+        let w: TestdevWire = crate::vmstate::load(data, version)?;
+        if w.iomem.len() != IOMEM_LEN as usize {
+            return Err(StateError::Invalid("pc-testdev iomem size"));
         }
-        let mut r = StateReader::new(data);
-        let s = r.bytes(4)?;
-        let scratch = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-        let iomem = r.bytes(IOMEM_LEN as usize)?.to_vec();
-        r.finish()?;
-        (self.scratch, self.iomem) = (scratch, iomem);
+        (self.scratch, self.iomem) = (w.scratch, w.iomem);
         Ok(())
     }
 
@@ -149,8 +166,9 @@ mod tests {
         let mut saved = Vec::new();
         d.save(&mut saved);
         let mut e = PcTestdev::default();
-        h.with(|c| e.load(c, 1, &saved)).unwrap();
+        let ver = d.state_version();
+        h.with(|c| e.load(c, ver, &saved)).unwrap();
         assert_eq!(e, d);
-        assert!(h.with(|c| e.load(c, 1, &saved[1..])).is_err());
+        assert!(h.with(|c| e.load(c, ver, &saved[1..])).is_err());
     }
 }

@@ -12,7 +12,7 @@
 //!   size and alignment inside the area, so every MMIO instruction form can
 //!   be checked end to end.
 
-use super::{all_ones, Device, DeviceCtx, MemoryRequest, RegionIndex, StateError, StateReader};
+use super::{all_ones, Device, DeviceCtx, MemoryRequest, RegionIndex, StateError};
 use crate::memory::RegionId;
 
 /// The test device.
@@ -64,6 +64,31 @@ impl Default for TestDevice {
     }
 }
 
+crate::vmstate! {
+    /// The test device's migration section, with the memory map it owns.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct TestWire as "tern-test", version 2, minimum 2 {
+        pub scratch: [u8; 256] [buffer],
+        pub writes: u64,
+        pub has_layout: bool,
+        pub base: u64,
+        pub window: bool,
+    }
+}
+
+impl TestDevice {
+    fn wire(&self) -> TestWire {
+        let (base, window) = self.layout.unwrap_or((0, false));
+        TestWire {
+            scratch: self.scratch,
+            writes: self.writes,
+            has_layout: self.layout.is_some(),
+            base,
+            window,
+        }
+    }
+}
+
 impl Device for TestDevice {
     fn read(&mut self, _ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, size: u8) -> u64 {
         match offset {
@@ -111,41 +136,27 @@ impl Device for TestDevice {
     }
 
     fn state_version(&self) -> u32 {
-        1
+        <TestWire as crate::vmstate::VmState>::VERSION
     }
 
     fn save(&self, out: &mut alloc::vec::Vec<u8>) {
-        out.extend_from_slice(&self.scratch);
-        out.extend_from_slice(&self.writes.to_le_bytes());
-        let (base, on) = self.layout.unwrap_or((u64::MAX, false));
-        out.extend_from_slice(&base.to_le_bytes());
-        out.push(u8::from(on));
+        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    fn save_described(&self) -> Option<(alloc::vec::Vec<u8>, crate::vmstate::StructDesc)> {
+        crate::vmstate::save_described(&mut self.wire()).ok()
     }
 
     fn load(&mut self, ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
-        if version != 1 {
-            return Err(StateError::Version {
-                got: version,
-                min: 1,
-                max: 1,
-            });
-        }
-        let mut r = StateReader::new(data);
-        let scratch = r.bytes(256)?;
-        let writes = r.u64()?;
-        let base = r.u64()?;
-        let on = match r.u8()? {
-            0 => false,
-            1 => true,
-            _ => return Err(StateError::Invalid("window flag")),
-        };
-        r.finish()?;
-        if base != u64::MAX && base & 0xfff != 0 {
+        let w: TestWire = crate::vmstate::load(data, version)?;
+        if w.base & 0xfff != 0 {
             return Err(StateError::Invalid("unaligned base"));
         }
-        self.scratch.copy_from_slice(scratch);
-        self.writes = writes;
-        self.layout = (base != u64::MAX).then_some((base, on));
+        self.scratch = w.scratch;
+        self.writes = w.writes;
+        self.layout = w.has_layout.then_some((w.base, w.window));
         self.request_layout(ctx, true);
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! line-control and modem-control registers hold what is written.
 //! Transmitted bytes are collected for the VM to print.
 
-use super::{Device, DeviceCtx, RegionIndex, StateError, StateReader};
+use super::{Device, DeviceCtx, RegionIndex, StateError};
 use alloc::vec::Vec;
 
 const LSR_THRE: u8 = 1 << 5;
@@ -56,6 +56,31 @@ pub fn escape_line(line: &[u8]) -> alloc::string::String {
     out
 }
 
+crate::vmstate! {
+    /// The UART's migration section (the registers a guest set; transmitted
+    /// bytes are already out).
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct UartWire as "serial", version 2, minimum 2 {
+        pub ier: u8,
+        pub lcr: u8,
+        pub mcr: u8,
+        pub scr: u8,
+        pub divisor: u16,
+    }
+}
+
+impl Uart16550 {
+    fn wire(&self) -> UartWire {
+        UartWire {
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+            scr: self.scr,
+            divisor: self.divisor,
+        }
+    }
+}
+
 impl Device for Uart16550 {
     fn read(&mut self, _ctx: &mut DeviceCtx, _r: RegionIndex, offset: u64, _size: u8) -> u64 {
         let dlab = self.lcr & LCR_DLAB != 0;
@@ -96,26 +121,22 @@ impl Device for Uart16550 {
     }
 
     fn state_version(&self) -> u32 {
-        1
+        <UartWire as crate::vmstate::VmState>::VERSION
     }
 
     fn save(&self, out: &mut alloc::vec::Vec<u8>) {
-        out.extend_from_slice(&[self.ier, self.lcr, self.mcr, self.scr]);
-        out.extend_from_slice(&self.divisor.to_le_bytes());
+        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    fn save_described(&self) -> Option<(alloc::vec::Vec<u8>, crate::vmstate::StructDesc)> {
+        crate::vmstate::save_described(&mut self.wire()).ok()
     }
 
     fn load(&mut self, _ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
-        if version != 1 {
-            return Err(StateError::Version {
-                got: version,
-                min: 1,
-                max: 1,
-            });
-        }
-        let mut r = StateReader::new(data);
-        let (ier, lcr, mcr, scr) = (r.u8()?, r.u8()?, r.u8()?, r.u8()?);
-        let divisor = r.u16()?;
-        r.finish()?;
+        let w: UartWire = crate::vmstate::load(data, version)?;
+        let (ier, lcr, mcr, scr, divisor) = (w.ier, w.lcr, w.mcr, w.scr, w.divisor);
         if ier & !0x0f != 0 || mcr & !0x1f != 0 {
             return Err(StateError::Invalid("UART IER or MCR reserved bits"));
         }
@@ -180,14 +201,15 @@ mod tests {
         let mut saved = alloc::vec::Vec::new();
         u.save(&mut saved);
         let mut v = Uart16550::new();
-        h.with(|c| v.load(c, 1, &saved)).unwrap();
+        let ver = u.state_version();
+        h.with(|c| v.load(c, ver, &saved)).unwrap();
         assert_eq!((v.lcr, v.divisor, v.scr), (0x83, 0x0C, 0x42));
         let mut bad = saved.clone();
         bad[0] = 0xF0;
         let mut w = Uart16550::new();
-        assert!(h.with(|c| w.load(c, 1, &bad)).is_err());
-        assert!(h.with(|c| w.load(c, 2, &saved)).is_err());
-        assert!(h.with(|c| w.load(c, 1, &saved[..5])).is_err());
+        assert!(h.with(|c| w.load(c, ver, &bad)).is_err());
+        assert!(h.with(|c| w.load(c, ver + 1, &saved)).is_err());
+        assert!(h.with(|c| w.load(c, ver, &saved[..5])).is_err());
         assert_eq!(w, Uart16550::new());
     }
 }
