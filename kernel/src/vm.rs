@@ -552,6 +552,7 @@ impl Vm {
             Ok(s) => s,
             Err(e) => {
                 let _ = self.set_ram_logging(false);
+                self.sync_eptp();
                 return Err(e);
             }
         };
