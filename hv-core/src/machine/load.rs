@@ -284,25 +284,17 @@ impl Machine {
     ) -> Result<Undo, LoadError> {
         let mut staged: Vec<(u32, Box<dyn Device>)> = Vec::with_capacity(sections.len());
         for (i, (s, &d)) in sections.iter().zip(targets).enumerate() {
-            let slot = &self.devices[d as usize];
-            let mut dup = slot
-                .dev
-                .duplicate()
-                .ok_or_else(|| LoadError::NotDuplicable {
-                    id: slot.id.clone(),
-                })?;
-            let r = self
-                .with_detached(d, &mut dup, |dev, ctx| dev.load(ctx, s.version, s.data))
-                .map_err(|error| LoadError::Machine {
-                    id: Some(s.id.clone()),
-                    error,
-                })?;
-            r.map_err(|error| LoadError::State {
-                section: i,
-                id: s.id.clone(),
-                error,
-            })?;
-            staged.push((d, dup));
+            if let Err(e) = self.stage_one(i, s, d, &mut staged) {
+                // Without an outer transaction (eager), the memory changes
+                // the staged states asked for are committed already: the
+                // originals, still in place, ask for theirs again.
+                if self.mem.transaction_depth() == 0 {
+                    for &(d, _) in staged.iter().rev() {
+                        self.reassert(d);
+                    }
+                }
+                return Err(e);
+            }
         }
         let mut undo = Undo {
             replaced: Vec::with_capacity(staged.len()),
@@ -313,6 +305,52 @@ impl Machine {
             undo.replaced.push((d, old, slot.pci));
         }
         Ok(undo)
+    }
+
+    /// Loads section `i` into a duplicate of device `d`.
+    fn stage_one(
+        &mut self,
+        i: usize,
+        s: &DeviceSection,
+        d: u32,
+        staged: &mut Vec<(u32, Box<dyn Device>)>,
+    ) -> Result<(), LoadError> {
+        let slot = &self.devices[d as usize];
+        let mut dup = slot
+            .dev
+            .duplicate()
+            .ok_or_else(|| LoadError::NotDuplicable {
+                id: slot.id.clone(),
+            })?;
+        let r = self
+            .with_detached(d, &mut dup, |dev, ctx| dev.load(ctx, s.version, s.data))
+            .map_err(|error| LoadError::Machine {
+                id: Some(s.id.clone()),
+                error,
+            })?;
+        r.map_err(|error| LoadError::State {
+            section: i,
+            id: s.id.clone(),
+            error,
+        })?;
+        staged.push((d, dup));
+        Ok(())
+    }
+
+    /// Device `d` (the one in its slot) reloads its own state, which asks
+    /// again for the regions it owns, and its BARs are mapped as its
+    /// config says. It loaded before, so this does not fail; if it did,
+    /// the map would stay as the failed load left it and the caller
+    /// reports the load's error.
+    fn reassert(&mut self, d: u32) {
+        let slot = &self.devices[d as usize];
+        let version = slot.dev.state_version();
+        let mut bytes = Vec::new();
+        slot.dev.save(&mut bytes);
+        let _ = self.with_device(d, |dev, ctx| dev.load(ctx, version, &bytes));
+        if self.devices[d as usize].pci.is_some() {
+            let _ = self.pci_update_mappings(d);
+        }
     }
 
     /// The memory map follows the loaded state (PCI mappings), and each
@@ -374,17 +412,7 @@ impl Machine {
                 slot.pci = pci;
                 continue;
             }
-            // The original reloads its own state, which asks again for the
-            // regions it owns, and its BARs are mapped back. These worked
-            // before the load; if they fail now the map stays as the failed
-            // load left it, and the caller reports the load error.
-            let version = slot.dev.state_version();
-            let mut bytes = Vec::new();
-            slot.dev.save(&mut bytes);
-            let _ = self.with_device(d, |dev, ctx| dev.load(ctx, version, &bytes));
-            if pci.is_some() {
-                let _ = self.pci_update_mappings(d);
-            }
+            self.reassert(d);
         }
     }
 }

@@ -716,6 +716,24 @@ mod load {
     }
 
     /// Where `v` is in a state (vmstate is big-endian).
+    #[test]
+    fn a_device_that_moved_its_regions_is_put_back_when_a_later_section_fails() {
+        // The test device's state (which moves its region and turns its
+        // RAM window on) comes first; a later section is cut short.
+        let mut saved = source().save_devices();
+        saved.reverse();
+        assert!(saved[0].0.idstr == "tern-test");
+        let last = saved.last_mut().unwrap();
+        last.2.pop();
+        for mode in [
+            CommitMode::Deferred,
+            CommitMode::Eager,
+            CommitMode::ForcedRead,
+        ] {
+            assert_refused(&saved, mode, |e| matches!(e, LoadError::State { .. }));
+        }
+    }
+
     fn find_u64(data: &[u8], v: u64) -> Option<usize> {
         data.windows(8).position(|w| w == v.to_be_bytes())
     }
