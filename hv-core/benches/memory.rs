@@ -13,12 +13,13 @@
 //!   container holding an alias of the system root (a PCI function's
 //!   bus-master space), every other one enabled.
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use hv_core::memory::{
     FlatRange, ListenerCtx, MemoryListener, MemorySystem, MmioHandle, RamBacking, ReadPolicy,
     RegionId,
 };
 use std::cell::RefCell;
+use std::hint::black_box;
 use std::rc::Rc;
 
 /// A listener that does a small amount of work per event, like an EPT

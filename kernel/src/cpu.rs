@@ -3,7 +3,7 @@
 //! instructions lives here.
 
 use core::arch::{asm, global_asm};
-use spin::Lazy;
+use spin::LazyLock;
 use x86_64::instructions::tables::load_tss;
 use x86_64::registers::segmentation::{Segment, CS, DS, ES, FS, GS, SS};
 use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
@@ -245,7 +245,7 @@ pub struct Selectors {
 
 const DOUBLE_FAULT_IST: u16 = 0;
 
-static TSS: Lazy<TaskStateSegment> = Lazy::new(|| {
+static TSS: LazyLock<TaskStateSegment> = LazyLock::new(|| {
     static mut DF_STACK: [u8; 16384] = [0; 16384];
     let mut tss = TaskStateSegment::new();
     // Only the address of the stack is taken, never a reference; the CPU is
@@ -255,7 +255,7 @@ static TSS: Lazy<TaskStateSegment> = Lazy::new(|| {
     tss
 });
 
-static GDT: Lazy<(GlobalDescriptorTable, Selectors)> = Lazy::new(|| {
+static GDT: LazyLock<(GlobalDescriptorTable, Selectors)> = LazyLock::new(|| {
     let mut gdt = GlobalDescriptorTable::new();
     let code = gdt.append(Descriptor::kernel_code_segment());
     let data = gdt.append(Descriptor::kernel_data_segment());
@@ -263,7 +263,7 @@ static GDT: Lazy<(GlobalDescriptorTable, Selectors)> = Lazy::new(|| {
     (gdt, Selectors { code, data, tss })
 });
 
-static IDT: Lazy<InterruptDescriptorTable> = Lazy::new(|| {
+static IDT: LazyLock<InterruptDescriptorTable> = LazyLock::new(|| {
     let mut idt = InterruptDescriptorTable::new();
     let stubs = exception_stubs();
     macro_rules! set {
