@@ -769,7 +769,7 @@ impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
         crate::vmstate::save_described(&mut self.wire()).ok()
     }
 
-    fn load(&mut self, ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
+    fn load(&mut self, _ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {
         let w: VirtioPciWire = crate::vmstate::load(data, version)?;
         if usize::from(w.num_queues) != self.queues.len() {
             return Err(StateError::Invalid("number of virtio queues"));
@@ -821,7 +821,6 @@ impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
             q.set_features(event_idx, indirect);
             q.restore(s);
         }
-        let _ = &ctx;
         self.backend.load(backend_state)?;
         self.pci = pci;
         self.queues = queues;
