@@ -301,14 +301,6 @@ impl Device for Platform {
         <state::PlatformWire as crate::vmstate::VmState>::VERSION
     }
 
-    fn save(&self, out: &mut alloc::vec::Vec<u8>) {
-        // Encoding a state built from the models cannot fail (counts and
-        // lengths are the models' own).
-        if let Ok(b) = crate::vmstate::save(&mut state::PlatformWire::of(self)) {
-            out.extend_from_slice(&b);
-        }
-    }
-
     fn load(
         &mut self,
         _ctx: &mut DeviceCtx,

@@ -228,8 +228,14 @@ pub trait Device {
     fn state_version(&self) -> u32 {
         0
     }
-    /// Appends the device's state.
-    fn save(&self, _out: &mut Vec<u8>) {}
+    /// Appends the device's state: by default the body of
+    /// [`Device::save_described`] (devices described with `vmstate!`
+    /// implement only that).
+    fn save(&self, out: &mut Vec<u8>) {
+        if let Some((bytes, _)) = self.save_described() {
+            out.extend_from_slice(&bytes);
+        }
+    }
     /// Replaces the device's state with a saved one of `version`; on error
     /// nothing changed. Memory-map changes go through `ctx`.
     fn load(&mut self, _ctx: &mut DeviceCtx, version: u32, data: &[u8]) -> Result<(), StateError> {

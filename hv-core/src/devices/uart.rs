@@ -124,12 +124,6 @@ impl Device for Uart16550 {
         <UartWire as crate::vmstate::VmState>::VERSION
     }
 
-    fn save(&self, out: &mut alloc::vec::Vec<u8>) {
-        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
-            out.extend_from_slice(&b);
-        }
-    }
-
     fn save_described(&self) -> Option<(alloc::vec::Vec<u8>, crate::vmstate::StructDesc)> {
         crate::vmstate::save_described(&mut self.wire()).ok()
     }

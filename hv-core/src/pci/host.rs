@@ -133,11 +133,6 @@ impl Device for PciHostBridge {
     fn state_version(&self) -> u32 {
         <HostWire as crate::vmstate::VmState>::VERSION
     }
-    fn save(&self, out: &mut Vec<u8>) {
-        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
-            out.extend_from_slice(&b);
-        }
-    }
     fn save_described(&self) -> Option<(Vec<u8>, crate::vmstate::StructDesc)> {
         crate::vmstate::save_described(&mut self.wire()).ok()
     }

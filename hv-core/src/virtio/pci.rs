@@ -757,14 +757,6 @@ impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
         <VirtioPciWire as crate::vmstate::VmState>::VERSION
     }
 
-    fn save(&self, out: &mut Vec<u8>) {
-        // Encoding a state built from the device cannot fail (the counts
-        // and lengths are its own, within the maxima).
-        if let Ok(b) = crate::vmstate::save(&mut self.wire()) {
-            out.extend_from_slice(&b);
-        }
-    }
-
     fn save_described(&self) -> Option<(Vec<u8>, crate::vmstate::StructDesc)> {
         crate::vmstate::save_described(&mut self.wire()).ok()
     }

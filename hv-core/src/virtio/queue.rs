@@ -817,12 +817,6 @@ impl SplitQueue {
         }
     }
 
-    /// Replaces the state (migration load). A ready queue is validated and
-    /// its ring cache built against `mem` (errors as [`SplitQueue::enable`]);
-    /// a queue that is not ready keeps whatever register values it had. On
-    /// error nothing changed. Features are not part of the state: the
-    /// transport calls [`SplitQueue::set_features`]. Clears a broken state
-    /// (a still-malformed ring is found again by the next operation).
     /// Takes a saved state without reading memory (a migration load, where
     /// the memory map is complete only later); [`SplitQueue::post_load`]
     /// then checks the rings and builds the cache.
@@ -851,6 +845,12 @@ impl SplitQueue {
         Ok(())
     }
 
+    /// Replaces the state (migration load). A ready queue is validated and
+    /// its ring cache built against `mem` (errors as [`SplitQueue::enable`]);
+    /// a queue that is not ready keeps whatever register values it had. On
+    /// error nothing changed. Features are not part of the state: the
+    /// transport calls [`SplitQueue::set_features`]. Clears a broken state
+    /// (a still-malformed ring is found again by the next operation).
     pub fn load_state(&mut self, s: &QueueState, mem: &GuestMemory) -> Result<(), QueueError> {
         let cache = if s.ready {
             let geo = Geometry {
@@ -863,18 +863,8 @@ impl SplitQueue {
         } else {
             None
         };
-        self.size = s.size;
-        self.ready = s.ready;
-        self.desc = s.desc;
-        self.avail = s.avail;
-        self.used = s.used;
-        self.msix_vector = s.msix_vector;
-        self.last_avail = s.last_avail;
-        self.used_idx = s.used_idx;
-        self.signalled_used = s.signalled_used;
-        self.signalled_valid = s.signalled_valid;
+        self.restore(s);
         self.cache = cache;
-        self.broken = None;
         Ok(())
     }
 }
