@@ -307,7 +307,9 @@ pub fn load(
             .iter()
             .position(|&n| n == p.block)
             .ok_or_else(|| format!("page at offset {:#x}: unknown block {}", p.offset, p.block))?;
-        let (hpa, size) = blocks[b];
+        let &(hpa, size) = blocks
+            .get(b)
+            .ok_or_else(|| format!("page at offset {:#x}: no block {}", p.offset, p.block))?;
         if p.addr % 4096 != 0 || p.addr.checked_add(4096).is_none_or(|e| e > size) {
             return Err(format!(
                 "page at offset {:#x}: {:#x} is outside {}",
