@@ -91,6 +91,9 @@ pub enum StopReason {
     DuringEventDelivery { gpa: u64 },
     /// The vCPU stopped for a migration (the VM continues elsewhere).
     Migrating,
+    /// The VM's whole state went out in a migration stream: it continues
+    /// wherever the stream is loaded (status 0, as a completed migration).
+    MigratedOut,
 }
 
 impl StopReason {
@@ -100,13 +103,14 @@ impl StopReason {
     pub fn status(self) -> u8 {
         match self {
             Self::Exited(s) => s.min(119) as u8,
+            Self::MigratedOut => 0,
             _ => 120,
         }
     }
 
     /// Whether the guest chose to stop (as opposed to being stopped).
     pub fn is_guest_exit(self) -> bool {
-        matches!(self, Self::Exited(_) | Self::Migrating)
+        matches!(self, Self::Exited(_) | Self::Migrating | Self::MigratedOut)
     }
 }
 
@@ -114,6 +118,7 @@ impl core::fmt::Display for StopReason {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::Migrating => write!(f, "stopped for migration"),
+            Self::MigratedOut => write!(f, "migrated out (the stream holds the VM)"),
             Self::Exited(s) => write!(f, "guest exited with status {s}"),
             Self::Halted => write!(f, "guest halted with interrupts disabled"),
             Self::HaltedForever => write!(

@@ -10,6 +10,7 @@
 
 extern crate alloc;
 
+mod ata;
 mod cpu;
 mod exit;
 mod mem;
@@ -18,7 +19,7 @@ mod serial;
 mod vm;
 mod vmx;
 
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use boot::{BootInfo, BootProtocol};
 use exit::Status;
@@ -187,37 +188,33 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             }
         };
         let opt = |k: &str| boot::info::option(cmdline, k).or(info.option(k));
-        let migrate = match (
-            opt("migrate"),
-            opt("migrate.commit"),
-            opt("migrate.precopy"),
-        ) {
-            (None, _, _) => None,
-            (Some("local"), mode, precopy) => {
-                let mode = mode.map_or(
-                    Some(Default::default()),
-                    hv_core::machine::CommitMode::parse,
-                );
-                let precopy = match precopy {
-                    None | Some("on") => Some(true),
-                    Some("off") => Some(false),
-                    Some(_) => None,
-                };
-                match (mode, precopy) {
-                    (Some(mode), Some(precopy)) => Some(migrate::MigrateConfig { mode, precopy }),
-                    _ => {
-                        println!("[{name}] cannot create the VM: migrate.commit= takes deferred, eager or forced-read; migrate.precopy= on or off");
-                        status = merge(status, Status::VM_STOPPED);
-                        continue;
-                    }
+        let migrate = {
+            let transport = match opt("migrate") {
+                None => Some(None),
+                Some("local") => Some(Some(migrate::Transport::Local)),
+                Some("disk") => Some(Some(migrate::Transport::Disk)),
+                Some(_) => None,
+            };
+            let mode = opt("migrate.commit").map_or(
+                Some(Default::default()),
+                hv_core::machine::CommitMode::parse,
+            );
+            let precopy = match opt("migrate.precopy") {
+                None | Some("on") => Some(true),
+                Some("off") => Some(false),
+                Some(_) => None,
+            };
+            match (transport, mode, precopy) {
+                (Some(transport), Some(mode), Some(precopy)) => migrate::MigrateConfig {
+                    transport,
+                    mode,
+                    precopy,
+                },
+                _ => {
+                    println!("[{name}] cannot create the VM: migrate= takes local or disk, migrate.commit= deferred, eager or forced-read, migrate.precopy= on or off");
+                    status = merge(status, Status::VM_STOPPED);
+                    continue;
                 }
-            }
-            (Some(other), _, _) => {
-                println!(
-                    "[{name}] cannot create the VM: migrate={other}: only migrate=local is known"
-                );
-                status = merge(status, Status::VM_STOPPED);
-                continue;
             }
         };
         let cfg = vm::VmConfig {
@@ -253,14 +250,26 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
         let before = mem::free_bytes();
         // VPID 0 is the host's; VM i gets i + 1.
         let vpid = u16::try_from(i + 1).unwrap_or(u16::MAX);
-        let report = match vm::Vm::create(vmx, vpid, image, &modules, &cfg) {
+        // A module with `incoming` on its line is a migration stream
+        // another Tern wrote: the VM is built from this Tern's configuration
+        // and takes its RAM, disks, devices and vCPU from the stream.
+        let created = if boot::info::option(cmdline, "incoming").is_some() {
+            vm::Vm::incoming(vmx, vpid, image, &cfg).map(|(vm, r)| {
+                r.print(&name);
+                vm
+            })
+        } else {
+            vm::Vm::create(vmx, vpid, image, &modules, &cfg).map_err(|e| e.to_string())
+        };
+        let report = match created {
             Ok(mut vm) => {
                 println!("[{name}] starting: {cmdline}");
                 let mut report = vm.run();
-                // A migration the guest asks for: the target is built and
-                // RAM sent while the guest runs (pre-copy), then the vCPU
-                // stops, the rest is sent and the target takes over with a
-                // VPID of its own; the source is dropped.
+                // A migration the guest asks for: RAM is sent while the
+                // guest runs (pre-copy), then the vCPU stops and the rest is
+                // sent. A local target takes over with a VPID of its own
+                // and the source is dropped; after a migration to the disk
+                // the source stops.
                 let mut generation = 0u16;
                 while matches!(report.stop, hv_core::vcpu::StopReason::Migrating) {
                     if !vm.migrating() {
@@ -280,10 +289,22 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
                         }
                     }
                     match vm.finish_migration() {
-                        Ok((target, m)) => {
-                            m.print(&name);
+                        Ok((Some(target), source, load)) => {
+                            source.print(&name);
+                            if let Some(l) = load {
+                                l.print(&name);
+                            }
                             println!("[{name}] resumed on {}", target.name);
                             vm = target;
+                        }
+                        Ok((None, source, _)) => {
+                            source.print(&name);
+                            println!(
+                                "[{name}] migrated to the disk: {} bytes; the VM stops here",
+                                source.stream_bytes
+                            );
+                            report.stop = hv_core::vcpu::StopReason::MigratedOut;
+                            break;
                         }
                         Err(e) => {
                             println!(

@@ -1,30 +1,46 @@
-//! Live migration within one Tern, through a QEMU-format stream.
+//! Live migration through a QEMU-format stream, to a VM in this Tern or to
+//! a disk another Tern boots from.
 //!
-//! The guest asks (hypercall MIGRATE). Tern builds the target VM from the
-//! same configuration, turns on dirty logging for guest RAM (4 KiB EPT
-//! leaves, dirty flags harvested into a per-block bitmap) and, while the
-//! guest keeps running, sends dirty pages as RAM `PART` sections a chunk at
-//! a time before VM entries (pre-copy). When few pages are left, or after an
-//! iteration cap, the vCPU stops: the last dirty pages (`END`), every
-//! device's state (`FULL` sections), the vCPU (`cpu`), EOF and the
-//! description close the stream. The target reads the whole stream, writes
-//! RAM, loads every device in one memory transaction, restores the vCPU and
-//! runs; the source is dropped. Any error leaves the source running.
+//! The guest asks (hypercall MIGRATE). Tern turns on dirty logging for
+//! guest RAM (4 KiB EPT leaves, dirty flags harvested into a per-block
+//! bitmap) and, while the guest keeps running, sends dirty pages a chunk
+//! at a time before VM entries (pre-copy). When few pages are left, or
+//! after an iteration cap, the vCPU stops: the last dirty pages (`END`),
+//! every device's state (`FULL` sections), Tern's `tern-vm` section, the
+//! vCPU (`cpu`), EOF and the description close the stream.
+//!
+//! Two transports ([`Transport`]):
+//! - `local`: the target is a VM built in this Tern from the same
+//!   configuration. Pages go straight into its RAM (the stream carries the
+//!   RAM setup and end); its disks are the source's (shared storage). The
+//!   target loads the stream and runs; the source is dropped.
+//! - `disk`: the whole stream, pages included, goes to an ATA disk
+//!   ([`crate::ata`]) that the emulator backs with a host file. Each RAM
+//!   disk travels as a RAM block of its own (`<idstr>.disk`), sent with the
+//!   vCPU stopped. Another Tern boots with that stream as the VM's module
+//!   (`incoming` on its line) and loads it ([`load_into`]).
+//!
+//! Any error before the switch leaves the source running.
 
+use crate::ata::{AtaDisk, DiskChannel};
 use crate::mem::HostMem;
 use crate::vm::{Vm, VmError};
 use alloc::boxed::Box;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use hv_core::addr::HostPhysAddr;
 use hv_core::dirty::DirtyBitmap;
-use hv_core::machine::{CommitMode, DeviceSection, LoadStats};
+use hv_core::machine::CommitMode;
 use hv_core::phys::PhysAccess;
 use hv_core::vcpu::VcpuWire;
+use hv_core::virtio::blk::VirtioBlk;
+use hv_core::virtio::pci::VirtioPci;
 use hv_core::vmstate::Json;
-use migration::channel::MemChannel;
-use migration::reader::{read_self_described, PageKind};
+use migration::channel::{ChannelError, ChannelWrite, MemChannel};
+use migration::incoming::{self, Loaded, RamTarget, TernVmWire};
 use migration::writer::{RamSection, StreamWriter};
 
 /// Names of the RAM blocks in the stream, by block index (QEMU's).
@@ -35,22 +51,86 @@ const CHUNK: u64 = 256;
 const CONVERGED: u64 = 64;
 /// Pre-copy passes over the dirty set before the vCPU is stopped anyway.
 const MAX_ITERATIONS: u32 = 8;
-/// Section ids: RAM, then devices from 1, the vCPU after them.
+/// Section ids: RAM, then devices from 1, the VM and the vCPU after them.
 const RAM_ID: u32 = 0;
+const PAGE: u64 = 4096;
 
-/// How a migration goes.
+/// Where the stream goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A VM of this Tern (`migrate=local`).
+    Local,
+    /// The secondary ATA master, for another Tern (`migrate=disk`).
+    Disk,
+}
+
+/// How a VM migrates and loads migrated state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MigrateConfig {
+    /// Where an outgoing migration goes (`None`: the guest's MIGRATE is
+    /// refused).
+    pub transport: Option<Transport>,
+    /// How device state is loaded (`migrate.commit=`).
     pub mode: CommitMode,
     /// Send RAM while the guest runs (otherwise stop and copy).
     pub precopy: bool,
 }
 
+/// The byte channel of an outgoing stream.
+enum Chan {
+    Mem(MemChannel),
+    Disk(DiskChannel),
+}
+
+impl ChannelWrite for Chan {
+    fn write_all(&mut self, data: &[u8]) -> Result<(), ChannelError> {
+        match self {
+            Self::Mem(c) => c.write_all(data),
+            Self::Disk(c) => c.write_all(data),
+        }
+    }
+}
+
+/// A RAM disk of a VM as a RAM block of the stream.
+struct DiskBlock {
+    name: String,
+    disk: Rc<RefCell<Vec<u8>>>,
+    /// The block's length: the disk's, rounded up to whole pages.
+    len: u64,
+}
+
+/// The RAM disks of a VM's virtio-blk devices, in device order.
+fn disk_blocks(vm: &mut Vm) -> Vec<DiskBlock> {
+    type Blk = VirtioPci<VirtioBlk>;
+    let ids: Vec<String> = vm
+        .machine()
+        .device_ids()
+        .filter(|id| id.idstr.ends_with("/virtio-blk"))
+        .map(|id| id.idstr.clone())
+        .collect();
+    let mut out = Vec::new();
+    for idstr in ids {
+        if let Some(d) = vm.machine().device::<Blk>(&idstr) {
+            let disk = d.backend.disk();
+            let len = (disk.borrow().len() as u64).next_multiple_of(PAGE);
+            out.push(DiskBlock {
+                name: format!("{idstr}.disk"),
+                disk,
+                len,
+            });
+        }
+    }
+    out
+}
+
 /// A migration in progress on the source.
 pub struct Outgoing {
-    pub target: Box<Vm>,
-    writer: Option<StreamWriter<MemChannel>>,
+    /// The local target; `None` when the stream goes to a disk.
+    pub target: Option<Box<Vm>>,
+    writer: Option<StreamWriter<Chan>>,
     bitmap: DirtyBitmap,
+    /// RAM disks sent as blocks (disk transport).
+    disks: Vec<DiskBlock>,
     pub iterations: u32,
     pub pages_sent: u64,
     pub zero_pages: u64,
@@ -63,58 +143,124 @@ pub struct Outgoing {
 #[derive(Clone, Debug, Default)]
 pub struct Checkpoints(pub Vec<(&'static str, u64)>);
 
-/// What a migration did and cost.
-pub struct MigrationReport {
+impl Checkpoints {
+    fn json(&self) -> String {
+        let mut cp = String::new();
+        let t0 = self.0.first().map_or(0, |c| c.1);
+        for (i, (n, t)) in self.0.iter().enumerate() {
+            cp.push_str(&format!(
+                "{}\"{n}\":{}",
+                if i == 0 { "" } else { "," },
+                t.wrapping_sub(t0)
+            ));
+        }
+        cp
+    }
+}
+
+/// The source's side of a migration.
+pub struct SourceReport {
+    pub transport: Transport,
     pub mode: CommitMode,
     pub precopy: bool,
     pub iterations: u32,
     pub pages: u64,
     pub zero_pages: u64,
-    pub stream_bytes: usize,
-    pub sections: usize,
-    pub load: LoadStats,
-    pub ept_updates: u64,
-    pub invepts: u64,
-    pub load_tsc: u64,
+    pub stream_bytes: u64,
+    /// vCPU stopped to the stream complete (to the target running, locally).
     pub downtime_tsc: u64,
     pub total_tsc: u64,
     pub checkpoints: Checkpoints,
     pub tsc_hz: u64,
 }
 
-impl MigrationReport {
-    fn us(&self, ticks: u64) -> u64 {
-        (u128::from(ticks) * 1_000_000 / u128::from(self.tsc_hz.max(1))) as u64
-    }
+/// A target's load of a stream.
+pub struct TargetReport {
+    pub loaded: Loaded,
+    pub stream_bytes: usize,
+    pub ept_updates: u64,
+    pub invepts: u64,
+    pub checkpoints: Checkpoints,
+    pub tsc_hz: u64,
+}
 
-    /// Prints the report, and one line of JSON.
+fn us(ticks: u64, hz: u64) -> u64 {
+    (u128::from(ticks) * 1_000_000 / u128::from(hz.max(1))) as u64
+}
+
+impl SourceReport {
+    /// Prints what the source did, and one line of JSON.
     pub fn print(&self, name: &str) {
-        let l = &self.load;
+        let how = if self.precopy {
+            "pre-copy"
+        } else {
+            "stop and copy"
+        };
+        let to = match self.transport {
+            Transport::Local => "local",
+            Transport::Disk => "to disk",
+        };
         crate::println!(
-            "[{name}] migration ({}, {}): {} pages + {} zero pages in {} pre-copy iterations, stream {} bytes; {} device sections loaded in {} ticks ({} us); downtime {} ticks ({} us); total {} us",
+            "[{name}] migration ({}, {how}, {to}): {} pages + {} zero pages in {} pre-copy iterations, stream {} bytes; downtime {} ticks ({} us); total {} us",
             self.mode.name(),
-            if self.precopy { "pre-copy" } else { "stop and copy" },
-            self.pages, self.zero_pages, self.iterations, self.stream_bytes, self.sections,
-            self.load_tsc, self.us(self.load_tsc), self.downtime_tsc, self.us(self.downtime_tsc),
-            self.us(self.total_tsc)
+            self.pages,
+            self.zero_pages,
+            self.iterations,
+            self.stream_bytes,
+            self.downtime_tsc,
+            us(self.downtime_tsc, self.tsc_hz),
+            us(self.total_tsc, self.tsc_hz)
+        );
+        crate::println!(
+            "[{name}] migration source json: {{\"transport\":\"{}\",\"mode\":\"{}\",\"precopy\":{},\"iterations\":{},\"pages\":{},\"zero_pages\":{},\"stream_bytes\":{},\"downtime_ticks\":{},\"total_ticks\":{},\"checkpoints\":{{{}}}}}",
+            match self.transport {
+                Transport::Local => "local",
+                Transport::Disk => "disk",
+            },
+            self.mode.name(),
+            self.precopy,
+            self.iterations,
+            self.pages,
+            self.zero_pages,
+            self.stream_bytes,
+            self.downtime_tsc,
+            self.total_tsc,
+            self.checkpoints.json()
+        );
+    }
+}
+
+impl TargetReport {
+    /// Prints the load's counters, and one line of JSON.
+    pub fn print(&self, name: &str) {
+        let l = &self.loaded.stats;
+        let t = self.loaded.load_ticks;
+        crate::println!(
+            "[{name}] migration load ({}): {} device sections in {} ticks ({} us), {} RAM pages ({} zero) from a stream of {} bytes",
+            l.mode.name(),
+            self.loaded.sections,
+            t,
+            us(t, self.tsc_hz),
+            self.loaded.pages,
+            self.loaded.zero_pages,
+            self.stream_bytes
         );
         crate::println!(
             "[{name}] migration load: {} renders ({} on demand), {} commits, {} listener commits, {} forced commits, {} EPT updates, {} INVEPTs",
             l.renders, l.on_demand_renders, l.commits, l.listener_commits, l.forced_commits, self.ept_updates, self.invepts
         );
-        let mut cp = String::new();
-        let t0 = self.checkpoints.0.first().map_or(0, |c| c.1);
-        for (i, (n, t)) in self.checkpoints.0.iter().enumerate() {
-            cp.push_str(&format!(
-                "{}\"{n}\":{}",
-                if i == 0 { "" } else { "," },
-                t - t0
-            ));
-        }
         crate::println!(
-            "[{name}] migration json: {{\"mode\":\"{}\",\"precopy\":{},\"iterations\":{},\"pages\":{},\"sections\":{},\"load_ticks\":{},\"downtime_ticks\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{},\"checkpoints\":{{{cp}}}}}",
-            self.mode.name(), self.precopy, self.iterations, self.pages, self.sections, self.load_tsc,
-            self.downtime_tsc, l.renders, l.listener_commits, l.forced_commits, self.ept_updates, self.invepts
+            "[{name}] migration load json: {{\"mode\":\"{}\",\"sections\":{},\"load_ticks\":{},\"pages\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{},\"checkpoints\":{{{}}}}}",
+            l.mode.name(),
+            self.loaded.sections,
+            t,
+            self.loaded.pages,
+            l.renders,
+            l.listener_commits,
+            l.forced_commits,
+            self.ept_updates,
+            self.invepts,
+            self.checkpoints.json()
         );
     }
 }
@@ -142,38 +288,54 @@ fn buffer_desc(idstr: &str, version: u32, len: usize) -> Json {
 }
 
 impl Outgoing {
-    /// Starts a migration of `vm`: the target is built, RAM logging turns
-    /// on, every page is dirty.
-    pub fn start(vm: &mut Vm, target: Vm, precopy: bool) -> Result<Self, String> {
+    /// Starts a migration of `vm` to `target` (local) or, without one, to
+    /// the disk: RAM logging turns on, every page is dirty.
+    pub fn start(vm: &mut Vm, target: Option<Vm>, precopy: bool) -> Result<Self, String> {
         let bitmap = {
             let ept = vm.ept_listener();
             let mut b = ept.dirty_bitmap().map_err(|e| format!("{e:?}"))?;
             b.set_all();
             b
         };
-        let mut writer = StreamWriter::new(MemChannel::new(), "pc").map_err(err)?;
-        let blocks: Vec<(&str, u64)> = vm
+        let (chan, disks) = match target {
+            Some(_) => (Chan::Mem(MemChannel::new()), Vec::new()),
+            None => {
+                let disk = AtaDisk::probe(crate::ata::SECONDARY)
+                    .map_err(|e| format!("migration disk: {e}"))?;
+                (Chan::Disk(DiskChannel::new(disk)), disk_blocks(vm))
+            }
+        };
+        let mut writer = StreamWriter::new(chan, "pc").map_err(err)?;
+        let mut blocks: Vec<(&str, u64)> = vm
             .block_sizes()
             .iter()
             .zip(BLOCK_NAMES)
             .map(|(&s, n)| (n, s))
             .collect();
+        blocks.extend(disks.iter().map(|d| (d.name.as_str(), d.len)));
         writer.ram_setup(RAM_ID, &blocks).map_err(err)?;
-        if target.block_sizes() != vm.block_sizes() {
-            return Err("the target's RAM blocks differ from the source's".into());
+        if let Some(t) = &target {
+            if t.block_sizes() != vm.block_sizes() {
+                return Err("the target's RAM blocks differ from the source's".into());
+            }
         }
         // Last: nothing above can fail with logging left on.
         vm.set_ram_logging(true)?;
         Ok(Self {
-            target: Box::new(target),
+            target: target.map(Box::new),
             writer: Some(writer),
             bitmap,
+            disks,
             iterations: 0,
             pages_sent: 0,
             zero_pages: 0,
             started: crate::cpu::rdtsc(),
             precopy,
         })
+    }
+
+    fn writer(&mut self) -> Result<&mut StreamWriter<Chan>, String> {
+        self.writer.as_mut().ok_or_else(|| "stream closed".into())
     }
 
     /// One step of pre-copy (before a VM entry): sends up to [`CHUNK`]
@@ -187,7 +349,14 @@ impl Outgoing {
                 return Ok(true);
             }
         }
-        self.send(vm, RamSection::Part, CHUNK)?;
+        let stream = self.target.is_none();
+        if stream {
+            self.writer()?.ram_begin(RamSection::Part).map_err(err)?;
+        }
+        self.send(vm, CHUNK)?;
+        if stream {
+            self.writer()?.ram_finish().map_err(err)?;
+        }
         Ok(false)
     }
 
@@ -206,58 +375,99 @@ impl Outgoing {
         Ok(self.bitmap.count())
     }
 
-    /// Sends up to `max` dirty pages. In this Tern the channel to the
-    /// target is memory: pages go straight into the target's RAM blocks
-    /// (the stream carries the RAM setup and end, the devices and the
-    /// vCPU). The `END` section is written with the last pages.
-    fn send(&mut self, vm: &mut Vm, kind: RamSection, max: u64) -> Result<(), String> {
+    fn count(&mut self, page: &[u8]) {
+        if page.iter().all(|&b| b == 0) {
+            self.zero_pages += 1;
+        } else {
+            self.pages_sent += 1;
+        }
+    }
+
+    /// Sends up to `max` dirty pages: into the local target's RAM, or as
+    /// page records into the open RAM section of the stream.
+    fn send(&mut self, vm: &mut Vm, max: u64) -> Result<(), String> {
         let pages: Vec<(u32, u64)> = self.bitmap.iter().take(max as usize).collect();
-        let mut buf = alloc::vec![0u8; 4096];
+        let mut buf = alloc::vec![0u8; PAGE as usize];
         for (block, page) in pages {
             let _ = self.bitmap.clear(block, page);
-            let (Some(&(hpa, size)), Some(&(dst, _))) = (
+            let (Some(&(hpa, size)), Some(&name)) = (
                 vm.blocks().get(block as usize),
-                self.target.blocks().get(block as usize),
+                BLOCK_NAMES.get(block as usize),
             ) else {
                 continue;
             };
-            let off = page * 4096;
+            let off = page * PAGE;
             if off >= size {
                 continue;
             }
             HostMem.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf);
-            if buf.iter().all(|&b| b == 0) {
-                self.zero_pages += 1;
-            } else {
-                self.pages_sent += 1;
+            self.count(&buf);
+            match self.target.as_deref() {
+                Some(t) => {
+                    let Some(&(dst, _)) = t.blocks().get(block as usize) else {
+                        continue;
+                    };
+                    HostMem.write(HostPhysAddr::new(dst.as_u64() + off), &buf);
+                }
+                None => self.writer()?.ram_page(name, off, &buf).map_err(err)?,
             }
-            HostMem.write(HostPhysAddr::new(dst.as_u64() + off), &buf);
-        }
-        if kind == RamSection::End {
-            let w = self.writer.as_mut().ok_or("stream closed")?;
-            w.ram_begin(kind).map_err(err)?;
-            w.ram_finish().map_err(err)?;
         }
         Ok(())
     }
 
-    /// The vCPU is stopped: the rest of RAM, the devices and the vCPU
-    /// close the stream. Returns the stream.
+    /// Sends every page of every RAM disk (the vCPU is stopped).
+    fn send_disks(&mut self) -> Result<(), String> {
+        let mut buf = alloc::vec![0u8; PAGE as usize];
+        for i in 0..self.disks.len() {
+            let (name, disk, len) = {
+                let d = &self.disks[i];
+                (d.name.clone(), d.disk.clone(), d.len)
+            };
+            let mut off = 0;
+            while off < len {
+                buf.fill(0);
+                {
+                    let data = disk.borrow();
+                    let from = (off as usize).min(data.len());
+                    let to = (off as usize + buf.len()).min(data.len());
+                    buf[..to - from].copy_from_slice(&data[from..to]);
+                }
+                self.count(&buf);
+                self.writer()?.ram_page(&name, off, &buf).map_err(err)?;
+                off += PAGE;
+            }
+        }
+        Ok(())
+    }
+
+    /// The vCPU is stopped: the rest of RAM (and the disks), the devices,
+    /// the VM and the vCPU close the stream. Returns the stream (local) or
+    /// an empty vector once it is on the disk, and its length.
     pub fn finish(
         &mut self,
         vm: &mut Vm,
         state: &hv_core::vcpu::VcpuState,
         checkpoints: &mut Checkpoints,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<(Vec<u8>, u64), String> {
         self.sync(vm)?;
-        while !self.bitmap.is_clean() {
-            self.send(vm, RamSection::Part, CHUNK)?;
+        if self.target.is_some() {
+            while !self.bitmap.is_clean() {
+                self.send(vm, CHUNK)?;
+            }
+            self.writer()?.ram_begin(RamSection::End).map_err(err)?;
+        } else {
+            self.writer()?.ram_begin(RamSection::End).map_err(err)?;
+            while !self.bitmap.is_clean() {
+                self.send(vm, CHUNK)?;
+            }
+            self.send_disks()?;
         }
-        self.send(vm, RamSection::End, 0)?;
+        self.writer()?.ram_finish().map_err(err)?;
         vm.set_ram_logging(false)?;
         checkpoints
             .0
             .push(("src-iterable-saved", crate::cpu::rdtsc()));
+        let generation = vm.generation + 1;
         let w = self.writer.as_mut().ok_or("stream closed")?;
         let mut id = RAM_ID + 1;
         for (dev, version, body, desc) in vm.machine().save_devices_described() {
@@ -269,109 +479,93 @@ impl Outgoing {
                 .map_err(err)?;
             id += 1;
         }
-        w.device(id, "cpu", 0, &mut VcpuWire::of(state))
+        w.device(id, "tern-vm", 0, &mut TernVmWire { generation })
+            .map_err(err)?;
+        w.device(id + 1, "cpu", 0, &mut VcpuWire::of(state))
             .map_err(err)?;
         checkpoints
             .0
             .push(("src-non-iterable-saved", crate::cpu::rdtsc()));
         let w = self.writer.take().ok_or("stream closed")?;
-        Ok(w.finish(true).map_err(err)?.into_bytes())
+        match w.finish(true).map_err(err)? {
+            Chan::Mem(m) => {
+                let bytes = m.into_bytes();
+                let n = bytes.len() as u64;
+                Ok((bytes, n))
+            }
+            Chan::Disk(d) => {
+                let n = d.close().map_err(|e| format!("migration disk: {e}"))?;
+                Ok((Vec::new(), n))
+            }
+        }
     }
 }
 
-/// Loads a whole stream into a freshly built target (RAM, then every device
-/// in one transaction, then the vCPU). Nothing of the target runs before;
-/// on error the target is dropped by the caller.
-pub fn load(
+/// A VM's RAM blocks (and, for a stream from another Tern, its RAM disks)
+/// as the loader's [`RamTarget`].
+struct VmRam {
+    blocks: Vec<(HostPhysAddr, u64)>,
+    disks: Vec<DiskBlock>,
+}
+
+impl RamTarget for VmRam {
+    fn blocks(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .blocks
+            .iter()
+            .zip(BLOCK_NAMES)
+            .map(|(&(_, s), n)| (n.to_string(), s))
+            .collect();
+        v.extend(self.disks.iter().map(|d| (d.name.clone(), d.len)));
+        v
+    }
+
+    fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
+        if let Some(&(hpa, _)) = self.blocks.get(block) {
+            HostMem.write(HostPhysAddr::new(hpa.as_u64() + offset), data);
+        } else if let Some(d) = self.disks.get(block - self.blocks.len()) {
+            // The block is the disk rounded up to pages: bytes past the
+            // disk's end are dropped.
+            let mut disk = d.disk.borrow_mut();
+            let from = (offset as usize).min(disk.len());
+            let to = (offset as usize + data.len()).min(disk.len());
+            disk[from..to].copy_from_slice(&data[..to - from]);
+        }
+    }
+}
+
+/// Loads a whole stream into a freshly built `target`: RAM (and, with
+/// `disks`, its RAM disks), every device in one transaction, the vCPU and
+/// the generation. Nothing of the target runs before; on error the caller
+/// drops it.
+pub fn load_into(
     target: &mut Vm,
     stream: &[u8],
     mode: CommitMode,
-) -> Result<(LoadStats, u64, usize), String> {
-    let parsed = read_self_described(stream).map_err(|e| format!("stream: {e}"))?;
-    let sizes = target.block_sizes();
-    for (i, &(name, len)) in parsed.ram_blocks.iter().enumerate() {
-        if BLOCK_NAMES.get(i) != Some(&name) || sizes.get(i) != Some(&len) {
-            return Err(format!(
-                "RAM block {name} of {len:#x} bytes does not match this VM"
-            ));
-        }
-    }
-    if parsed.ram_blocks.len() != sizes.len() {
-        return Err("the stream's RAM blocks do not match this VM".into());
-    }
-    // RAM: every page record, checked against its block.
-    let blocks = target.blocks().to_vec();
-    let mut page = alloc::vec![0u8; 4096];
-    for p in &parsed.pages {
-        let b = BLOCK_NAMES
-            .iter()
-            .position(|&n| n == p.block)
-            .ok_or_else(|| format!("page at offset {:#x}: unknown block {}", p.offset, p.block))?;
-        let &(hpa, size) = blocks
-            .get(b)
-            .ok_or_else(|| format!("page at offset {:#x}: no block {}", p.offset, p.block))?;
-        if p.addr % 4096 != 0 || p.addr.checked_add(4096).is_none_or(|e| e > size) {
-            return Err(format!(
-                "page at offset {:#x}: {:#x} is outside {}",
-                p.offset, p.addr, p.block
-            ));
-        }
-        let data: &[u8] = match p.kind {
-            PageKind::Zero(b) => {
-                page.fill(b);
-                &page
-            }
-            PageKind::Normal(d) if d.len() == 4096 => d,
-            PageKind::Normal(_) => {
-                return Err(format!("page at offset {:#x}: not 4 KiB", p.offset))
-            }
-        };
-        HostMem.write(HostPhysAddr::new(hpa.as_u64() + p.addr), data);
-    }
-    // Devices and the vCPU.
-    let mut cpu = None;
-    let mut owned: Vec<(hv_core::devices::DeviceId, u32, &[u8])> = Vec::new();
-    for (info, body) in parsed.devices() {
-        if info.idstr == "cpu" {
-            if cpu.is_some() {
-                return Err("two cpu sections".into());
-            }
-            let w: VcpuWire = hv_core::vmstate::load(body, info.version)
-                .map_err(|e| format!("cpu section: {e}"))?;
-            cpu = Some(w.state().map_err(|e| format!("cpu section: {e}"))?);
-            continue;
-        }
-        owned.push((
-            hv_core::devices::DeviceId {
-                idstr: info.idstr.into(),
-                instance: info.instance,
-            },
-            info.version,
-            body,
-        ));
-    }
-    let cpu = cpu.ok_or("the stream has no cpu section")?;
-    let sections: Vec<DeviceSection> = owned
-        .iter()
-        .map(|(id, version, data)| DeviceSection {
-            id,
-            version: *version,
-            data,
-        })
-        .collect();
-    let ept_before = target.ept_listener().counters;
-    let t0 = crate::cpu::rdtsc();
-    let stats = target
-        .machine()
-        .load_devices(&sections, mode, true)
-        .map_err(|e| format!("device state: {e}"))?;
-    let t1 = crate::cpu::rdtsc();
+    disks: bool,
+) -> Result<(Loaded, u64, u64), String> {
+    let mut ram = VmRam {
+        blocks: target.blocks().to_vec(),
+        disks: if disks {
+            disk_blocks(target)
+        } else {
+            Vec::new()
+        },
+    };
+    let before = target.ept_listener().counters;
+    let loaded = incoming::load(target.machine(), &mut ram, stream, mode, crate::cpu::rdtsc)
+        .map_err(|e| e.to_string())?;
     if let Some(e) = target.ept_listener().take_error() {
         return Err(format!("EPT after the load: {e:?}"));
     }
-    let _ = ept_before;
-    target.restore_vcpu(&cpu)?;
-    Ok((stats, t1 - t0, sections.len()))
+    let after = target.ept_listener().counters;
+    target.restore_vcpu(&loaded.vcpu)?;
+    target.generation = loaded.vm.generation;
+    Ok((
+        loaded,
+        after.updates - before.updates,
+        after.invepts - before.invepts,
+    ))
 }
 
 /// Errors of building a target.

@@ -4,7 +4,7 @@
 //! unmapped accesses, hypercalls, halts).
 
 use crate::mem::{Frames, HostMem};
-use crate::migrate::{Checkpoints, MigrateConfig, MigrationReport, Outgoing};
+use crate::migrate::{Checkpoints, MigrateConfig, Outgoing, SourceReport, TargetReport, Transport};
 use crate::vmx::instr;
 use crate::vmx::vcpu::{ExitCounters, StartState, Vcpu, VcpuError, VmHooks};
 use crate::vmx::Vmx;
@@ -89,10 +89,10 @@ pub struct VmConfig {
     pub devices: DeviceSpec,
     /// Size of each RAM disk in sectors (`disk=`).
     pub disk_sectors: u64,
-    /// Migrate within this Tern when the guest asks (`migrate=local`),
-    /// loading device state in this commit mode (`migrate.commit=`), with
-    /// or without pre-copy (`migrate.precopy=`).
-    pub migrate: Option<MigrateConfig>,
+    /// Where the VM migrates when the guest asks (`migrate=local|disk`),
+    /// with or without pre-copy (`migrate.precopy=`), and how migrated
+    /// device state is loaded (`migrate.commit=`).
+    pub migrate: MigrateConfig,
 }
 
 /// Seconds since 1970 that a VM's RTC reads when it starts (fixed, so runs
@@ -484,7 +484,7 @@ impl Vm {
 
     /// Whether this VM's migrations send RAM while it runs.
     pub fn precopy(&self) -> bool {
-        self.cfg.migrate.is_some_and(|m| m.precopy)
+        self.cfg.migrate.precopy
     }
 
     /// Whether a migration of this VM is under way.
@@ -492,9 +492,9 @@ impl Vm {
         self.outgoing.is_some()
     }
 
-    /// Starts migrating this (stopped) VM: builds the target from the same
-    /// configuration (its disks are this VM's: shared storage) and opens
-    /// the stream with RAM logging on.
+    /// Starts migrating this (stopped) VM: for a local migration builds the
+    /// target from the same configuration (its disks are this VM's: shared
+    /// storage); opens the stream with RAM logging on.
     pub fn begin_migration(&mut self, vmx: &Vmx, vpid: u16) -> Result<(), String> {
         if !self.ept.borrow().dirty_tracking() {
             // Logging without EPT A/D write-protects RAM, and the exit path
@@ -503,24 +503,30 @@ impl Vm {
                 "this CPU has no EPT accessed/dirty flags; live migration needs them".into(),
             );
         }
-        let mut target =
-            Self::build(vmx, vpid, None, &self.cfg).map_err(crate::migrate::target_error)?;
-        target.name = alloc::format!("{}'", self.name);
-        let blk: Vec<String> = self
-            .machine
-            .device_ids()
-            .filter(|id| id.idstr.ends_with("/virtio-blk"))
-            .map(|id| id.idstr.clone())
-            .collect();
-        for idstr in blk {
-            type Blk = VirtioPci<VirtioBlk>;
-            let disk = self.machine.device::<Blk>(&idstr).map(|d| d.backend.disk());
-            if let (Some(disk), Some(t)) = (disk, target.machine.device::<Blk>(&idstr)) {
-                t.backend.attach_disk(disk);
+        let target = match self.cfg.migrate.transport {
+            Some(Transport::Local) => {
+                let mut target = Self::build(vmx, vpid, None, &self.cfg)
+                    .map_err(crate::migrate::target_error)?;
+                target.name = alloc::format!("{}'", self.name);
+                let blk: Vec<String> = self
+                    .machine
+                    .device_ids()
+                    .filter(|id| id.idstr.ends_with("/virtio-blk"))
+                    .map(|id| id.idstr.clone())
+                    .collect();
+                for idstr in blk {
+                    type Blk = VirtioPci<VirtioBlk>;
+                    let disk = self.machine.device::<Blk>(&idstr).map(|d| d.backend.disk());
+                    if let (Some(disk), Some(t)) = (disk, target.machine.device::<Blk>(&idstr)) {
+                        t.backend.attach_disk(disk);
+                    }
+                }
+                Some(target)
             }
-        }
-        let precopy = self.cfg.migrate.is_some_and(|m| m.precopy);
-        let out = Outgoing::start(self, target, precopy);
+            Some(Transport::Disk) => None,
+            None => return Err("this VM has no migration configured".into()),
+        };
+        let out = Outgoing::start(self, target, self.cfg.migrate.precopy);
         self.sync_eptp();
         let out = out?;
         self.checkpoints = Checkpoints::default();
@@ -529,26 +535,24 @@ impl Vm {
     }
 
     /// Ends the migration with the vCPU stopped: the rest of the stream,
-    /// then the target loads it. On success the target is returned ready to
-    /// run; on error this VM carries on (logging off, stream dropped).
-    pub fn finish_migration(&mut self) -> Result<(Vm, MigrationReport), String> {
+    /// then (local) the target loads it. On success a local target is
+    /// returned ready to run (`None` when the stream went to the disk, and
+    /// this VM is done); on error this VM carries on (logging off, stream
+    /// dropped).
+    pub fn finish_migration(
+        &mut self,
+    ) -> Result<(Option<Vm>, SourceReport, Option<TargetReport>), String> {
         let mut out = self.outgoing.take().ok_or("no migration under way")?;
         let mut cp = core::mem::take(&mut self.checkpoints);
         let stopped = crate::cpu::rdtsc();
         cp.0.push(("src-downtime-start", stopped));
         cp.0.push(("src-vm-stopped", stopped));
         // The guest's TSC and virtual time both stop here.
-        let state = match self.capture_vcpu() {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = self.set_ram_logging(false);
-                self.sync_eptp();
-                return Err(e);
-            }
-        };
-        let r = out.finish(self, &state, &mut cp);
+        let r = self
+            .capture_vcpu()
+            .and_then(|state| out.finish(self, &state, &mut cp));
         self.sync_eptp();
-        let stream = match r {
+        let (stream, stream_bytes) = match r {
             Ok(s) => s,
             Err(e) => {
                 let _ = self.set_ram_logging(false);
@@ -556,13 +560,38 @@ impl Vm {
                 return Err(e);
             }
         };
-        let mode = self.cfg.migrate.map(|m| m.mode).unwrap_or_default();
-        let mut target = out.target;
-        let ept_before = target.ept.borrow().counters;
-        let (load, load_tsc, sections) = crate::migrate::load(&mut target, &stream, mode)?;
+        let mode = self.cfg.migrate.mode;
+        let mut source = SourceReport {
+            transport: if out.target.is_some() {
+                Transport::Local
+            } else {
+                Transport::Disk
+            },
+            mode,
+            precopy: out.precopy,
+            iterations: out.iterations,
+            pages: out.pages_sent,
+            zero_pages: out.zero_pages,
+            stream_bytes,
+            downtime_tsc: 0,
+            total_tsc: 0,
+            checkpoints: Checkpoints::default(),
+            tsc_hz: self.tsc_hz,
+        };
+        let Some(mut target) = out.target.take() else {
+            // On the disk: this VM stops here, as QEMU's source after
+            // `migrate` completes.
+            let now = crate::cpu::rdtsc();
+            cp.0.push(("src-downtime-end", now));
+            source.downtime_tsc = now - stopped;
+            source.total_tsc = now - out.started;
+            source.checkpoints = cp;
+            return Ok((None, source, None));
+        };
+        let (loaded, ept_updates, invepts) =
+            crate::migrate::load_into(&mut target, &stream, mode, false)?;
         target.sync_eptp();
         cp.0.push(("dst-precopy-loadvm-completes", crate::cpu::rdtsc()));
-        let ept = target.ept.borrow().counters;
         if let (Some(src), Some(dst)) = (self.vcpu.as_ref(), target.vcpu.as_mut()) {
             dst.budget = src.budget;
             dst.slices_used = src.slices_used;
@@ -572,27 +601,59 @@ impl Vm {
         target.start_tsc = self.start_tsc.wrapping_add(now.wrapping_sub(stopped));
         target.machine.now = self.machine.now;
         target.machine.guest_tsc = self.machine.guest_tsc;
-        target.generation = self.generation + 1;
         cp.0.push(("src-downtime-end", now));
         cp.0.push(("dst-vm-started", now));
-        let report = MigrationReport {
-            mode,
-            precopy: out.precopy,
-            iterations: out.iterations,
-            pages: out.pages_sent,
-            zero_pages: out.zero_pages,
+        source.downtime_tsc = now - stopped;
+        source.total_tsc = now - out.started;
+        source.checkpoints = cp.clone();
+        let report = TargetReport {
+            loaded,
             stream_bytes: stream.len(),
-            sections,
-            load,
-            ept_updates: ept.updates - ept_before.updates,
-            invepts: ept.invepts - ept_before.invepts,
-            load_tsc,
-            downtime_tsc: now - stopped,
-            total_tsc: now - out.started,
+            ept_updates,
+            invepts,
             checkpoints: cp,
             tsc_hz: self.tsc_hz,
         };
-        Ok((*target, report))
+        Ok((Some(*target), source, Some(report)))
+    }
+
+    /// Builds a VM from a migration stream another Tern wrote (a boot
+    /// module with `incoming` on its line): RAM, disks, devices in one
+    /// transaction, the vCPU. The VM's virtual time continues from the
+    /// stream's.
+    pub fn incoming(
+        vmx: &Vmx,
+        vpid: u16,
+        stream: &[u8],
+        cfg: &VmConfig,
+    ) -> Result<(Self, TargetReport), String> {
+        let t0 = crate::cpu::rdtsc();
+        let mut vm = Self::build(vmx, vpid, None, cfg).map_err(crate::migrate::target_error)?;
+        let (loaded, ept_updates, invepts) =
+            crate::migrate::load_into(&mut vm, stream, cfg.migrate.mode, true)?;
+        vm.sync_eptp();
+        let mut cp = Checkpoints::default();
+        cp.0.push(("dst-incoming-start", t0));
+        cp.0.push(("dst-precopy-loadvm-completes", crate::cpu::rdtsc()));
+        let (now, guest_tsc) = vm
+            .machine
+            .platform_mut()
+            .map_or((0, 0), |p| (p.now, p.guest_tsc));
+        let ticks = (u128::from(now) * u128::from(vm.tsc_hz) / 1_000_000_000) as u64;
+        let start = crate::cpu::rdtsc();
+        vm.start_tsc = start.wrapping_sub(ticks);
+        vm.machine.now = now;
+        vm.machine.guest_tsc = guest_tsc;
+        cp.0.push(("dst-vm-started", start));
+        let report = TargetReport {
+            loaded,
+            stream_bytes: stream.len(),
+            ept_updates,
+            invepts,
+            checkpoints: cp,
+            tsc_hz: vm.tsc_hz,
+        };
+        Ok((vm, report))
     }
 
     /// Runs the VM until it stops.
@@ -807,7 +868,7 @@ impl Vm {
                 hypercall::MIGRATE => {
                     // Starts a migration; the guest learns that it moved
                     // from MIGRATION_GENERATION.
-                    let ok = self.cfg.migrate.is_some() && self.outgoing.is_none();
+                    let ok = self.cfg.migrate.transport.is_some() && self.outgoing.is_none();
                     self.migrate_requested = ok;
                     ExitAction::Advance(Some(u64::from(!ok)))
                 }

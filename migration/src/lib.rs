@@ -14,10 +14,12 @@
 //!   with it, which delimits and prints sections of devices Tern does not
 //!   model.
 //! * [`channel`]: the byte transport.
+//! * [`incoming`]: applying a whole stream to a target: RAM through a
+//!   [`incoming::RamTarget`], devices through the machine's one-transaction
+//!   load, the vCPU and Tern's `tern-vm` section handed back.
 //!
-//! The crate owns the wire format only. It never touches devices or guest
-//! memory: the loader that stages a whole stream and commits it after EOF
-//! lives with the machine.
+//! The wire-format modules never touch devices or guest memory; only
+//! `incoming` does, through the machine's own all-or-nothing load.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
@@ -26,6 +28,7 @@ pub mod channel;
 pub mod desc;
 pub mod error;
 pub mod format;
+pub mod incoming;
 pub mod reader;
 pub mod writer;
 

@@ -180,6 +180,21 @@ pub fn run_bochs(
     timeout: Duration,
     echo: bool,
 ) -> Result<RunOutput, String> {
+    run_bochs_disk(name, images, kernel_args, guests, timeout, echo, None)
+}
+
+/// Boots Tern in Bochs from a GRUB ISO, with `disk` (a raw image whose
+/// size is a whole number of 16-head, 63-sector cylinders) as the
+/// secondary ATA master: the channel `migrate=disk` writes its stream to.
+pub fn run_bochs_disk(
+    name: &str,
+    images: &Images,
+    kernel_args: &str,
+    guests: &[GuestSpec],
+    timeout: Duration,
+    echo: bool,
+    disk: Option<&Path>,
+) -> Result<RunOutput, String> {
     deps::ensure(&[deps::BOCHS])?;
     let dir = work_dir(name)?;
     let iso = dir.join("tern.iso");
@@ -203,6 +218,7 @@ pub fn run_bochs(
              romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
              vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
              ata0-master: type=cdrom, path={iso}, status=inserted\n\
+             {disk}\
              boot: cdrom\n\
              com1: enabled=1, mode=file, dev={serial}\n\
              port_e9_hack: enabled=1\n\
@@ -215,6 +231,18 @@ pub fn run_bochs(
              speaker: enabled=0\n\
              sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n",
             iso = iso.display(),
+            disk = match disk {
+                Some(d) => format!(
+                    "ata1: enabled=1, ioaddr1=0x170, ioaddr2=0x370, irq=15\n\
+                     ata1-master: type=disk, path={}, mode=flat, cylinders={}, heads=16, spt=63\n",
+                    d.display(),
+                    fs::metadata(d)
+                        .map_err(|e| format!("{}: {e}", d.display()))?
+                        .len()
+                        / CYLINDER
+                ),
+                None => String::new(),
+            },
             serial = serial.display(),
             log = dir.join("bochs.log").display(),
         ),
@@ -236,6 +264,9 @@ pub fn run_bochs(
     })
 }
 
+/// Bytes of one cylinder of a migration disk (16 heads, 63 sectors).
+pub const CYLINDER: u64 = 16 * 63 * 512;
+
 /// Boots Tern in QEMU through PVH (`-kernel`), with the guests as modules.
 pub fn run_qemu(
     name: &str,
@@ -245,6 +276,22 @@ pub fn run_qemu(
     kvm: bool,
     timeout: Duration,
     echo: bool,
+) -> Result<RunOutput, String> {
+    run_qemu_disk(name, images, kernel_args, guests, kvm, timeout, echo, None)
+}
+
+/// [`run_qemu`] with `disk` as the secondary IDE master (the channel
+/// `migrate=disk` writes its stream to).
+#[allow(clippy::too_many_arguments)]
+pub fn run_qemu_disk(
+    name: &str,
+    images: &Images,
+    kernel_args: &str,
+    guests: &[GuestSpec],
+    kvm: bool,
+    timeout: Duration,
+    echo: bool,
+    disk: Option<&Path>,
 ) -> Result<RunOutput, String> {
     deps::ensure(&[deps::QEMU])?;
     let dir = work_dir(name)?;
@@ -275,6 +322,10 @@ pub fn run_qemu(
     ])
     .arg("-serial")
     .arg(format!("file:{}", serial.display()));
+    if let Some(d) = disk {
+        cmd.arg("-drive")
+            .arg(format!("file={},format=raw,if=ide,index=2", d.display()));
+    }
     if kvm {
         cmd.args(["-accel", "kvm", "-cpu", "host"]);
     } else {
@@ -526,15 +577,21 @@ pub fn image_cmd(a: &RunOptions) -> Result<(), String> {
 }
 
 /// `cargo xtask run`.
-pub fn run_cmd(a: &RunOptions) -> Result<(), String> {
-    a.check_files()?;
-    let emulator = match a.emulator {
+/// The emulator for a choice: QEMU with KVM where the host has VMX (TCG
+/// when QEMU is asked for without it), Bochs otherwise.
+pub fn pick_emulator(choice: Option<EmulatorChoice>) -> Emulator {
+    match choice {
         Some(EmulatorChoice::Bochs) => Emulator::Bochs,
         Some(EmulatorChoice::Qemu) if host_has_vmx() => Emulator::QemuKvm,
         Some(EmulatorChoice::Qemu) => Emulator::QemuTcg,
         None if host_has_vmx() => Emulator::QemuKvm,
         None => Emulator::Bochs,
-    };
+    }
+}
+
+pub fn run_cmd(a: &RunOptions) -> Result<(), String> {
+    a.check_files()?;
+    let emulator = pick_emulator(a.emulator);
     let images = build_all()?;
     let guests = guest_specs(a, &images);
     println!("xtask: running Tern under {emulator:?}");

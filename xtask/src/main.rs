@@ -24,6 +24,7 @@ mod cli;
 mod deps;
 mod emu;
 mod migrate;
+mod migrate_run;
 mod mtree;
 mod scenarios;
 mod suite;
@@ -47,7 +48,8 @@ commands:
   test        the host unit tests, then every bare-metal scenario
   bench       the criterion benchmarks of hv-core
   mtree       QEMU `info mtree` dumps through Tern's memory API
-  migrate     migration streams: `migrate inspect FILE`
+  migrate     migrate a VM between two Terns through a file (--save, --load),
+              or print a stream: `migrate inspect FILE`
   help [COMMAND]
 
 `cargo xtask COMMAND --help` shows a command's options.
@@ -81,20 +83,6 @@ options (first argument only):
   --           pass everything after it to criterion
 ";
 
-/// `cargo xtask migrate --help`.
-const MIGRATE_USAGE: &str = "\
-usage: cargo xtask migrate inspect FILE
-
-Prints a migration stream in QEMU's format (Tern's or QEMU's own, e.g. from
-`migrate \"exec:cat > FILE\"`): each section's offset, type, id, idstr,
-instance, version and length, RAM pages by kind per block, every device's
-fields walked with the stream's own description, and the description. Bad
-input is an error with its byte offset.
-
-options:
-  -h, --help   this text
-";
-
 /// A whole `cargo xtask` command line.
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
@@ -105,7 +93,7 @@ enum Command {
     Test(scenarios::TestOptions),
     Bench(Vec<OsString>),
     Mtree(mtree::Mode),
-    MigrateInspect(PathBuf),
+    Migrate(migrate_run::MigrateOptions),
 }
 
 /// Parses the command line after the program name.
@@ -159,7 +147,7 @@ where
         "test" => map(scenarios::parse(args)?, Command::Test),
         "bench" => map(parse_bench(args), Command::Bench),
         "mtree" => map(mtree::parse(args)?, Command::Mtree),
-        "migrate" => map(parse_migrate(args)?, Command::MigrateInspect),
+        "migrate" => map(migrate_run::parse(args)?, Command::Migrate),
         other => {
             return Err(cli::error(
                 "",
@@ -169,28 +157,6 @@ where
             ))
         }
     })
-}
-
-/// `cargo xtask migrate inspect FILE`.
-fn parse_migrate<I>(args: I) -> Result<Parsed<PathBuf>, String>
-where
-    I: IntoIterator,
-    I::Item: Into<OsString>,
-{
-    use lexopt::Arg::{Long, Short, Value};
-    let mut p = cli::parser(args);
-    let mut words: Vec<OsString> = Vec::new();
-    while let Some(arg) = p.next().map_err(|e| cli::error("migrate", e))? {
-        match arg {
-            Short('h') | Long("help") => return Ok(Parsed::Help(MIGRATE_USAGE)),
-            Value(w) => words.push(w),
-            other => return Err(cli::error("migrate", other.unexpected())),
-        }
-    }
-    match words.as_slice() {
-        [sub, file] if sub == "inspect" => Ok(Parsed::Run(PathBuf::from(file))),
-        _ => Err(cli::error("migrate", "expected `inspect FILE`")),
-    }
 }
 
 /// `cargo xtask build` takes no arguments but `--help`.
@@ -259,7 +225,7 @@ fn run(cmd: &Command) -> Result<(), String> {
         Command::Test(o) => scenarios::test_cmd(o),
         Command::Bench(a) => bench(a),
         Command::Mtree(m) => mtree::main(m),
-        Command::MigrateInspect(f) => migrate::inspect(f).map(|out| print!("{out}")),
+        Command::Migrate(o) => migrate_run::migrate_cmd(o),
     }
 }
 
@@ -308,7 +274,7 @@ mod tests {
             ("test", scenarios::USAGE),
             ("bench", BENCH_USAGE),
             ("mtree", mtree::USAGE),
-            ("migrate", MIGRATE_USAGE),
+            ("migrate", migrate_run::USAGE),
         ];
         for (c, text) in cmds {
             assert!(text.starts_with(&format!("usage: cargo xtask {c}")), "{c}");
@@ -334,14 +300,46 @@ mod tests {
     }
 
     #[test]
-    fn migrate_inspect_parses() {
+    fn migrate_parses() {
+        let m = |a: &[&str]| match ok(parse(args(a))) {
+            Command::Migrate(o) => o,
+            c => panic!("not migrate: {c:?}"),
+        };
         assert_eq!(
-            ok(parse(args(&["migrate", "inspect", "s.mig"]))),
-            Command::MigrateInspect("s.mig".into())
+            m(&["migrate", "inspect", "s.mig"]).action,
+            migrate_run::Action::Inspect("s.mig".into())
         );
         assert!(err(parse(args(&["migrate", "inspect"]))).contains("expected `inspect FILE`"));
-        assert!(err(parse(args(&["migrate", "dump", "f"]))).contains("expected `inspect FILE`"));
+        assert!(
+            err(parse(args(&["migrate", "inspect", "a", "--save", "b"])))
+                .contains("expected `inspect FILE`")
+        );
         assert!(err(parse(args(&["migrate", "--x"]))).contains("invalid option"));
+        let o = m(&[
+            "migrate",
+            "--save",
+            "s.mig",
+            "devices=net:1x2",
+            "--",
+            "-odd",
+        ]);
+        assert_eq!(o.action, migrate_run::Action::Save("s.mig".into()));
+        assert_eq!(o.kernel, "devices=net:1x2 -odd");
+        assert_eq!(
+            o.guest,
+            "name=mig scenario=migrate expect=net:1x2 pages=512"
+        );
+        let o = m(&["migrate", "--load", "s.mig", "--guest", "name=x"]);
+        assert_eq!(
+            (o.action, o.guest.as_str()),
+            (migrate_run::Action::Load("s.mig".into()), "name=x")
+        );
+        assert_eq!(m(&["migrate"]).action, migrate_run::Action::Both(None));
+        assert!(err(parse(args(&["migrate", "--save", "a", "--load", "b"])))
+            .contains("one of --save, --load, --file"));
+        assert!(err(parse(args(&["migrate", "--save"]))).contains("missing"));
+        assert!(err(parse(args(&["migrate", "migrate=local"]))).contains("set by xtask"));
+        assert!(err(parse(args(&["migrate", "--emulator", "kvm"]))).contains("bochs or qemu"));
     }
 
     #[test]

@@ -1,0 +1,373 @@
+//! `cargo xtask migrate [--save FILE | --load FILE | --file FILE]`: a VM
+//! migrates from one Tern to another through a file. The source Tern
+//! writes its stream to an ATA disk the emulator backs with a host file
+//! (sector 0: a header with the length; the stream from sector 1); xtask
+//! copies the stream out, and a second Tern boots with it as the VM's
+//! module (`incoming`).
+
+use crate::build::Images;
+use crate::emu::{self, Emulator, GuestSpec, RunOutput};
+use crate::migrate::inspect;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The disk's header: magic, then the stream's length (little-endian).
+const DISK_MAGIC: &[u8; 8] = b"TERNMIG1";
+const SECTOR: usize = 512;
+
+/// A fresh, sparse migration disk large enough for `bytes` of stream.
+pub fn make_disk(path: &Path, bytes: u64) -> Result<(), String> {
+    let cylinders = (bytes + SECTOR as u64).div_ceil(emu::CYLINDER).max(2);
+    let _ = std::fs::remove_file(path);
+    let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(cylinders * emu::CYLINDER)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The stream a source Tern left on its migration disk.
+pub fn stream_from_disk(disk: &[u8]) -> Result<&[u8], String> {
+    let header = disk
+        .get(..SECTOR)
+        .ok_or("the migration disk is shorter than one sector")?;
+    if &header[..8] != DISK_MAGIC {
+        return Err("the migration disk holds no complete stream (no header)".into());
+    }
+    let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let end = (SECTOR as u64)
+        .checked_add(len)
+        .filter(|&e| e <= disk.len() as u64)
+        .ok_or_else(|| format!("the header's length {len} runs past the disk"))?;
+    Ok(&disk[SECTOR..end as usize])
+}
+
+/// One Tern run of a migration: where and how.
+pub struct Half<'a> {
+    /// The run's name (its directory under target/xtask).
+    pub name: &'a str,
+    pub images: &'a Images,
+    pub emulator: Emulator,
+    /// Tern's command line (`migrate=disk` is added on the source).
+    pub kernel_args: &'a str,
+    pub timeout: Duration,
+    /// Show the console as it comes.
+    pub echo: bool,
+}
+
+/// The source half: Tern runs the guest with `migrate=disk`; when the guest
+/// asks, the stream goes to a disk that is then copied out to `out`.
+pub fn save(h: &Half, guest: &GuestSpec, out: &Path) -> Result<RunOutput, String> {
+    let Half {
+        name,
+        images,
+        emulator,
+        kernel_args,
+        timeout,
+        echo,
+    } = *h;
+    let dir = crate::root().join("target/xtask").join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let disk = dir.join("migration-disk.img");
+    make_disk(&disk, 256 << 20)?;
+    let args = format!("{kernel_args} migrate=disk");
+    let guests = std::slice::from_ref(guest);
+    let run = match emulator {
+        Emulator::Bochs => {
+            emu::run_bochs_disk(name, images, &args, guests, timeout, echo, Some(&disk))?
+        }
+        Emulator::QemuKvm | Emulator::QemuTcg => emu::run_qemu_disk(
+            name,
+            images,
+            &args,
+            guests,
+            emulator == Emulator::QemuKvm,
+            timeout,
+            echo,
+            Some(&disk),
+        )?,
+    };
+    if run.timed_out {
+        return Err(format!("the source did not finish within {timeout:?}"));
+    }
+    if run.tern_status != Some(0) {
+        return Err(format!(
+            "the source Tern ended with status {:?}\n--- source console ---\n{}",
+            run.tern_status, run.serial
+        ));
+    }
+    let bytes = std::fs::read(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+    let stream = stream_from_disk(&bytes)?;
+    std::fs::write(out, stream).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(run)
+}
+
+/// The target half: a second Tern boots with the stream as the VM's
+/// module (`incoming` on its line), loads it and runs the guest on.
+pub fn load(h: &Half, guest_line: &str, stream: &Path) -> Result<RunOutput, String> {
+    let Half {
+        name,
+        images,
+        emulator,
+        kernel_args,
+        timeout,
+        echo,
+    } = *h;
+    if !stream.is_file() {
+        return Err(format!("{}: not a file", stream.display()));
+    }
+    let guest = GuestSpec {
+        image: stream.to_path_buf(),
+        cmdline: format!("{guest_line} incoming"),
+    };
+    let guests = std::slice::from_ref(&guest);
+    match emulator {
+        Emulator::Bochs => emu::run_bochs(name, images, kernel_args, guests, timeout, echo),
+        Emulator::QemuKvm | Emulator::QemuTcg => emu::run_qemu(
+            name,
+            images,
+            kernel_args,
+            guests,
+            emulator == Emulator::QemuKvm,
+            timeout,
+            echo,
+        ),
+    }
+}
+
+/// What `cargo xtask migrate` does besides `inspect`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Inspect(PathBuf),
+    /// Source only: the stream goes to this file.
+    Save(PathBuf),
+    /// Target only: this file is loaded.
+    Load(PathBuf),
+    /// Both halves, through this file (default under target/).
+    Both(Option<PathBuf>),
+}
+
+/// `cargo xtask migrate` options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrateOptions {
+    pub action: Action,
+    pub emulator: Option<emu::EmulatorChoice>,
+    /// The VM's command line.
+    pub guest: String,
+    /// Tern's command line (both halves).
+    pub kernel: String,
+}
+
+/// The guest line for a shape: the migrate scenario with virtio I/O when
+/// `devices=` is among the kernel arguments.
+pub fn default_guest(kernel: &str) -> String {
+    match emu::option(kernel, "devices") {
+        Some(d) => format!("name=mig scenario=migrate expect={d} pages=512"),
+        None => "name=mig scenario=migrate pages=512".into(),
+    }
+}
+
+/// The `migration ... json` lines of a console.
+fn json_lines(serial: &str) -> Vec<&str> {
+    serial.lines().filter(|l| l.contains(" json: ")).collect()
+}
+
+pub fn migrate_cmd(o: &MigrateOptions) -> Result<(), String> {
+    if let Action::Inspect(f) = &o.action {
+        return inspect(f).map(|out| print!("{out}"));
+    }
+    let emulator = emu::pick_emulator(o.emulator);
+    if emulator == Emulator::QemuTcg {
+        return Err(
+            "QEMU without KVM has no VMX: use --emulator bochs, or a host with /dev/kvm and VMX"
+                .into(),
+        );
+    }
+    let images = crate::build::build_all()?;
+    let timeout = Duration::from_secs(900);
+    let default_file = crate::root().join("target/xtask/migrate/stream.mig");
+    let guest = GuestSpec {
+        image: images.guest.clone(),
+        cmdline: o.guest.clone(),
+    };
+    println!("xtask: migrating under {emulator:?}");
+    let (src, dst) = match &o.action {
+        Action::Inspect(_) => unreachable!("handled above"),
+        Action::Save(f) => (Some((f.clone(), true)), None),
+        Action::Load(f) => (None, Some(f.clone())),
+        Action::Both(f) => {
+            let f = f.clone().unwrap_or(default_file);
+            (Some((f.clone(), true)), Some(f))
+        }
+    };
+    let mut summary = Vec::new();
+    if let Some((file, echo)) = &src {
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        println!("xtask: source Tern (the stream goes to {})", file.display());
+        let half = Half {
+            name: "migrate-src",
+            images: &images,
+            emulator,
+            kernel_args: &o.kernel,
+            timeout,
+            echo: *echo,
+        };
+        let run = save(&half, &guest, file)?;
+        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        println!("xtask: stream of {len} bytes written to {}", file.display());
+        summary.extend(
+            json_lines(&run.serial)
+                .into_iter()
+                .map(|l| format!("source: {l}")),
+        );
+    }
+    if let Some(file) = &dst {
+        println!("xtask: target Tern (loading {})", file.display());
+        let half = Half {
+            name: "migrate-dst",
+            images: &images,
+            emulator,
+            kernel_args: &o.kernel,
+            timeout,
+            echo: true,
+        };
+        let run = load(&half, &o.guest, file)?;
+        summary.extend(
+            json_lines(&run.serial)
+                .into_iter()
+                .map(|l| format!("target: {l}")),
+        );
+        match (run.timed_out, run.tern_status) {
+            (true, _) => return Err(format!("the target did not finish within {timeout:?}")),
+            (false, Some(0)) => {}
+            (false, s) => return Err(format!("the target Tern ended with status {s:?}")),
+        }
+    }
+    println!("xtask: migration stats");
+    for l in summary {
+        println!("  {l}");
+    }
+    Ok(())
+}
+
+/// `cargo xtask migrate --help`.
+pub const USAGE: &str = "\
+usage: cargo xtask migrate [OPTIONS] [KERNEL ARGS...] [-- KERNEL ARGS...]
+       cargo xtask migrate inspect FILE
+
+Migrates a VM from one Tern to another through a file, as QEMU's
+`migrate \"exec:cat > FILE\"` and `-incoming \"exec:cat FILE\"`: the source Tern
+runs the guest with `migrate=disk`; when the guest asks, RAM is sent while it
+runs (pre-copy), then the vCPU stops and the rest of RAM, the RAM disks, every
+device, the VM and the vCPU go to a disk the emulator backs with a file, from
+which xtask copies the stream. A second Tern boots with the stream as the VM's
+module (`incoming`), loads it (`migrate.commit=` chooses the load mode) and runs
+the guest on. Both halves print their stats; the last lines sum them up.
+QEMU with KVM where the host has VMX, Bochs otherwise.
+
+options:
+  --save FILE             run the source only; the stream goes to FILE
+  --load FILE             run the target only, from FILE
+  --file FILE             both halves through FILE
+                          (default: target/xtask/migrate/stream.mig)
+  --emulator bochs|qemu   the emulator
+  --guest 'ARGS'          the VM's command line (default: the migrate scenario,
+                          with virtio I/O on the devices of a devices= argument)
+  -h, --help              this text
+
+Kernel arguments are Tern's, the same for both halves: e.g. devices=net:8x16,blk:16x4
+migrate.commit=deferred|eager|forced-read migrate.precopy=on|off disk=64K.
+
+`inspect FILE` prints a stream in QEMU's format (Tern's or QEMU's own): each
+section's offset, type, id, idstr, instance, version and length, RAM pages by kind
+per block, every device's fields walked with the stream's own description, and the
+description. Bad input is an error with its byte offset.
+";
+
+/// Parses `cargo xtask migrate` arguments.
+pub fn parse<I>(args: I) -> Result<crate::cli::Parsed<MigrateOptions>, String>
+where
+    I: IntoIterator,
+    I::Item: Into<std::ffi::OsString>,
+{
+    use crate::cli::{self, Parsed};
+    use lexopt::Arg::{Long, Short, Value};
+    const CMD: &str = "migrate";
+    let mut p = cli::parser(args);
+    let mut action = None;
+    let mut emulator = None;
+    let mut guest = None;
+    let mut kernel: Vec<String> = Vec::new();
+    let mut words: Vec<String> = Vec::new();
+    let set = |a: Action, action: &mut Option<Action>| -> Result<(), String> {
+        if action.is_some() {
+            return Err(cli::error(CMD, "one of --save, --load, --file only"));
+        }
+        *action = Some(a);
+        Ok(())
+    };
+    while let Some(arg) = p.next().map_err(|e| cli::error(CMD, e))? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Parsed::Help(USAGE)),
+            Long("save") => set(
+                Action::Save(p.value().map_err(|e| cli::error(CMD, e))?.into()),
+                &mut action,
+            )?,
+            Long("load") => set(
+                Action::Load(p.value().map_err(|e| cli::error(CMD, e))?.into()),
+                &mut action,
+            )?,
+            Long("file") => set(
+                Action::Both(Some(p.value().map_err(|e| cli::error(CMD, e))?.into())),
+                &mut action,
+            )?,
+            Long("emulator") => {
+                let v = cli::string(CMD, p.value())?;
+                emulator = Some(match v.as_str() {
+                    "bochs" => emu::EmulatorChoice::Bochs,
+                    "qemu" => emu::EmulatorChoice::Qemu,
+                    _ => {
+                        return Err(cli::error(
+                            CMD,
+                            format!("--emulator takes bochs or qemu, not {v:?}"),
+                        ))
+                    }
+                });
+            }
+            Long("guest") => guest = Some(cli::string(CMD, p.value())?),
+            Value(w) => words.push(cli::string(CMD, Ok(w))?),
+            other => return Err(cli::error(CMD, other.unexpected())),
+        }
+    }
+    if words.first().map(String::as_str) == Some("inspect") {
+        return match (words.as_slice(), &action) {
+            ([_, file], None) => Ok(Parsed::Run(MigrateOptions {
+                action: Action::Inspect(file.into()),
+                emulator,
+                guest: String::new(),
+                kernel: String::new(),
+            })),
+            _ => Err(cli::error(CMD, "expected `inspect FILE`")),
+        };
+    }
+    for w in words {
+        if w == "--" {
+            continue;
+        }
+        if w.starts_with("migrate=") {
+            return Err(cli::error(
+                CMD,
+                "migrate= is set by xtask (disk on the source, none on the target)",
+            ));
+        }
+        kernel.push(w);
+    }
+    let kernel = kernel.join(" ");
+    Ok(Parsed::Run(MigrateOptions {
+        action: action.unwrap_or(Action::Both(None)),
+        emulator,
+        guest: guest.unwrap_or_else(|| default_guest(&kernel)),
+        kernel,
+    }))
+}
