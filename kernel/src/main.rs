@@ -292,7 +292,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
                         Ok((Some(target), source, load)) => {
                             source.print(&name);
                             if let Some(l) = load {
-                                l.print(&name);
+                                l.print(&target.name);
                             }
                             println!("[{name}] resumed on {}", target.name);
                             vm = target;

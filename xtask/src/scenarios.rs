@@ -6,7 +6,8 @@
 
 use crate::build::{build_all, Images};
 use crate::cli::{self, Parsed};
-use crate::emu::{run_bochs, run_qemu, GuestSpec, RunOutput};
+use crate::emu::{run_bochs, run_qemu, Emulator, GuestSpec, RunOutput};
+use crate::migrate_run;
 use std::ffi::OsString;
 use std::process::Command;
 use std::time::Duration;
@@ -15,6 +16,10 @@ use std::time::Duration;
 enum Machine {
     Bochs,
     QemuTcg,
+    /// Two Terns in Bochs: the first migrates its VM to a disk
+    /// (`migrate=disk`), the second loads the stream and runs it on. The
+    /// console is the source's, then the target's.
+    BochsDiskMigration,
 }
 
 /// An extra check on a console log.
@@ -34,7 +39,87 @@ struct Case {
     check: Option<Check>,
 }
 
+/// Leaks a string into a `Case` field (a handful per run of xtask).
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// Migration of the seed's three device shapes, locally and through a disk
+/// to a second Tern, in each load mode: the guest's pages, disks and
+/// virtio I/O are checked on the target, and the load's exact counters.
+fn migration_grid() -> Vec<Case> {
+    let shapes = [
+        ("8x16-16x4", "net:8x16,blk:16x4", 256),
+        ("8x1-16x1", "net:8x1,blk:16x1", 256),
+        ("1x16-1x4", "net:1x16,blk:1x4", 512),
+    ];
+    let modes: [(&str, Check); 3] = [
+        ("deferred", deferred_load_counters),
+        ("eager", eager_load_counters),
+        ("forced-read", forced_read_load_counters),
+    ];
+    let mut v = Vec::new();
+    for (tag, shape, pages) in shapes {
+        for (mode, check) in modes {
+            for disk in [false, true] {
+                let (vm, target, machine, transport) = if disk {
+                    ("md", "md", Machine::BochsDiskMigration, "disk")
+                } else {
+                    ("ml", "ml'", Machine::Bochs, "local")
+                };
+                let how = if disk {
+                    "pre-copy, to disk"
+                } else {
+                    "pre-copy, local"
+                };
+                let mut expect = vec![
+                    leak(format!("[{vm}] migration ({mode}, {how}): ")),
+                    leak(format!("[{target}] migration load ({mode}): ")),
+                    leak(format!("[{target}] guest: migrated (1 of 1) after ")),
+                    leak(format!(
+                        "[{target}] guest: every disk still holds what was written before migration 1"
+                    )),
+                    leak(format!(
+                        "[{target}] guest: virtio I/O on every queue after migration 1"
+                    )),
+                    leak(format!(
+                        "[{target}] guest: {pages} pages follow the pattern after 1 migration(s)"
+                    )),
+                    leak(format!("[{target}] guest: PASS migrate")),
+                ];
+                if disk {
+                    expect.push("[md] migrated to the disk: ");
+                } else {
+                    expect.push("[ml] resumed on ml'");
+                }
+                v.push(Case {
+                    name: leak(format!("bochs-migrate-{transport}-{tag}-{mode}")),
+                    machine,
+                    kernel_args: leak(format!(
+                        "{}migrate.commit={mode} devices={shape}",
+                        if disk { "" } else { "migrate=local " }
+                    )),
+                    guests: Box::leak(Box::new([leak(format!(
+                        "name={vm} scenario=migrate expect={shape} pages={pages}"
+                    ))])),
+                    status: 0,
+                    expect: Box::leak(expect.into_boxed_slice()),
+                    forbid: &["FAIL", "migration failed", "needs reset"],
+                    check: Some(check),
+                });
+            }
+        }
+    }
+    v
+}
+
 fn cases() -> Vec<Case> {
+    let mut v = fixed_cases();
+    v.extend(migration_grid());
+    v
+}
+
+fn fixed_cases() -> Vec<Case> {
     vec![
         Case {
             name: "qemu-tcg-boot-no-vmx",
@@ -575,73 +660,13 @@ fn cases() -> Vec<Case> {
             guests: &["name=sc scenario=migrate pages=1024"],
             status: 0,
             expect: &[
-                "[sc] migration (deferred, stop and copy): ",
+                "[sc] migration (deferred, stop and copy, local): ",
                 "[sc'] guest: migrated (1 of 1) after 0 rounds",
                 "[sc'] guest: PASS migrate",
                 "[sc] host memory not returned: 0 bytes",
             ],
             forbid: &["FAIL", "migration failed"],
             check: None,
-        },
-        Case {
-            name: "bochs-migrate-local-virtio",
-            machine: Machine::Bochs,
-            kernel_args: "migrate=local migrate.commit=deferred devices=net:2x2,blk:2x2",
-            guests: &["name=mv scenario=migrate expect=net:2x2,blk:2x2 pages=512"],
-            status: 0,
-            expect: &[
-                "[mv'] guest: migrated (1 of 1) after ",
-                "[mv'] guest: every disk still holds what was written before migration 1",
-                "[mv'] guest: virtio I/O on every queue after migration 1",
-                "[mv'] guest: PASS migrate",
-                "[mv] migration load: ",
-                "[mv] host memory not returned: 0 bytes",
-            ],
-            forbid: &["FAIL", "migration failed", "needs reset"],
-            check: Some(deferred_load_counters),
-        },
-        Case {
-            name: "bochs-migrate-seed-8x16-16x4",
-            machine: Machine::Bochs,
-            kernel_args: "migrate=local devices=net:8x16,blk:16x4",
-            guests: &["name=ms scenario=migrate expect=net:8x16,blk:16x4 pages=256"],
-            status: 0,
-            expect: &[
-                "[ms] migration (deferred, pre-copy)",
-                "[ms'] guest: every disk still holds what was written before migration 1",
-                "[ms'] guest: virtio I/O on every queue after migration 1",
-                "[ms'] guest: PASS migrate",
-            ],
-            forbid: &["FAIL", "migration failed", "needs reset"],
-            check: Some(deferred_load_counters),
-        },
-        Case {
-            name: "bochs-migrate-local-virtio-eager",
-            machine: Machine::Bochs,
-            kernel_args: "migrate=local migrate.commit=eager devices=net:2x2,blk:2x2",
-            guests: &["name=mv scenario=migrate expect=net:2x2,blk:2x2 pages=512"],
-            status: 0,
-            expect: &[
-                "[mv] migration (eager, pre-copy)",
-                "[mv'] guest: every disk still holds what was written before migration 1",
-                "[mv'] guest: PASS migrate",
-            ],
-            forbid: &["FAIL", "migration failed", "needs reset"],
-            check: Some(eager_load_counters),
-        },
-        Case {
-            name: "bochs-migrate-local-virtio-forced-read",
-            machine: Machine::Bochs,
-            kernel_args: "migrate=local migrate.commit=forced-read devices=net:2x2,blk:2x2",
-            guests: &["name=mv scenario=migrate expect=net:2x2,blk:2x2 pages=512"],
-            status: 0,
-            expect: &[
-                "[mv] migration (forced-read, pre-copy)",
-                "[mv'] guest: every disk still holds what was written before migration 1",
-                "[mv'] guest: PASS migrate",
-            ],
-            forbid: &["FAIL", "migration failed", "needs reset"],
-            check: Some(forced_read_load_counters),
         },
         Case {
             name: "bochs-virtio-hostile",
@@ -908,6 +933,33 @@ fn run_case(case: &Case, images: &Images) -> Result<RunOutput, String> {
     let timeout = Duration::from_secs(180);
     match case.machine {
         Machine::Bochs => run_bochs(case.name, images, case.kernel_args, &guests, timeout, false),
+        Machine::BochsDiskMigration => {
+            let [guest] = guests.as_slice() else {
+                return Err("a disk migration runs one VM".into());
+            };
+            let half = |name| migrate_run::Half {
+                name,
+                images,
+                emulator: Emulator::Bochs,
+                kernel_args: case.kernel_args,
+                timeout,
+                echo: false,
+            };
+            let src_name = format!("{}-src", case.name);
+            let dst_name = format!("{}-dst", case.name);
+            let stream = crate::root()
+                .join("target/xtask")
+                .join(case.name)
+                .with_extension("mig");
+            if let Some(d) = stream.parent() {
+                std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+            }
+            let src = migrate_run::save(&half(&src_name), guest, &stream)?;
+            let mut dst = migrate_run::load(&half(&dst_name), &guest.cmdline, &stream)?;
+            dst.serial = format!("{}\n--- target ---\n{}", src.serial, dst.serial);
+            dst.wall += src.wall;
+            Ok(dst)
+        }
         Machine::QemuTcg => run_qemu(
             case.name,
             images,
