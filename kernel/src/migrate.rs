@@ -553,8 +553,22 @@ pub fn load_into(
         },
     };
     let before = target.ept_listener().counters;
-    let loaded = incoming::load(target.machine(), &mut ram, stream, mode, crate::cpu::rdtsc)
-        .map_err(|e| e.to_string())?;
+    // The full check (with the MSR rules of this CPU) runs again when the
+    // vCPU takes the state; this one refuses a bad state before RAM and
+    // devices are touched.
+    let check = |s: &hv_core::vcpu::VcpuState| {
+        s.check(crate::cpu::mxcsr_mask(), 0)
+            .map_err(|e| e.to_string())
+    };
+    let loaded = incoming::load(
+        target.machine(),
+        &mut ram,
+        stream,
+        mode,
+        &check,
+        crate::cpu::rdtsc,
+    )
+    .map_err(|e| e.to_string())?;
     if let Some(e) = target.ept_listener().take_error() {
         return Err(format!("EPT after the load: {e:?}"));
     }

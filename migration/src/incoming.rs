@@ -7,8 +7,9 @@
 //! 1. The stream is read whole and checked (magic, sections, footers,
 //!    EOF, description); the RAM block list must equal the target's; every
 //!    page must lie inside its block; the `cpu` section must decode and
-//!    pass [`VcpuState::check`]; `tern-vm` must decode. Nothing is written
-//!    before all of this passed.
+//!    pass the caller's check (the kernel's is what restoring it on its
+//!    CPU requires); `tern-vm` must decode. Nothing is written before all
+//!    of this passed.
 //! 2. RAM is written (the device post-load hooks read it: ring caches).
 //! 3. Devices load all or nothing. If they refuse, RAM of the target was
 //!    written but the target never runs: the caller drops it.
@@ -96,12 +97,14 @@ impl From<StreamError> for IncomingError {
 const PAGE: u64 = 4096;
 
 /// Loads `stream` into `machine` and `ram` (see the module docs for the
-/// order). `clock` times the device load.
+/// order). `check_vcpu` vets the vCPU state before anything is written;
+/// `clock` times the device load.
 pub fn load(
     machine: &mut Machine,
     ram: &mut dyn RamTarget,
     stream: &[u8],
     mode: CommitMode,
+    check_vcpu: &dyn Fn(&VcpuState) -> Result<(), String>,
     clock: fn() -> u64,
 ) -> Result<Loaded, IncomingError> {
     let parsed = read_self_described(stream)?;
@@ -170,7 +173,9 @@ pub fn load(
                 }
                 let w: VcpuWire = hv_core::vmstate::load(body, info.version)
                     .map_err(|e| vm_err("cpu", format!("{e}")))?;
-                vcpu = Some(w.state().map_err(|e| vm_err("cpu", e.into()))?);
+                let state = w.state().map_err(|e| vm_err("cpu", e.into()))?;
+                check_vcpu(&state).map_err(|e| vm_err("cpu", e))?;
+                vcpu = Some(state);
             }
             "tern-vm" => {
                 if vm.is_some() || info.instance != 0 {
