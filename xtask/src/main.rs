@@ -335,6 +335,14 @@ mod tests {
             (migrate_run::Action::Load("s.mig".into()), "name=x")
         );
         assert_eq!(m(&["migrate"]).action, migrate_run::Action::Both(None));
+        assert_eq!(
+            m(&["migrate", "analyze", "s.mig", "--script", "a.py"]).action,
+            migrate_run::Action::Analyze {
+                file: "s.mig".into(),
+                script: Some("a.py".into())
+            }
+        );
+        assert!(err(parse(args(&["migrate", "--script", "a.py"]))).contains("goes with"));
         assert!(err(parse(args(&["migrate", "--save", "a", "--load", "b"])))
             .contains("one of --save, --load, --file"));
         assert!(err(parse(args(&["migrate", "--save"]))).contains("missing"));
