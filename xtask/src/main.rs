@@ -19,6 +19,7 @@
 //! (lexopt) from its arguments to its options, or to its help text; an
 //! unknown option is an error that names the command.
 
+mod bench_qemu;
 mod build;
 mod cli;
 mod deps;
@@ -47,6 +48,7 @@ commands:
   run-suite   run a directory of test kernels (kvm-unit-tests) as Tern guests
   test        the host unit tests, then every bare-metal scenario
   bench       the criterion benchmarks of hv-core
+  bench-qemu  QEMU's non-iterable load time for the seed's shapes (root: taps)
   mtree       QEMU `info mtree` dumps through Tern's memory API
   migrate     migrate a VM between two Terns through a file (--save, --load),
               or print a stream: `migrate inspect FILE`
@@ -94,6 +96,7 @@ enum Command {
     Bench(Vec<OsString>),
     Mtree(mtree::Mode),
     Migrate(migrate_run::MigrateOptions),
+    BenchQemu(bench_qemu::Options),
 }
 
 /// Parses the command line after the program name.
@@ -148,11 +151,12 @@ where
         "bench" => map(parse_bench(args), Command::Bench),
         "mtree" => map(mtree::parse(args)?, Command::Mtree),
         "migrate" => map(migrate_run::parse(args)?, Command::Migrate),
+        "bench-qemu" => map(bench_qemu::parse(args)?, Command::BenchQemu),
         other => {
             return Err(cli::error(
                 "",
                 format!(
-                    "unknown command {other:?}; commands: build, image, run, run-suite, test, bench, mtree, migrate"
+                    "unknown command {other:?}; commands: build, image, run, run-suite, test, bench, bench-qemu, mtree, migrate"
                 ),
             ))
         }
@@ -226,6 +230,7 @@ fn run(cmd: &Command) -> Result<(), String> {
         Command::Bench(a) => bench(a),
         Command::Mtree(m) => mtree::main(m),
         Command::Migrate(o) => migrate_run::migrate_cmd(o),
+        Command::BenchQemu(o) => bench_qemu::cmd(o).map(|_| ()),
     }
 }
 
@@ -262,6 +267,7 @@ mod tests {
             "bench",
             "mtree",
             "migrate",
+            "bench-qemu",
         ] {
             assert!(USAGE.contains(&format!("\n  {c} ")), "{c}");
         }
@@ -275,6 +281,7 @@ mod tests {
             ("bench", BENCH_USAGE),
             ("mtree", mtree::USAGE),
             ("migrate", migrate_run::USAGE),
+            ("bench-qemu", bench_qemu::USAGE),
         ];
         for (c, text) in cmds {
             assert!(text.starts_with(&format!("usage: cargo xtask {c}")), "{c}");
@@ -295,7 +302,7 @@ mod tests {
         );
         assert_eq!(
             err(parse(args(&["biuld"]))),
-            "unknown command \"biuld\"; commands: build, image, run, run-suite, test, bench, mtree, migrate (see `cargo xtask --help`)"
+            "unknown command \"biuld\"; commands: build, image, run, run-suite, test, bench, bench-qemu, mtree, migrate (see `cargo xtask --help`)"
         );
     }
 
