@@ -163,15 +163,26 @@ impl Drop for Qemu {
 struct Taps(Vec<String>);
 
 impl Taps {
-    fn create(n: u16) -> Result<Self, String> {
+    /// `n` taps, multi-queue when `multi` (QEMU opens a one-queue tap
+    /// without the flag, and the kernel refuses the mismatch).
+    fn create(n: u16, multi: bool) -> Result<Self, String> {
         let mut t = Self(Vec::new());
+        let mode: &[&str] = if multi {
+            &["mode", "tap", "multi_queue"]
+        } else {
+            &["mode", "tap"]
+        };
         for i in 0..n {
             let name = format!("ternqb{i}");
             let _ = Command::new("ip")
                 .args(["tuntap", "del", "dev", &name, "mode", "tap", "multi_queue"])
                 .output();
+            let _ = Command::new("ip")
+                .args(["tuntap", "del", "dev", &name, "mode", "tap"])
+                .output();
             let o = Command::new("ip")
-                .args(["tuntap", "add", "dev", &name, "mode", "tap", "multi_queue"])
+                .args(["tuntap", "add", "dev", &name])
+                .args(mode)
                 .output()
                 .map_err(|e| format!("cannot run ip (package iproute2): {e}"))?;
             if !o.status.success() {
@@ -190,7 +201,7 @@ impl Drop for Taps {
     fn drop(&mut self) {
         for name in &self.0 {
             let _ = Command::new("ip")
-                .args(["tuntap", "del", "dev", name, "mode", "tap", "multi_queue"])
+                .args(["link", "del", "dev", name])
                 .output();
         }
     }
@@ -342,8 +353,8 @@ pub fn measure(
     }
     crate::deps::ensure(&[crate::deps::QEMU])?;
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let (nets, ..) = parse_shape(shape)?;
-    let _taps = Taps::create(nets)?;
+    let (nets, pairs, ..) = parse_shape(shape)?;
+    let _taps = Taps::create(nets, pairs > 1)?;
     let args = machine_args(shape, dir)?;
     let stream = dir.join("qemu.mig");
     let _ = std::fs::remove_file(&stream);
@@ -382,7 +393,10 @@ pub fn measure(
         ]);
     }
     let src = spawn(&args, &extra, dir, "src")?;
-    let mut q = Qmp::connect(&qmp, Duration::from_secs(20))?;
+    let stderr_of =
+        |tag: &str| std::fs::read_to_string(dir.join(format!("{tag}.stderr"))).unwrap_or_default();
+    let mut q = Qmp::connect(&qmp, Duration::from_secs(20))
+        .map_err(|e| format!("{e}; QEMU said: {}", stderr_of("src").trim()))?;
     let start = Instant::now();
     match state {
         // SeaBIOS assigns BARs within the first seconds of TCG, then finds
@@ -445,12 +459,14 @@ pub fn measure(
             "null".into(),
         ];
         let dst = spawn(&args, &extra, dir, &format!("dst{r}"))?;
-        let mut q = Qmp::connect(&qmp, Duration::from_secs(20))?;
+        let mut q = Qmp::connect(&qmp, Duration::from_secs(20))
+            .map_err(|e| format!("{e}; QEMU said: {}", stderr_of(&format!("dst{r}")).trim()))?;
         q.cmd(
             "migrate-incoming",
             &format!("{{\"uri\":\"exec:cat {}\"}}", stream.display()),
         )?;
-        q.wait_migration(Duration::from_secs(120))?;
+        q.wait_migration(Duration::from_secs(120))
+            .map_err(|e| format!("{e}; QEMU said: {}", stderr_of(&format!("dst{r}")).trim()))?;
         let _ = q.cmd("quit", "");
         drop(dst);
         let text =
