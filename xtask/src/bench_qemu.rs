@@ -487,40 +487,6 @@ pub fn work_dir(shape: &str, state: GuestState) -> PathBuf {
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn load_time_from_a_log_trace() {
-        let t = "\
-7892@1796076769.837242:qemu_loadvm_state_section_startfull 2(ram) 0 4
-7892@1796076769.849419:qemu_loadvm_state_section_startfull 0(timer) 0 2
-7892@1796076769.851290:qemu_loadvm_state_section_startfull 39(0000:00:01.0/virtio-net) 0 11
-7892@1796076769.853002:qemu_loadvm_state_post_main 0
-";
-        let (ms, n) = load_time_ms(t).unwrap();
-        assert!((ms - 3.583).abs() < 0.001, "{ms}");
-        assert_eq!(n, 2);
-        assert!(load_time_ms("7892@1.0:qemu_loadvm_state_post_main 0\n").is_err());
-        assert!(load_time_ms("").is_err());
-    }
-
-    #[test]
-    fn shapes_and_median() {
-        assert_eq!(parse_shape("net:8x16,blk:16x4"), Ok((8, 16, 16, 4)));
-        assert!(parse_shape("net:8").is_err());
-        let r = QemuRow {
-            shape: String::new(),
-            state: GuestState::Firmware,
-            runs_ms: vec![3.0, 1.0, 2.0, 10.0],
-            sections: 0,
-            stream_bytes: 0,
-        };
-        assert_eq!((r.min_ms(), r.median_ms()), (1.0, 2.5));
-    }
-}
-
 /// `cargo xtask bench-qemu` options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -665,4 +631,38 @@ pub fn cmd(o: &Options) -> Result<Vec<QemuRow>, String> {
         std::fs::write(f, rows_json(&rows)).map_err(|e| format!("{}: {e}", f.display()))?;
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_time_from_a_log_trace() {
+        let t = "\
+7892@1796076769.837242:qemu_loadvm_state_section_startfull 2(ram) 0 4
+7892@1796076769.849419:qemu_loadvm_state_section_startfull 0(timer) 0 2
+7892@1796076769.851290:qemu_loadvm_state_section_startfull 39(0000:00:01.0/virtio-net) 0 11
+7892@1796076769.853002:qemu_loadvm_state_post_main 0
+";
+        let (ms, n) = load_time_ms(t).unwrap();
+        assert!((ms - 3.583).abs() < 0.001, "{ms}");
+        assert_eq!(n, 2);
+        assert!(load_time_ms("7892@1.0:qemu_loadvm_state_post_main 0\n").is_err());
+        assert!(load_time_ms("").is_err());
+    }
+
+    #[test]
+    fn shapes_and_median() {
+        assert_eq!(parse_shape("net:8x16,blk:16x4"), Ok((8, 16, 16, 4)));
+        assert!(parse_shape("net:8").is_err());
+        let r = QemuRow {
+            shape: String::new(),
+            state: GuestState::Firmware,
+            runs_ms: vec![3.0, 1.0, 2.0, 10.0],
+            sections: 0,
+            stream_bytes: 0,
+        };
+        assert_eq!((r.min_ms(), r.median_ms()), (1.0, 2.5));
+    }
 }

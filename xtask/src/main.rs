@@ -19,6 +19,7 @@
 //! (lexopt) from its arguments to its options, or to its help text; an
 //! unknown option is an error that names the command.
 
+mod bench_bochs;
 mod bench_qemu;
 mod build;
 mod cli;
@@ -49,6 +50,7 @@ commands:
   test        the host unit tests, then every bare-metal scenario
   bench       the criterion benchmarks of hv-core
   bench-qemu  QEMU's non-iterable load time for the seed's shapes (root: taps)
+  bench-bochs Tern's load and downtime for the seed's shapes in Bochs (instructions)
   mtree       QEMU `info mtree` dumps through Tern's memory API
   migrate     migrate a VM between two Terns through a file (--save, --load),
               or print a stream: `migrate inspect FILE`
@@ -97,6 +99,7 @@ enum Command {
     Mtree(mtree::Mode),
     Migrate(migrate_run::MigrateOptions),
     BenchQemu(bench_qemu::Options),
+    BenchBochs(bench_bochs::Options),
 }
 
 /// Parses the command line after the program name.
@@ -152,11 +155,12 @@ where
         "mtree" => map(mtree::parse(args)?, Command::Mtree),
         "migrate" => map(migrate_run::parse(args)?, Command::Migrate),
         "bench-qemu" => map(bench_qemu::parse(args)?, Command::BenchQemu),
+        "bench-bochs" => map(bench_bochs::parse(args)?, Command::BenchBochs),
         other => {
             return Err(cli::error(
                 "",
                 format!(
-                    "unknown command {other:?}; commands: build, image, run, run-suite, test, bench, bench-qemu, mtree, migrate"
+                    "unknown command {other:?}; commands: build, image, run, run-suite, test, bench, bench-qemu, bench-bochs, mtree, migrate"
                 ),
             ))
         }
@@ -231,6 +235,7 @@ fn run(cmd: &Command) -> Result<(), String> {
         Command::Mtree(m) => mtree::main(m),
         Command::Migrate(o) => migrate_run::migrate_cmd(o),
         Command::BenchQemu(o) => bench_qemu::cmd(o).map(|_| ()),
+        Command::BenchBochs(o) => bench_bochs::cmd(o).map(|_| ()),
     }
 }
 
@@ -268,6 +273,7 @@ mod tests {
             "mtree",
             "migrate",
             "bench-qemu",
+            "bench-bochs",
         ] {
             assert!(USAGE.contains(&format!("\n  {c} ")), "{c}");
         }
@@ -282,6 +288,7 @@ mod tests {
             ("mtree", mtree::USAGE),
             ("migrate", migrate_run::USAGE),
             ("bench-qemu", bench_qemu::USAGE),
+            ("bench-bochs", bench_bochs::USAGE),
         ];
         for (c, text) in cmds {
             assert!(text.starts_with(&format!("usage: cargo xtask {c}")), "{c}");
@@ -302,7 +309,7 @@ mod tests {
         );
         assert_eq!(
             err(parse(args(&["biuld"]))),
-            "unknown command \"biuld\"; commands: build, image, run, run-suite, test, bench, bench-qemu, mtree, migrate (see `cargo xtask --help`)"
+            "unknown command \"biuld\"; commands: build, image, run, run-suite, test, bench, bench-qemu, bench-bochs, mtree, migrate (see `cargo xtask --help`)"
         );
     }
 
