@@ -65,6 +65,16 @@ pub enum EptError {
     OutOfFrames,
 }
 
+impl core::fmt::Display for EptError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Unaligned => write!(f, "EPT mapping not 4 KiB aligned"),
+            Self::OutOfRange => write!(f, "EPT mapping beyond the 48-bit guest-physical space"),
+            Self::OutOfFrames => write!(f, "no host frame for an EPT table"),
+        }
+    }
+}
+
 /// Counters of what the EPT did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EptStats {

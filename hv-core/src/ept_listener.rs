@@ -110,6 +110,27 @@ pub enum EptListenerError {
     DirtyLog(DirtyError),
 }
 
+impl core::fmt::Display for EptListenerError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadBacking { gpa, block } => {
+                write!(
+                    f,
+                    "range at GPA {gpa:#x} names RAM block {block}, which does not back it"
+                )
+            }
+            Self::Misaligned { gpa } => write!(
+                f,
+                "range at GPA {gpa:#x}: guest and host addresses differ by a non-page amount"
+            ),
+            Self::Ept(e) => write!(f, "{e}"),
+            Self::Invept => write!(f, "INVEPT failed"),
+            Self::NoView => write!(f, "the committed view could not be read"),
+            Self::DirtyLog(e) => write!(f, "the dirty log could not be kept: {e:?}"),
+        }
+    }
+}
+
 /// Counters (exact; tests and benchmarks assert them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EptCounters {

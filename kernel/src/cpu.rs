@@ -202,9 +202,14 @@ pub fn end_of_interrupt(vector: u8) {
             outb(0x20, 0x20);
         }
         _ => {
-            let base = rdmsr(0x1B);
-            if base & (1 << 11) != 0 {
-                let eoi = (base & 0xF_FFFF_F000) + 0xB0;
+            use x86_64::registers::model_specific::ApicBaseFlags;
+            /// The EOI register's offset in the local APIC page (SDM Vol.
+            /// 3A, Table 11-1).
+            const EOI: u64 = 0xB0;
+            let base = rdmsr(x86::msr::IA32_APIC_BASE);
+            if ApicBaseFlags::from_bits_retain(base).contains(ApicBaseFlags::LAPIC_ENABLE) {
+                let page = x86_64::PhysAddr::new_truncate(base).align_down(4096u64);
+                let eoi = page.as_u64() + EOI;
                 // SAFETY: the local APIC's register page is identity mapped
                 // (all memory below 4 GiB is); writing 0 to EOI ends the
                 // in-service interrupt and has no other effect.

@@ -85,6 +85,10 @@ pub struct VmConfig {
     pub tsc_hz: u64,
     /// Add QEMU's pc-testdev (kvm-unit-tests' test device).
     pub testdev: bool,
+    /// Test mode (`break_vm_entry`): the first VM entry is made to fail
+    /// (a control field the CPU refuses), to show the failure in the stop
+    /// report.
+    pub break_vm_entry: bool,
     /// The virtio devices on PCI (`devices=`).
     pub devices: DeviceSpec,
     /// Size of each RAM disk in sectors (`disk=`).
@@ -379,6 +383,12 @@ impl Vm {
         let eptp = vm.ept.borrow().eptp();
         let mut vcpu = Vcpu::new(vmx, vpid, eptp, start).map_err(VmError::Vcpu)?;
         vcpu.budget = cfg.budget;
+        if cfg.break_vm_entry {
+            if let Err(e) = vcpu.break_vm_entry_for_test() {
+                vcpu.destroy();
+                return Err(VmError::Vcpu(e.into()));
+            }
+        }
         vm.vcpu = Some(vcpu);
         Ok(vm)
     }
@@ -598,7 +608,7 @@ impl Vm {
     /// Runs the VM until it stops.
     pub fn run(&mut self) -> VmReport {
         let Some(mut vcpu) = self.vcpu.take() else {
-            return self.report(StopReason::VmxInstructionFailed, ExitCounters::default());
+            return self.report(StopReason::NoVcpu, ExitCounters::default());
         };
         let stop = vcpu.run(self);
         self.flush_console(true);
@@ -665,10 +675,7 @@ impl Vm {
         let now = self.now(crate::cpu::rdtsc());
         match self.machine.advance(now, vcpu.guest_tsc()) {
             Ok(()) => Ok(now),
-            Err(e) => {
-                crate::println!("[{}] memory map error: {e}", self.name);
-                Err(StopReason::VmxInstructionFailed)
-            }
+            Err(e) => Err(StopReason::MemoryMap(e)),
         }
     }
 
@@ -738,13 +745,9 @@ impl Vm {
     fn after_remap(&mut self, vcpu: &mut Vcpu) -> Option<StopReason> {
         let mut l = self.ept.borrow_mut();
         if let Some(e) = l.take_error() {
-            crate::println!("[{}] EPT could not follow the memory map: {e:?}", self.name);
-            return Some(StopReason::VmxInstructionFailed);
+            return Some(StopReason::Ept(e));
         }
-        if vcpu.set_eptp(l.eptp()).is_err() {
-            return Some(StopReason::VmxInstructionFailed);
-        }
-        None
+        vcpu.set_eptp(l.eptp()).err().map(StopReason::Vmx)
     }
 
     /// Level two of the exit dispatch.
@@ -770,10 +773,7 @@ impl Vm {
                         ..
                     }) => ExitAction::Stop(StopReason::Exited(s)),
                     Ok(d) => ExitAction::Advance(Some(d.rax)),
-                    Err(e) => {
-                        crate::println!("[{}] port {port:#x}: {e}", self.name);
-                        ExitAction::Stop(StopReason::VmxInstructionFailed)
-                    }
+                    Err(error) => ExitAction::Stop(StopReason::PortIo { port, error }),
                 }
             }
             VcpuExit::Mmio {
@@ -792,8 +792,8 @@ impl Vm {
                     Some(v) => p.lapic.set_tpr(v << 4),
                     None => {
                         let v = u64::from(p.lapic.tpr() >> 4);
-                        if vcpu.set_gpr(gpr, v).is_err() {
-                            return ExitAction::Stop(StopReason::VmxInstructionFailed);
+                        if let Err(e) = vcpu.set_gpr(gpr, v) {
+                            return ExitAction::Stop(StopReason::Vmx(e));
                         }
                     }
                 }
@@ -842,7 +842,7 @@ impl Vm {
                 match raw.and_then(|r| hv_core::vcpu::check_pdptes(r, phys_bits)) {
                     Some(p) => match vcpu.apply_cr0(cr0, Some(p)) {
                         Ok(()) => ExitAction::Advance(None),
-                        Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+                        Err(e) => ExitAction::Stop(StopReason::Vmx(e)),
                     },
                     None => ExitAction::InjectGp,
                 }
@@ -889,7 +889,7 @@ impl Vm {
         }
         match vcpu.set_emu_regs(regs) {
             Ok(()) => ExitAction::Retry,
-            Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+            Err(e) => ExitAction::Stop(StopReason::Vmx(e)),
         }
     }
 
@@ -905,7 +905,7 @@ impl Vm {
         self.mmio_exits += 1;
         let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
             (Ok(m), Ok(r)) => (m, r),
-            _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
+            (Err(e), _) | (_, Err(e)) => return ExitAction::Stop(StopReason::Vmx(e)),
         };
         let exit = match MmioExit::from_ept_violation(qualification, gpa, linear) {
             Ok(e) => e,
@@ -926,7 +926,7 @@ impl Vm {
     fn string_io(&mut self, vcpu: &mut Vcpu, io: &StringIo) -> ExitAction {
         let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
             (Ok(m), Ok(r)) => (m, r),
-            _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
+            (Err(e), _) | (_, Err(e)) => return ExitAction::Stop(StopReason::Vmx(e)),
         };
         let remaps = self.machine.stats.remaps;
         let r = exits::string_io(&mut self.machine, &mode, &mut regs, io, self.rom_writes);
@@ -987,7 +987,7 @@ impl VmHooks for Vm {
             }
         }
         let now = self.advance(vcpu)?;
-        let fail = |_| StopReason::VmxInstructionFailed;
+        let fail = StopReason::Vmx;
         if let Some(p) = self.machine.platform_mut() {
             let mut queued = vcpu.event_queued().map_err(fail)?;
             if p.lapic.nmi_pending() {
