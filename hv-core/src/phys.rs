@@ -48,6 +48,10 @@ pub mod mock {
         pub free: FreeRanges,
         pub allocated: u64,
         pub freed: u64,
+        /// One entry per INVEPT: how many frames had been freed then.
+        pub invepts: Vec<u64>,
+        /// Make INVEPT fail.
+        pub fail_invept: bool,
     }
 
     impl MockPhys {
@@ -60,6 +64,8 @@ pub mod mock {
                 free,
                 allocated: 0,
                 freed: 0,
+                invepts: Vec::new(),
+                fail_invept: false,
             }
         }
         /// Frames handed out and not given back.
@@ -76,6 +82,13 @@ pub mod mock {
         fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
             let a = addr.as_u64() as usize;
             self.mem[a..a + data.len()].copy_from_slice(data);
+        }
+    }
+
+    impl crate::ept_listener::EptHost for MockPhys {
+        fn invept(&mut self, _eptp: u64) -> bool {
+            self.invepts.push(self.freed);
+            !self.fail_invept
         }
     }
 

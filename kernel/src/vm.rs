@@ -827,8 +827,14 @@ impl Vm {
                         // The CPU has no EPT dirty flags: no answer.
                         return ExitAction::Advance(Some(u64::MAX));
                     }
-                    let dirty = ept.take_dirty(args[0], args[1]);
-                    ExitAction::Advance(Some(dirty.len() as u64))
+                    let Some((dirty, flush)) = ept.take_dirty(args[0], args[1]) else {
+                        return ExitAction::Advance(Some(u64::MAX));
+                    };
+                    // The cleared flags count only after the INVEPT.
+                    match ept.flush(flush) {
+                        Ok(()) => ExitAction::Advance(Some(dirty.len() as u64)),
+                        Err(e) => ExitAction::Stop(StopReason::Ept(e)),
+                    }
                 }
                 _ => ExitAction::Advance(Some(u64::MAX)),
             },
