@@ -5,7 +5,10 @@ use crate::addr::HostPhysAddr;
 
 /// Reads and writes host-physical memory. The kernel implements it over its
 /// identity map; tests over a `Vec`. Implementations check nothing beyond
-/// their own bounds: callers only pass frames they own.
+/// their own bounds, so an implementation over raw host memory must not be
+/// creatable by safe code: the kernel's `HostMem::new` is `unsafe`, and its
+/// holders (guest memory bounded by the VM's RAM blocks, the EPT host
+/// bounded by its own tables) only pass memory they own.
 pub trait PhysAccess {
     /// Copies `buf.len()` bytes from `addr`.
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]);

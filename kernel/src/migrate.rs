@@ -225,13 +225,16 @@ impl Outgoing {
             if off >= size {
                 continue;
             }
-            HostMem.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf);
+            // SAFETY: `off` is inside the source VM's RAM block `block`
+            // (checked above), and the target's block has the same layout.
+            let mut host = unsafe { HostMem::new() };
+            host.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf);
             if buf.iter().all(|&b| b == 0) {
                 self.zero_pages += 1;
             } else {
                 self.pages_sent += 1;
             }
-            HostMem.write(HostPhysAddr::new(dst.as_u64() + off), &buf);
+            host.write(HostPhysAddr::new(dst.as_u64() + off), &buf);
         }
         if kind == RamSection::End {
             let w = self.writer.as_mut().ok_or("stream closed")?;
@@ -326,7 +329,9 @@ pub fn load(
                 return Err(format!("page at offset {:#x}: not 4 KiB", p.offset))
             }
         };
-        HostMem.write(HostPhysAddr::new(hpa.as_u64() + p.addr), data);
+        // SAFETY: `p.addr` + 4 KiB lies inside the target's RAM block `b`
+        // (checked above), which the target VM owns and does not run yet.
+        unsafe { HostMem::new() }.write(HostPhysAddr::new(hpa.as_u64() + p.addr), data);
     }
     // Devices and the vCPU.
     let mut cpu = None;

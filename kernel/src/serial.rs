@@ -66,7 +66,7 @@ impl Console {
             p.send_raw(b);
         }
         if self.e9 {
-            crate::cpu::outb(0xE9, b);
+            crate::cpu::debugcon_write(b);
         }
     }
 }

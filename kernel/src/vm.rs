@@ -104,14 +104,27 @@ pub struct VmConfig {
 const RTC_EPOCH: u64 = 1_767_225_600;
 
 /// The kernel side of the EPT listener: tables in host frames, real INVEPT.
-pub struct KernelEptHost;
+pub struct KernelEptHost {
+    mem: HostMem,
+}
+
+impl KernelEptHost {
+    fn new() -> Self {
+        Self {
+            // SAFETY: the EPT code holding this host reads and writes only
+            // the table frames it allocated through it and has not freed
+            // (they are freed only after the INVEPT that retires them).
+            mem: unsafe { HostMem::new() },
+        }
+    }
+}
 
 impl PhysAccess for KernelEptHost {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
-        HostMem.read(addr, buf)
+        self.mem.read(addr, buf)
     }
     fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
-        HostMem.write(addr, data)
+        self.mem.write(addr, data)
     }
 }
 
@@ -302,9 +315,12 @@ impl Vm {
             .iter()
             .map(|&(hpa, size)| RamBlock { hpa, size })
             .collect();
-        machine.attach_ram(ram_blocks.clone(), Box::new(HostMem));
+        // SAFETY: guest memory passes only addresses inside these RAM blocks
+        // (every access is checked against its block), which this VM
+        // allocated and frees only when it is dropped, after the machine.
+        machine.attach_ram(ram_blocks.clone(), Box::new(unsafe { HostMem::new() }));
         let listener = EptListener::new(
-            KernelEptHost,
+            KernelEptHost::new(),
             sizes,
             ram_blocks,
             vmx.caps.ept_ad_bits(),
@@ -353,12 +369,15 @@ impl Vm {
         // Firmware contents, then the guest image through the RAM map.
         let (bios_hpa, bios_size) = vm.blocks[BIOS_BLOCK as usize];
         let rom: Vec<u8> = (0..bios_size).map(bios_byte).collect();
-        HostMem.write(bios_hpa, &rom);
+        // SAFETY: the firmware block is this VM's own RAM block and `rom`
+        // is exactly its size.
+        let mut host = unsafe { HostMem::new() };
+        host.write(bios_hpa, &rom);
         let start = match image {
             Some((image, modules)) => {
                 let ram_map = vm.guest_ram()?;
                 let loaded =
-                    loader::load_multiboot(image, &cfg.cmdline, modules, &ram_map, &mut HostMem)
+                    loader::load_multiboot(image, &cfg.cmdline, modules, &ram_map, &mut host)
                         .map_err(VmError::Load)?;
                 log::info!(
                     "[{}] loaded image {:#x}-{:#x}, entry {:#x}, {} MiB RAM",

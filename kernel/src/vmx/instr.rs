@@ -45,8 +45,9 @@ fn instruction_error() -> Option<VmInstructionError> {
 /// CR4.VMXE must be set, CR0/CR4 must satisfy the fixed bits, and `phys`
 /// must be a 4 KiB frame owned by the caller holding the revision id.
 pub unsafe fn vmxon(phys: u64) -> Result<(), VmxFail> {
-    // SAFETY: the caller guarantees the CR0/CR4 state and that the region
-    // is its own, so VMXON changes no memory anyone else uses.
+    // SAFETY: by this function's contract CR0/CR4 are as VMXON needs and
+    // the region is an owned frame, so VMXON changes no memory anyone else
+    // uses.
     status(VmxInstruction::Vmxon, unsafe {
         x86::bits64::vmx::vmxon(phys)
     })
@@ -57,8 +58,8 @@ pub unsafe fn vmxon(phys: u64) -> Result<(), VmxFail> {
 /// # Safety
 /// `phys` must be a VMCS region owned by the caller; VMX must be on.
 pub unsafe fn vmclear(phys: u64) -> Result<(), VmxFail> {
-    // SAFETY: the caller guarantees the region is its own VMCS: the CPU
-    // writes its cached state there and nowhere else.
+    // SAFETY: by this function's contract the region is an owned VMCS:
+    // the CPU writes its cached state there and nowhere else.
     status(VmxInstruction::Vmclear, unsafe {
         x86::bits64::vmx::vmclear(phys)
     })
@@ -69,8 +70,8 @@ pub unsafe fn vmclear(phys: u64) -> Result<(), VmxFail> {
 /// # Safety
 /// As for [`vmclear`].
 pub unsafe fn vmptrld(phys: u64) -> Result<(), VmxFail> {
-    // SAFETY: the caller guarantees the region is its own VMCS, which the
-    // CPU may use from now on.
+    // SAFETY: by this function's contract the region is an owned VMCS,
+    // which the CPU may use from now on.
     status(VmxInstruction::Vmptrld, unsafe {
         x86::bits64::vmx::vmptrld(phys)
     })
@@ -281,8 +282,8 @@ pub unsafe fn enter(regs: &mut GuestRegs, launched: bool) -> EntryResult {
     } else {
         VmxInstruction::Vmlaunch
     };
-    // SAFETY: the caller guarantees a complete host state and a guest
-    // confined by EPT; the assembly saves and restores every callee-saved
+    // SAFETY: by this function's contract the VMCS has a complete host
+    // state and a guest confined by EPT; the assembly saves and restores every callee-saved
     // register and returns through the host RIP/RSP it wrote itself, so
     // Rust's state is as before the call.
     match unsafe { tern_vmx_run(regs, u64::from(launched)) } {
