@@ -101,6 +101,9 @@ pub fn vmwrite<F: WritableField>(field: F, value: F::Value) -> Result<(), VmxFai
     })
 }
 
+/// INVEPT type 1: single-context invalidation (SDM Vol. 3C, 30.3.3.1).
+const INVEPT_SINGLE_CONTEXT: u64 = 1;
+
 /// INVEPT single-context for `eptp`.
 pub fn invept_single(eptp: u64) -> Result<(), VmxFail> {
     let desc: [u64; 2] = [eptp, 0];
@@ -109,7 +112,7 @@ pub fn invept_single(eptp: u64) -> Result<(), VmxFail> {
     // lives on the stack for the duration of the instruction.
     unsafe {
         asm!("invept {t}, [{d}]", "setc {cf}", "setz {zf}",
-             t = in(reg) 1u64, d = in(reg) &desc, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             t = in(reg) INVEPT_SINGLE_CONTEXT, d = in(reg) &desc, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
              options(nostack));
     }
     match (cf, zf) {
