@@ -2,10 +2,18 @@
 //! frames, mapping guest-physical ranges with the largest page size that
 //! alignment allows.
 //!
-//! Changes return a [`#[must_use]`](InveptRequired) token: a changed EPT
-//! needs an INVEPT (single context) before the next VM entry, never INVLPG.
+//! Changes return a [`#[must_use]`](InveptFlush) token, modelled on the
+//! `x86_64` crate's `MapperFlush`: a changed EPT needs an INVEPT (single
+//! context) before the next VM entry, never INVLPG, and the tables a change
+//! unlinked are only given back after that INVEPT (the CPU may still walk
+//! them through its paging-structure caches until then). The token carries
+//! those tables: [`InveptFlush::flush`] executes INVEPT and then frees them;
+//! [`InveptFlush::ignore`] is the explicit way out for a tree no CPU has
+//! used. A change that fails half-way returns the token of what it did
+//! ([`PartialChange`]), and [`Ept::destroy`] returns every table in one.
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::ept_listener::EptHost;
 use crate::frames::FrameAllocator;
 use crate::phys::PhysAccess;
 use alloc::vec::Vec;
@@ -49,10 +57,100 @@ impl EptPerm {
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const RWX: u64 = 7;
 
-/// A token saying the EPT changed and must be invalidated.
-#[must_use = "a changed EPT needs INVEPT before the next VM entry"]
+/// A token saying the EPT rooted at `root` changed and must be
+/// invalidated, with the table frames the change unlinked: they may only be
+/// reused after the INVEPT. Consumed by [`flush`](Self::flush) or,
+/// explicitly, [`ignore`](Self::ignore).
+#[must_use = "a changed EPT needs INVEPT before the next VM entry, and its unlinked tables are freed only by flush()"]
 #[derive(Debug, PartialEq, Eq)]
-pub struct InveptRequired;
+pub struct InveptFlush {
+    root: HostPhysAddr,
+    /// An entry was written (a cached translation may be stale).
+    changed: bool,
+    /// Table frames no longer reachable from `root`.
+    retired: Vec<HostPhysAddr>,
+}
+
+/// INVEPT failed: the retired tables were not freed (the CPU may still use
+/// them), and stale translations may remain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InveptFailed {
+    /// Table frames kept (never reused) because of the failure.
+    pub kept_tables: usize,
+}
+
+impl InveptFlush {
+    fn new(root: HostPhysAddr) -> Self {
+        Self {
+            root,
+            changed: false,
+            retired: Vec::new(),
+        }
+    }
+
+    /// The root of the tree to invalidate.
+    pub fn root(&self) -> HostPhysAddr {
+        self.root
+    }
+
+    /// Whether an INVEPT is owed: an entry changed or a table waits to be
+    /// freed.
+    pub fn is_needed(&self) -> bool {
+        self.changed || !self.retired.is_empty()
+    }
+
+    /// Table frames waiting for the INVEPT.
+    pub fn retired_tables(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Adds `other`'s obligations to this token, so that one INVEPT covers
+    /// both. Tokens of different trees are not merged: `other` comes back.
+    pub fn merge(&mut self, other: Self) -> Result<(), Self> {
+        if other.root != self.root {
+            return Err(other);
+        }
+        self.changed |= other.changed;
+        self.retired.extend(other.retired);
+        Ok(())
+    }
+
+    /// Executes INVEPT (single context) for this tree if one is owed, and
+    /// only then frees the retired tables. If INVEPT fails the tables are
+    /// kept for good (a leak, never a reuse the CPU could still see).
+    pub fn flush<H: EptHost>(self, host: &mut H, accessed_dirty: bool) -> Result<(), InveptFailed> {
+        if !self.is_needed() {
+            return Ok(());
+        }
+        if !host.invept(Ept::eptp_of(self.root, accessed_dirty)) {
+            return Err(InveptFailed {
+                kept_tables: self.retired.len(),
+            });
+        }
+        for t in self.retired {
+            host.free_frame(t);
+        }
+        Ok(())
+    }
+
+    /// Gives the retired tables back without INVEPT. Only for a tree that
+    /// no CPU has used since the change (never in a VMCS that ran), where
+    /// nothing can be cached.
+    pub fn ignore(self, host: &mut impl FrameAllocator) {
+        for t in self.retired {
+            host.free_frame(t);
+        }
+    }
+}
+
+/// A change that failed part-way: the error, and the token of what was
+/// already changed (still owed its INVEPT).
+#[must_use = "the part of the change that was made still needs its INVEPT"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct PartialChange {
+    pub error: EptError,
+    pub flush: InveptFlush,
+}
 
 /// Why a mapping could not be made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +161,16 @@ pub enum EptError {
     OutOfRange,
     /// No host frame for a table.
     OutOfFrames,
+}
+
+impl core::fmt::Display for EptError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Unaligned => write!(f, "EPT mapping not 4 KiB aligned"),
+            Self::OutOfRange => write!(f, "EPT mapping beyond the 48-bit guest-physical space"),
+            Self::OutOfFrames => write!(f, "no host frame for an EPT table"),
+        }
+    }
 }
 
 /// Counters of what the EPT did.
@@ -165,7 +273,11 @@ impl Ept {
     /// The EPT pointer for the VMCS: root | WB (6) | walk length 4 - 1 (bits
     /// 5:3 = 3) | A/D enable (bit 6) if wanted.
     pub fn eptp(&self, accessed_dirty: bool) -> u64 {
-        self.root.as_u64() | 6 | (3 << 3) | if accessed_dirty { 1 << 6 } else { 0 }
+        Self::eptp_of(self.root, accessed_dirty)
+    }
+
+    fn eptp_of(root: HostPhysAddr, accessed_dirty: bool) -> u64 {
+        root.as_u64() | 6 | (3 << 3) | if accessed_dirty { 1 << 6 } else { 0 }
     }
 
     fn check_range(gpa: u64, size: u64, hpa: u64) -> Result<(), EptError> {
@@ -204,7 +316,7 @@ impl Ept {
         hpa: HostPhysAddr,
         size: u64,
         perm: EptPerm,
-    ) -> Result<InveptRequired, EptError> {
+    ) -> Result<InveptFlush, PartialChange> {
         self.map_with(host, gpa, hpa, size, perm, PageLimit::Largest)
     }
 
@@ -219,9 +331,12 @@ impl Ept {
         size: u64,
         perm: EptPerm,
         limit: PageLimit,
-    ) -> Result<InveptRequired, EptError> {
+    ) -> Result<InveptFlush, PartialChange> {
         let (g, h) = (gpa.as_u64(), hpa.as_u64());
-        Self::check_range(g, size, h)?;
+        let mut flush = InveptFlush::new(self.root);
+        if let Err(error) = Self::check_range(g, size, h) {
+            return Err(PartialChange { error, flush });
+        }
         if size > 0 {
             let root = self.root;
             let fill = Fill {
@@ -232,9 +347,14 @@ impl Ept {
                     PageLimit::Only4K => 0,
                 },
             };
-            self.map_level(host, root, 3, 0, g, g + size, fill)?;
+            let written = self.stats.entries_written;
+            let r = self.map_level(host, root, 3, 0, g, g + size, fill, &mut flush);
+            flush.changed = self.stats.entries_written != written;
+            if let Err(error) = r {
+                return Err(PartialChange { error, flush });
+            }
         }
-        Ok(InveptRequired)
+        Ok(flush)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -247,6 +367,7 @@ impl Ept {
         start: u64,
         end: u64,
         fill: Fill,
+        flush: &mut InveptFlush,
     ) -> Result<(), EptError> {
         let span = 1u64 << (12 + 9 * level);
         let first = (start - table_base) / span;
@@ -264,7 +385,7 @@ impl Ept {
                 && self.large_ok(level, fill.max_level)
             {
                 if old_is_table {
-                    self.free_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1);
+                    self.retire_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1, flush);
                 }
                 let large = if level > 0 {
                     EptFlags::LARGE
@@ -286,7 +407,7 @@ impl Ept {
                 self.stats.entries_written += 1;
                 t
             };
-            self.map_level(host, child, level - 1, e_start, s, en, fill)?;
+            self.map_level(host, child, level - 1, e_start, s, en, fill, flush)?;
         }
         Ok(())
     }
@@ -326,17 +447,26 @@ impl Ept {
         host: &mut (impl PhysAccess + FrameAllocator),
         gpa: GuestPhysAddr,
         size: u64,
-    ) -> Result<InveptRequired, EptError> {
+    ) -> Result<InveptFlush, PartialChange> {
         let g = gpa.as_u64();
-        Self::check_range(g, size, 0)?;
+        let mut flush = InveptFlush::new(self.root);
+        if let Err(error) = Self::check_range(g, size, 0) {
+            return Err(PartialChange { error, flush });
+        }
         if size > 0 {
             let root = self.root;
-            self.unmap_level(host, root, 3, 0, g, g + size)?;
+            let written = self.stats.entries_written;
+            let r = self.unmap_level(host, root, 3, 0, g, g + size, &mut flush);
+            flush.changed = self.stats.entries_written != written;
+            if let Err(error) = r {
+                return Err(PartialChange { error, flush });
+            }
         }
-        Ok(InveptRequired)
+        Ok(flush)
     }
 
     /// Returns whether the table is empty afterwards.
+    #[allow(clippy::too_many_arguments)]
     fn unmap_level(
         &mut self,
         host: &mut (impl PhysAccess + FrameAllocator),
@@ -345,6 +475,7 @@ impl Ept {
         table_base: u64,
         start: u64,
         end: u64,
+        flush: &mut InveptFlush,
     ) -> Result<bool, EptError> {
         let span = 1u64 << (12 + 9 * level);
         let first = (start - table_base) / span;
@@ -360,7 +491,7 @@ impl Ept {
             let is_table = level > 0 && old & EptFlags::LARGE.bits() == 0;
             if s == e_start && en - s == span {
                 if is_table {
-                    self.free_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1);
+                    self.retire_table(host, HostPhysAddr::new(old & ADDR_MASK), level - 1, flush);
                 }
                 host.write_u64(e, 0);
                 self.stats.entries_written += 1;
@@ -371,10 +502,10 @@ impl Ept {
             } else {
                 self.split(host, e, old, level)?
             };
-            if self.unmap_level(host, child, level - 1, e_start, s, en)? {
-                host.free_frame(child);
-                self.stats.tables_freed += 1;
+            if self.unmap_level(host, child, level - 1, e_start, s, en, flush)? {
                 host.write_u64(e, 0);
+                flush.retired.push(child);
+                self.stats.tables_freed += 1;
                 self.stats.entries_written += 1;
             }
         }
@@ -419,26 +550,28 @@ impl Ept {
 
     /// Guest-physical pages (of leaf size) in `[gpa, gpa + size)` whose EPT
     /// dirty flag is set, clearing the flags it reports. Needs EPT A/D
-    /// enabled in the EPTP; the caller must INVEPT before relying on the
-    /// cleared flags.
+    /// enabled in the EPTP; the token's INVEPT must happen before relying
+    /// on the cleared flags.
     pub fn take_dirty(
         &mut self,
         mem: &mut impl PhysAccess,
         gpa: GuestPhysAddr,
         size: u64,
-    ) -> Vec<(u64, u64)> {
+    ) -> (Vec<(u64, u64)>, InveptFlush) {
         let mut out = Vec::new();
-        self.take_leaf_flag(mem, gpa.as_u64(), size, HarvestFlag::Dirty, &mut |g, s| {
-            out.push((g, s))
-        });
-        out
+        let (_, flush) =
+            self.take_leaf_flag(mem, gpa.as_u64(), size, HarvestFlag::Dirty, &mut |g, s| {
+                out.push((g, s))
+            });
+        (out, flush)
     }
 
     /// Calls `found(leaf gpa, leaf size)` for every leaf overlapping
     /// `[gpa, gpa + size)` (clipped to the 48-bit space) that has `flag`,
     /// and clears the flag there, in address order. Returns the number of
-    /// leaves. The caller must INVEPT before relying on the cleared flags
-    /// (the CPU may cache a translation with the flag set).
+    /// leaves and the token whose INVEPT must happen before relying on the
+    /// cleared flags (the CPU may cache a translation with the flag set);
+    /// it owes nothing when no flag was cleared.
     pub fn take_leaf_flag(
         &mut self,
         mem: &mut impl PhysAccess,
@@ -446,15 +579,17 @@ impl Ept {
         size: u64,
         flag: HarvestFlag,
         found: &mut impl FnMut(u64, u64),
-    ) -> u64 {
+    ) -> (u64, InveptFlush) {
+        let mut flush = InveptFlush::new(self.root);
         let (start, end) = (gpa, gpa.saturating_add(size).min(MAX_GPA));
         if start >= end {
-            return 0;
+            return (0, flush);
         }
         let mut n = 0;
         let root = self.root;
         self.flag_in(mem, root, 3, 0, (start, end), flag.bits(), found, &mut n);
-        n
+        flush.changed = n > 0;
+        (n, flush)
     }
 
     /// `range` lies inside this table's span.
@@ -553,29 +688,36 @@ impl Ept {
         Some((HostPhysAddr::new(base + (g & (page - 1))), v & 2 != 0, page))
     }
 
-    fn free_table(
+    /// Moves table `t` (at `level`) and every table below it into the
+    /// token: they are freed after its INVEPT.
+    fn retire_table(
         &mut self,
-        host: &mut (impl PhysAccess + FrameAllocator),
+        mem: &impl PhysAccess,
         t: HostPhysAddr,
         level: u32,
+        flush: &mut InveptFlush,
     ) {
         if level > 0 {
             for i in 0..512 {
-                let v = host.read_u64(entry_addr(t, i));
+                let v = mem.read_u64(entry_addr(t, i));
                 if v & RWX != 0 && v & EptFlags::LARGE.bits() == 0 {
-                    self.free_table(host, HostPhysAddr::new(v & ADDR_MASK), level - 1);
+                    self.retire_table(mem, HostPhysAddr::new(v & ADDR_MASK), level - 1, flush);
                 }
             }
         }
-        host.free_frame(t);
+        flush.retired.push(t);
+        flush.changed = true;
         self.stats.tables_freed += 1;
     }
 
-    /// Frees every table of the tree.
-    pub fn destroy(mut self, host: &mut (impl PhysAccess + FrameAllocator)) -> EptStats {
+    /// Tears the tree down: every table goes into the returned token, which
+    /// frees them after invalidating the tree (`tables_freed` in the
+    /// statistics counts them).
+    pub fn destroy(mut self, mem: &impl PhysAccess) -> (InveptFlush, EptStats) {
         let root = self.root;
-        self.free_table(host, root, 3);
-        self.stats
+        let mut flush = InveptFlush::new(root);
+        self.retire_table(mem, root, 3, &mut flush);
+        (flush, self.stats)
     }
 }
 
@@ -595,15 +737,16 @@ mod tests {
         let mut ept = Ept::new(&mut host, ALL).unwrap();
         // 1 GiB + 2 MiB + 4 KiB, all aligned so each size is used once.
         let size = (1 << 30) + (2 << 20) + 4096;
-        let InveptRequired = ept
-            .map(
-                &mut host,
-                GuestPhysAddr::new(1 << 30),
-                HostPhysAddr::new(1 << 30),
-                size,
-                EptPerm::ReadWriteExecute,
-            )
-            .unwrap();
+        ept.map(
+            &mut host,
+            GuestPhysAddr::new(1 << 30),
+            HostPhysAddr::new(1 << 30),
+            size,
+            EptPerm::ReadWriteExecute,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
         let t = |g: u64| ept.translate(&host, GuestPhysAddr::new(g));
         assert_eq!(
             t((1 << 30) + 0x1234),
@@ -628,15 +771,16 @@ mod tests {
             },
         )
         .unwrap();
-        let _ = ept
-            .map(
-                &mut host,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(0x20_0000),
-                2 << 20,
-                EptPerm::ReadExecute,
-            )
-            .unwrap();
+        ept.map(
+            &mut host,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0x20_0000),
+            2 << 20,
+            EptPerm::ReadExecute,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
         assert_eq!(
             ept.translate(&host, GuestPhysAddr::new(0x1000)),
             Some((HostPhysAddr::new(0x20_1000), false, 4096))
@@ -648,20 +792,141 @@ mod tests {
         let mut host = MockPhys::new(16 << 20);
         let mut ept = Ept::new(&mut host, ALL).unwrap();
         for i in 0..8u64 {
-            let _ = ept
-                .map(
-                    &mut host,
-                    GuestPhysAddr::new(i << 32),
-                    HostPhysAddr::new(0),
-                    3 * 4096,
-                    EptPerm::ReadWriteExecute,
-                )
-                .unwrap();
+            ept.map(
+                &mut host,
+                GuestPhysAddr::new(i << 32),
+                HostPhysAddr::new(0),
+                3 * 4096,
+                EptPerm::ReadWriteExecute,
+            )
+            .unwrap()
+            .flush(&mut host, false)
+            .unwrap();
         }
-        assert!(host.outstanding() > 8);
-        let stats = ept.destroy(&mut host);
+        let tables = host.outstanding();
+        assert!(tables > 8);
+        let (flush, stats) = ept.destroy(&host);
+        assert_eq!(flush.retired_tables() as u64, tables);
+        assert_eq!(host.outstanding(), tables, "nothing freed before INVEPT");
+        let invepts = host.invepts.len();
+        flush.flush(&mut host, false).unwrap();
+        assert_eq!(host.invepts.len(), invepts + 1, "teardown invalidates");
         assert_eq!(host.outstanding(), 0);
         assert_eq!(stats.tables_allocated, stats.tables_freed);
+    }
+
+    /// 4 KiB pages in the first 2 MiB, then one 2 MiB leaf over them: the
+    /// page table they used is unlinked by the second map.
+    fn replace_small_pages(host: &mut MockPhys, ept: &mut Ept) -> InveptFlush {
+        let rwx = EptPerm::ReadWriteExecute;
+        ept.map_with(
+            host,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0),
+            8 << 12,
+            rwx,
+            PageLimit::Only4K,
+        )
+        .unwrap()
+        .flush(host, false)
+        .unwrap();
+        ept.map(
+            host,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0),
+            2 << 20,
+            rwx,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn unlinked_tables_are_freed_only_after_the_invept() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let flush = replace_small_pages(&mut host, &mut ept);
+        assert_eq!(flush.retired_tables(), 1, "the page table");
+        assert_eq!(flush.root(), ept.root);
+        let (outstanding, freed) = (host.outstanding(), host.freed);
+        assert_eq!(outstanding, 4, "PML4, PDPT, PD and the unlinked PT");
+        flush.flush(&mut host, false).unwrap();
+        // The INVEPT saw nothing freed yet; the table went after it.
+        assert_eq!(host.invepts.last(), Some(&freed));
+        assert_eq!(host.outstanding(), outstanding - 1);
+        // The same for a table emptied by unmap.
+        ept.map_with(
+            &mut host,
+            GuestPhysAddr::new(1 << 30),
+            HostPhysAddr::new(0),
+            4096,
+            EptPerm::ReadExecute,
+            PageLimit::Only4K,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
+        let flush = ept
+            .unmap(&mut host, GuestPhysAddr::new(1 << 30), 4096)
+            .unwrap();
+        assert_eq!(flush.retired_tables(), 2, "its PD and PT");
+        let freed = host.freed;
+        flush.flush(&mut host, false).unwrap();
+        assert_eq!(host.invepts.last(), Some(&freed));
+        assert_eq!(host.freed, freed + 2);
+    }
+
+    #[test]
+    fn a_failed_invept_keeps_the_tables() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let flush = replace_small_pages(&mut host, &mut ept);
+        host.fail_invept = true;
+        let outstanding = host.outstanding();
+        assert_eq!(
+            flush.flush(&mut host, false),
+            Err(InveptFailed { kept_tables: 1 })
+        );
+        assert_eq!(host.outstanding(), outstanding, "never reused");
+    }
+
+    #[test]
+    fn tokens_of_one_tree_merge_into_one_invept() {
+        let mut host = MockPhys::new(16 << 20);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let mut a = replace_small_pages(&mut host, &mut ept);
+        let b = ept
+            .unmap(&mut host, GuestPhysAddr::new(0), 2 << 20)
+            .unwrap();
+        a.merge(b).unwrap();
+        let other = Ept::new(&mut host, ALL).unwrap();
+        let (c, _) = other.destroy(&host);
+        let c = a.merge(c).unwrap_err();
+        let invepts = host.invepts.len();
+        a.flush(&mut host, false).unwrap();
+        c.flush(&mut host, false).unwrap();
+        assert_eq!(host.invepts.len(), invepts + 2, "one per tree");
+        assert_eq!(host.outstanding(), 1, "only the first tree's PML4 is left");
+    }
+
+    #[test]
+    fn a_partially_failed_map_still_owes_its_invept() {
+        // Room for the PML4, a PDPT and a PD: the page table cannot be
+        // allocated, after the PDPT and PD were linked in.
+        let mut host = MockPhys::new(0x10_0000 + 3 * 4096);
+        let mut ept = Ept::new(&mut host, ALL).unwrap();
+        let e = ept
+            .map(
+                &mut host,
+                GuestPhysAddr::new(0),
+                HostPhysAddr::new(0),
+                4096,
+                EptPerm::ReadWriteExecute,
+            )
+            .unwrap_err();
+        assert_eq!(e.error, EptError::OutOfFrames);
+        assert!(e.flush.is_needed());
+        e.flush.flush(&mut host, false).unwrap();
+        assert_eq!(host.invepts.len(), 1);
     }
 
     #[test]
@@ -669,26 +934,30 @@ mod tests {
         let mut host = MockPhys::new(16 << 20);
         let mut ept = Ept::new(&mut host, ALL).unwrap();
         let rwx = EptPerm::ReadWriteExecute;
-        assert_eq!(
-            ept.map(
+        let e = ept
+            .map(
                 &mut host,
                 GuestPhysAddr::new(0x10),
                 HostPhysAddr::new(0),
                 4096,
-                rwx
-            ),
-            Err(EptError::Unaligned)
-        );
-        assert_eq!(
-            ept.map(
+                rwx,
+            )
+            .unwrap_err();
+        assert_eq!(e.error, EptError::Unaligned);
+        assert!(!e.flush.is_needed(), "nothing was changed");
+        e.flush.flush(&mut host, false).unwrap();
+        let e = ept
+            .map(
                 &mut host,
                 GuestPhysAddr::new(1 << 48),
                 HostPhysAddr::new(0),
                 4096,
-                rwx
-            ),
-            Err(EptError::OutOfRange)
-        );
+                rwx,
+            )
+            .unwrap_err();
+        assert_eq!(e.error, EptError::OutOfRange);
+        e.flush.flush(&mut host, false).unwrap();
+        assert!(host.invepts.is_empty(), "no INVEPT for no change");
     }
 
     #[test]
@@ -696,17 +965,19 @@ mod tests {
         let mut host = MockPhys::new(16 << 20);
         let mut ept = Ept::new(&mut host, ALL).unwrap();
         let rwx = EptPerm::ReadWriteExecute;
-        let _ = ept
-            .map(
-                &mut host,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(0x4000_0000),
-                1 << 30,
-                rwx,
-            )
-            .unwrap();
-        let _ = ept
-            .unmap(&mut host, GuestPhysAddr::new(0x20_1000), 0x1000)
+        ept.map(
+            &mut host,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0x4000_0000),
+            1 << 30,
+            rwx,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
+        ept.unmap(&mut host, GuestPhysAddr::new(0x20_1000), 0x1000)
+            .unwrap()
+            .flush(&mut host, false)
             .unwrap();
         let t = |g: u64| ept.translate(&host, GuestPhysAddr::new(g));
         assert_eq!(t(0x20_1000), None);
@@ -727,15 +998,16 @@ mod tests {
             Some((HostPhysAddr::new(0x7fff_f000), true, 2 << 20))
         );
         // Mapping the page back and the whole gigabyte again coalesces.
-        let _ = ept
-            .map(
-                &mut host,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(0x4000_0000),
-                1 << 30,
-                rwx,
-            )
-            .unwrap();
+        ept.map(
+            &mut host,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0x4000_0000),
+            1 << 30,
+            rwx,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
         assert_eq!(ept.leaves(&host).len(), 1);
         assert_eq!(
             host.outstanding(),
@@ -748,18 +1020,20 @@ mod tests {
     fn unmap_frees_empty_tables() {
         let mut host = MockPhys::new(16 << 20);
         let mut ept = Ept::new(&mut host, ALL).unwrap();
-        let _ = ept
-            .map(
-                &mut host,
-                GuestPhysAddr::new(0x1234_5000),
-                HostPhysAddr::new(0x10_0000),
-                0x3000,
-                EptPerm::ReadExecute,
-            )
-            .unwrap();
+        ept.map(
+            &mut host,
+            GuestPhysAddr::new(0x1234_5000),
+            HostPhysAddr::new(0x10_0000),
+            0x3000,
+            EptPerm::ReadExecute,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
         assert_eq!(host.outstanding(), 4);
-        let _ = ept
-            .unmap(&mut host, GuestPhysAddr::new(0x1234_5000), 0x3000)
+        ept.unmap(&mut host, GuestPhysAddr::new(0x1234_5000), 0x3000)
+            .unwrap()
+            .flush(&mut host, false)
             .unwrap();
         assert_eq!(host.outstanding(), 1, "only the PML4 is left");
         assert!(ept.leaves(&host).is_empty());
@@ -769,31 +1043,34 @@ mod tests {
     fn dirty_flags_are_reported_and_cleared() {
         let mut host = MockPhys::new(16 << 20);
         let mut ept = Ept::new(&mut host, ALL).unwrap();
-        let _ = ept
-            .map(
-                &mut host,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(0),
-                4 << 20,
-                EptPerm::ReadWriteExecute,
-            )
-            .unwrap();
-        assert!(ept
-            .take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20)
-            .is_empty());
+        ept.map(
+            &mut host,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0),
+            4 << 20,
+            EptPerm::ReadWriteExecute,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
+        let (none, flush) = ept.take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20);
+        assert!(none.is_empty());
+        assert!(!flush.is_needed());
+        flush.flush(&mut host, true).unwrap();
         // Play the CPU: set the dirty flag on the second 2 MiB leaf.
         let pdpt = HostPhysAddr::new(host.read_u64(ept.root) & ADDR_MASK);
         let pd = HostPhysAddr::new(host.read_u64(pdpt) & ADDR_MASK);
         let e = entry_addr(pd, 1);
         let v = host.read_u64(e);
         host.write_u64(e, v | EptFlags::DIRTY.bits());
-        assert_eq!(
-            ept.take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20),
-            vec![(2 << 20, 2 << 20)]
-        );
-        assert!(ept
-            .take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20)
-            .is_empty());
+        let (dirty, flush) = ept.take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20);
+        assert_eq!(dirty, vec![(2 << 20, 2 << 20)]);
+        assert!(flush.is_needed(), "a cleared flag owes an INVEPT");
+        flush.flush(&mut host, true).unwrap();
+        assert_eq!(host.invepts.len(), 2, "the map and the harvest");
+        let (dirty, flush) = ept.take_dirty(&mut host, GuestPhysAddr::new(0), 4 << 20);
+        assert!(dirty.is_empty());
+        flush.flush(&mut host, true).unwrap();
     }
 
     #[test]
@@ -802,22 +1079,24 @@ mod tests {
         let mut ept = Ept::new(&mut host, ALL).unwrap();
         let rwx = EptPerm::ReadWriteExecute;
         let g = |a| GuestPhysAddr::new(a);
-        let _ = ept
-            .map(&mut host, g(0), HostPhysAddr::new(1 << 30), 1 << 30, rwx)
+        ept.map(&mut host, g(0), HostPhysAddr::new(1 << 30), 1 << 30, rwx)
+            .unwrap()
+            .flush(&mut host, false)
             .unwrap();
         let frames = host.outstanding();
         // 4 KiB pages for [2 MiB, 6 MiB): the 1 GiB leaf and two 2 MiB
         // leaves split, the rest of the gigabyte keeps 2 MiB pages.
-        let _ = ept
-            .map_with(
-                &mut host,
-                g(2 << 20),
-                HostPhysAddr::new((1 << 30) + (2 << 20)),
-                4 << 20,
-                rwx,
-                PageLimit::Only4K,
-            )
-            .unwrap();
+        ept.map_with(
+            &mut host,
+            g(2 << 20),
+            HostPhysAddr::new((1 << 30) + (2 << 20)),
+            4 << 20,
+            rwx,
+            PageLimit::Only4K,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
         assert_eq!(ept.stats.splits, 3);
         let leaves = ept.leaves(&host);
         assert_eq!(leaves.len(), 1024 + 510);
@@ -826,8 +1105,9 @@ mod tests {
             assert_eq!(l.size, if small { 4096 } else { 2 << 20 }, "{l:x?}");
             assert_eq!(l.hpa, (1 << 30) + l.gpa);
         }
-        let _ = ept
-            .map(&mut host, g(0), HostPhysAddr::new(1 << 30), 1 << 30, rwx)
+        ept.map(&mut host, g(0), HostPhysAddr::new(1 << 30), 1 << 30, rwx)
+            .unwrap()
+            .flush(&mut host, false)
             .unwrap();
         assert_eq!(ept.leaves(&host).len(), 1);
         assert_eq!(host.outstanding(), frames);
@@ -837,16 +1117,17 @@ mod tests {
     fn leaf_flags_are_taken_in_a_range_and_write_permission_granted() {
         let mut host = MockPhys::new(16 << 20);
         let mut ept = Ept::new(&mut host, ALL).unwrap();
-        let _ = ept
-            .map_with(
-                &mut host,
-                GuestPhysAddr::new(0),
-                HostPhysAddr::new(0),
-                64 << 12,
-                EptPerm::ReadExecute,
-                PageLimit::Only4K,
-            )
-            .unwrap();
+        ept.map_with(
+            &mut host,
+            GuestPhysAddr::new(0),
+            HostPhysAddr::new(0),
+            64 << 12,
+            EptPerm::ReadExecute,
+            PageLimit::Only4K,
+        )
+        .unwrap()
+        .flush(&mut host, false)
+        .unwrap();
         assert_eq!(
             ept.make_writable(&mut host, GuestPhysAddr::new(5 << 12)),
             Some(true)
@@ -870,7 +1151,7 @@ mod tests {
         );
         // Only the range asked for.
         let mut found = Vec::new();
-        let n = ept.take_leaf_flag(
+        let (n, flush) = ept.take_leaf_flag(
             &mut host,
             6 << 12,
             10 << 12,
@@ -878,13 +1159,15 @@ mod tests {
             &mut |g, s| found.push((g, s)),
         );
         assert_eq!((n, found), (1, vec![(9 << 12, 4096)]));
+        assert!(flush.is_needed());
+        flush.flush(&mut host, false).unwrap();
         assert_eq!(
             ept.translate(&host, GuestPhysAddr::new(9 << 12))
                 .map(|t| t.1),
             Some(false)
         );
         let mut found = Vec::new();
-        let n = ept.take_leaf_flag(
+        let (n, flush) = ept.take_leaf_flag(
             &mut host,
             0,
             u64::MAX,
@@ -892,20 +1175,21 @@ mod tests {
             &mut |g, s| found.push((g, s)),
         );
         assert_eq!((n, found), (1, vec![(5 << 12, 4096)]));
-        assert_eq!(
-            ept.take_leaf_flag(
-                &mut host,
-                0,
-                u64::MAX,
-                HarvestFlag::Writable,
-                &mut |_, _| ()
-            ),
-            0
+        flush.flush(&mut host, false).unwrap();
+        let (n, flush) = ept.take_leaf_flag(
+            &mut host,
+            0,
+            u64::MAX,
+            HarvestFlag::Writable,
+            &mut |_, _| (),
         );
-        assert_eq!(
-            ept.take_leaf_flag(&mut host, MAX_GPA, 4096, HarvestFlag::Dirty, &mut |_, _| ()),
-            0
-        );
+        assert_eq!(n, 0);
+        assert!(!flush.is_needed(), "nothing cleared, nothing owed");
+        flush.flush(&mut host, false).unwrap();
+        let (n, flush) =
+            ept.take_leaf_flag(&mut host, MAX_GPA, 4096, HarvestFlag::Dirty, &mut |_, _| ());
+        assert_eq!(n, 0);
+        flush.flush(&mut host, false).unwrap();
         assert!(ept
             .leaves(&host)
             .iter()
@@ -928,12 +1212,12 @@ mod tests {
                 if is_map {
                     let hpa = hpage * (2 << 20);
                     let perm = if ro { EptPerm::ReadExecute } else { EptPerm::ReadWriteExecute };
-                    let _ = ept.map(&mut host, GuestPhysAddr::new(gpa), HostPhysAddr::new(hpa), size, perm).unwrap();
+                    ept.map(&mut host, GuestPhysAddr::new(gpa), HostPhysAddr::new(hpa), size, perm).unwrap().flush(&mut host, false).unwrap();
                     for p in 0..pages {
                         model.insert(gpa + p * 4096, (hpa + p * 4096, !ro));
                     }
                 } else {
-                    let _ = ept.unmap(&mut host, GuestPhysAddr::new(gpa), size).unwrap();
+                    ept.unmap(&mut host, GuestPhysAddr::new(gpa), size).unwrap().flush(&mut host, false).unwrap();
                     for p in 0..pages {
                         model.remove(&(gpa + p * 4096));
                     }
@@ -948,7 +1232,7 @@ mod tests {
             proptest::prop_assert_eq!(&pages, &model);
             let all: Vec<u64> = model.keys().copied().collect();
             for g in all {
-                let _ = ept.unmap(&mut host, GuestPhysAddr::new(g), 4096).unwrap();
+                ept.unmap(&mut host, GuestPhysAddr::new(g), 4096).unwrap().flush(&mut host, false).unwrap();
             }
             proptest::prop_assert_eq!(host.outstanding(), 1);
         }

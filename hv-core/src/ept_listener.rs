@@ -45,8 +45,7 @@
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::dirty::{DirtyBitmap, DirtyError};
 use crate::ept::{
-    Ept, EptError, EptPerm, EptStats, HarvestFlag, InveptRequired, Leaf, PageLimit, PageSizes,
-    MAX_GPA,
+    Ept, EptError, EptPerm, EptStats, HarvestFlag, InveptFlush, Leaf, PageLimit, PageSizes, MAX_GPA,
 };
 use crate::frames::FrameAllocator;
 use crate::memory::{FlatRange, ListenerCtx, MemoryListener, RamBacking, RangeTarget};
@@ -108,6 +107,27 @@ pub enum EptListenerError {
     /// The dirty log could not be kept (bitmap allocation), or a bitmap of
     /// other RAM blocks was passed to [`EptListener::sync_dirty`].
     DirtyLog(DirtyError),
+}
+
+impl core::fmt::Display for EptListenerError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadBacking { gpa, block } => {
+                write!(
+                    f,
+                    "range at GPA {gpa:#x} names RAM block {block}, which does not back it"
+                )
+            }
+            Self::Misaligned { gpa } => write!(
+                f,
+                "range at GPA {gpa:#x}: guest and host addresses differ by a non-page amount"
+            ),
+            Self::Ept(e) => write!(f, "{e}"),
+            Self::Invept => write!(f, "INVEPT failed"),
+            Self::NoView => write!(f, "the committed view could not be read"),
+            Self::DirtyLog(e) => write!(f, "the dirty log could not be kept: {e:?}"),
+        }
+    }
 }
 
 /// Counters (exact; tests and benchmarks assert them).
@@ -191,6 +211,9 @@ pub struct EptListener<H: EptHost> {
     /// Dirty pages harvested outside `sync_dirty`, not yet handed out.
     /// Created with the first logged range.
     pending: Option<DirtyBitmap>,
+    /// The INVEPT owed for changes since the last one, with the tables
+    /// they unlinked (freed only after it).
+    owed: Option<InveptFlush>,
 }
 
 fn page_down(a: u64) -> u64 {
@@ -220,6 +243,7 @@ impl<H: EptHost> EptListener<H> {
             retired: EptStats::default(),
             logged: BTreeMap::new(),
             pending: None,
+            owed: None,
         })
     }
 
@@ -256,21 +280,55 @@ impl<H: EptHost> EptListener<H> {
         }
     }
 
-    /// Issues INVEPT; `false` (and the error recorded) if the CPU refused.
-    fn invept(&mut self, eptp: u64) -> bool {
-        self.counters.invepts += 1;
-        if !self.host.invept(eptp) {
+    /// Adds a change's token to what the next INVEPT covers. A token of
+    /// another tree (after a rebuild) first flushes what is owed.
+    fn absorb(&mut self, t: InveptFlush) {
+        let t = match self.owed.as_mut() {
+            None => t,
+            Some(owed) => match owed.merge(t) {
+                Ok(()) => return,
+                Err(t) => {
+                    self.flush_owed();
+                    t
+                }
+            },
+        };
+        self.owed = Some(t);
+    }
+
+    /// Issues the INVEPT that is owed, if any, then frees the tables it
+    /// covers; `false` (and the error recorded) if the CPU refused, in
+    /// which case those tables are never freed.
+    fn flush_owed(&mut self) -> bool {
+        let Some(t) = self.owed.take() else {
+            return true;
+        };
+        let needed = t.is_needed();
+        let r = t.flush(&mut self.host, self.accessed_dirty);
+        self.counters.invepts += u64::from(needed);
+        if r.is_err() {
             self.fail(EptListenerError::Invept);
             return false;
         }
         true
     }
 
-    /// Frees a whole tree after invalidating what the CPU may cache of it.
+    /// Executes a token's INVEPT (with whatever else is owed), then frees
+    /// the tables it covers.
+    pub fn flush(&mut self, t: InveptFlush) -> Result<(), EptListenerError> {
+        self.absorb(t);
+        if self.flush_owed() {
+            Ok(())
+        } else {
+            Err(EptListenerError::Invept)
+        }
+    }
+
+    /// Tears a whole tree down: invalidates it, then frees its tables.
     fn retire(&mut self, old: Ept) {
-        let eptp = old.eptp(self.accessed_dirty);
-        self.invept(eptp);
-        let stats = old.destroy(&mut self.host);
+        let (flush, stats) = old.destroy(&self.host);
+        self.absorb(flush);
+        self.flush_owed();
         self.retired.entries_written += stats.entries_written;
         self.retired.tables_allocated += stats.tables_allocated;
         self.retired.tables_freed += stats.tables_freed;
@@ -302,20 +360,15 @@ impl<H: EptHost> EptListener<H> {
         &self.host
     }
 
-    /// Dirty leaf pages overlapping a range, clearing their flags (then one
-    /// INVEPT). Results are whole leaves: a 2 MiB leaf that overlaps the
-    /// range is reported and cleared whole. (Independent of the dirty log;
-    /// a logged range's flags taken here are not seen by `sync_dirty`.)
-    pub fn take_dirty(&mut self, gpa: u64, size: u64) -> Vec<(u64, u64)> {
-        let Some(ept) = self.ept.as_mut() else {
-            return Vec::new();
-        };
-        let d = ept.take_dirty(&mut self.host, GuestPhysAddr::new(gpa), size);
-        if !d.is_empty() {
-            let eptp = ept.eptp(self.accessed_dirty);
-            self.invept(eptp);
-        }
-        d
+    /// Dirty leaf pages overlapping a range, clearing their flags, and the
+    /// token of the INVEPT that must follow (give it to
+    /// [`flush`](Self::flush)). Results are whole leaves: a 2 MiB leaf that
+    /// overlaps the range is reported and cleared whole. (Independent of
+    /// the dirty log; a logged range's flags taken here are not seen by
+    /// `sync_dirty`.) `None` without an EPT.
+    pub fn take_dirty(&mut self, gpa: u64, size: u64) -> Option<(Vec<(u64, u64)>, InveptFlush)> {
+        let ept = self.ept.as_mut()?;
+        Some(ept.take_dirty(&mut self.host, GuestPhysAddr::new(gpa), size))
     }
 
     // ------------------------------------------------------------------
@@ -369,11 +422,8 @@ impl<H: EptHost> EptListener<H> {
             from = key + 1;
         }
         let mut result = Ok(());
-        if rearmed > 0 {
-            let eptp = self.eptp();
-            if !self.invept(eptp) {
-                result = Err(EptListenerError::Invept);
-            }
+        if rearmed > 0 && !self.flush_owed() {
+            result = Err(EptListenerError::Invept);
         }
         let Some(pending) = self.pending.as_mut() else {
             return result.map(|()| 0);
@@ -427,8 +477,8 @@ impl<H: EptHost> EptListener<H> {
     }
 
     /// Collects the dirty pages of a logged range into the pending bitmap
-    /// and re-arms them; returns how many leaves were re-armed (the caller
-    /// owes an INVEPT if any).
+    /// and re-arms them; returns how many leaves were re-armed (their
+    /// INVEPT is owed: the next flush covers it).
     fn harvest(&mut self, l: &Logged) -> u64 {
         let flag = if !l.armed {
             return 0;
@@ -443,7 +493,7 @@ impl<H: EptHost> EptListener<H> {
             return 0;
         };
         let mut bad = None;
-        let n = ept.take_leaf_flag(
+        let (n, flush) = ept.take_leaf_flag(
             &mut self.host,
             l.gpa,
             l.end - l.gpa,
@@ -458,6 +508,7 @@ impl<H: EptHost> EptListener<H> {
                 }
             },
         );
+        self.absorb(flush);
         if let Some(e) = bad {
             self.fail(EptListenerError::DirtyLog(e));
         }
@@ -588,12 +639,16 @@ impl<H: EptHost> EptListener<H> {
             self.counters.log_splits += ept.stats.splits - splits;
         }
         match r {
-            Ok(InveptRequired) => {
+            Ok(flush) => {
+                self.absorb(flush);
                 self.changed = true;
                 true
             }
-            Err(e) => {
-                self.fail(EptListenerError::Ept(e));
+            Err(p) => {
+                // What was changed before the error still needs its INVEPT.
+                self.changed |= p.flush.is_needed();
+                self.absorb(p.flush);
+                self.fail(EptListenerError::Ept(p.error));
                 false
             }
         }
@@ -616,11 +671,16 @@ impl<H: EptHost> EptListener<H> {
         let Some(m) = m else { return };
         let Some(ept) = self.ept.as_mut() else { return };
         match ept.unmap(&mut self.host, GuestPhysAddr::new(m.gpa), m.size) {
-            Ok(InveptRequired) => {
+            Ok(flush) => {
+                self.absorb(flush);
                 self.changed = true;
                 self.counters.unmaps += 1;
             }
-            Err(e) => self.fail(EptListenerError::Ept(e)),
+            Err(p) => {
+                self.changed |= p.flush.is_needed();
+                self.absorb(p.flush);
+                self.fail(EptListenerError::Ept(p.error));
+            }
         }
     }
 
@@ -665,10 +725,10 @@ impl<H: EptHost> EptListener<H> {
         }
     }
 
-    /// Gives every table back.
+    /// Gives every table back (after invalidating the tree).
     pub fn destroy(mut self) -> H {
         if let Some(e) = self.ept.take() {
-            e.destroy(&mut self.host);
+            self.retire(e);
         }
         self.host
     }
@@ -748,9 +808,9 @@ impl<H: EptHost> MemoryListener for EptListener<H> {
         }
         if self.changed {
             self.counters.updates += 1;
-            let eptp = self.eptp();
-            self.invept(eptp);
         }
+        // One INVEPT for everything the commit changed or re-armed.
+        self.flush_owed();
     }
 }
 
@@ -772,6 +832,8 @@ mod tests {
         mem: MockPhys,
         invepts: u64,
         tlb: Vec<(u64, u64)>,
+        /// Table frames freed when each INVEPT ran.
+        freed_at_invept: Vec<u64>,
     }
     impl PhysAccess for Host {
         fn read(&self, a: HostPhysAddr, b: &mut [u8]) {
@@ -793,6 +855,7 @@ mod tests {
         fn invept(&mut self, _eptp: u64) -> bool {
             self.invepts += 1;
             self.tlb.clear();
+            self.freed_at_invept.push(self.mem.freed);
             true
         }
     }
@@ -825,6 +888,7 @@ mod tests {
             mem: MockPhys::new(mem),
             invepts: 0,
             tlb: Vec::new(),
+            freed_at_invept: Vec::new(),
         };
         let blocks = sizes
             .iter()
@@ -914,6 +978,41 @@ mod tests {
         // 768 MiB below 4 GiB from a 4 GiB-aligned block: 2 MiB pages.
         assert!(l.leaves().iter().all(|x| x.size == 2 << 20));
         assert_eq!(l.counters.invepts, 1);
+    }
+
+    #[test]
+    fn tables_a_commit_unlinks_are_freed_after_its_invept() {
+        let mut pc = pc();
+        let inc = listener(EptMode::Incremental);
+        pc.mem.add_listener(pc.space, 0, inc.clone()).unwrap();
+        // A small RAM region far from the rest needs tables of its own.
+        let ram = pc
+            .mem
+            .create_ram(
+                "far",
+                0x3000,
+                RamBacking {
+                    block: 0,
+                    offset: 0x20_0000,
+                },
+            )
+            .unwrap();
+        pc.mem.add_subregion(pc.root, 0x80_0000_0000, ram).unwrap();
+        let before = inc.borrow().host().mem.freed;
+        pc.mem.del_subregion(pc.root, ram).unwrap();
+        let l = inc.borrow();
+        let host = l.host();
+        // PDPT, PD and PT of the far range went, after the INVEPT.
+        assert_eq!(host.mem.freed, before + 3);
+        assert_eq!(host.freed_at_invept.last(), Some(&before));
+        assert!(l.owed.is_none());
+        drop(l);
+        let invepts = inc.borrow().host().invepts;
+        inc.borrow_mut().release();
+        let l = inc.borrow();
+        assert_eq!(l.host().invepts, invepts + 1, "teardown invalidates first");
+        assert_eq!(l.host().freed_at_invept.last(), Some(&(before + 3)));
+        assert_eq!(l.host().mem.outstanding(), 0);
     }
 
     #[test]

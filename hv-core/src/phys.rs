@@ -5,7 +5,10 @@ use crate::addr::HostPhysAddr;
 
 /// Reads and writes host-physical memory. The kernel implements it over its
 /// identity map; tests over a `Vec`. Implementations check nothing beyond
-/// their own bounds: callers only pass frames they own.
+/// their own bounds, so an implementation over raw host memory must not be
+/// creatable by safe code: the kernel's `HostMem::new` is `unsafe`, and its
+/// holders (guest memory bounded by the VM's RAM blocks, the EPT host
+/// bounded by its own tables) only pass memory they own.
 pub trait PhysAccess {
     /// Copies `buf.len()` bytes from `addr`.
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]);
@@ -48,6 +51,10 @@ pub mod mock {
         pub free: FreeRanges,
         pub allocated: u64,
         pub freed: u64,
+        /// One entry per INVEPT: how many frames had been freed then.
+        pub invepts: Vec<u64>,
+        /// Make INVEPT fail.
+        pub fail_invept: bool,
     }
 
     impl MockPhys {
@@ -60,6 +67,8 @@ pub mod mock {
                 free,
                 allocated: 0,
                 freed: 0,
+                invepts: Vec::new(),
+                fail_invept: false,
             }
         }
         /// Frames handed out and not given back.
@@ -76,6 +85,13 @@ pub mod mock {
         fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
             let a = addr.as_u64() as usize;
             self.mem[a..a + data.len()].copy_from_slice(data);
+        }
+    }
+
+    impl crate::ept_listener::EptHost for MockPhys {
+        fn invept(&mut self, _eptp: u64) -> bool {
+            self.invepts.push(self.freed);
+            !self.fail_invept
         }
     }
 

@@ -2,7 +2,11 @@
 //! VM after handling the exits it owns, what the VM answers, and why a VM
 //! stops. The loop applies an [`ExitAction`] in one place.
 
+use crate::ept_listener::EptListenerError;
+use crate::exits::ExitError;
+use crate::machine::MachineError;
 use crate::vmx::exit::Access;
+use crate::vmx::VmxFail;
 
 /// An exit the vCPU could not finish by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +46,7 @@ pub enum VcpuExit {
 }
 
 /// What the vCPU loop does after an exit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitAction {
     /// Skip the exiting instruction and enter again; for an I/O read or a
     /// hypercall, `Some(value)` goes to RAX (low `size` bytes for I/O).
@@ -56,8 +60,10 @@ pub enum ExitAction {
     Stop(StopReason),
 }
 
-/// Why a VM stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a VM stopped. Each stop keeps its cause: the failed VMX
+/// instruction with its VMCS field and VM-instruction error, the
+/// memory-map or EPT error.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StopReason {
     /// The guest asked to stop with this status (isa-debug-exit, hypercall).
     Exited(u32),
@@ -76,8 +82,20 @@ pub enum StopReason {
     UnhandledExit { reason: u16 },
     /// VM entry failed (exit reason with bit 31 set).
     EntryFailure { reason: u16, qualification: u64 },
-    /// A VMX instruction failed while running the VM.
-    VmxInstructionFailed,
+    /// A VMX instruction failed while running the VM (a VM entry that
+    /// fails its control or host-state checks is a failed VMLAUNCH or
+    /// VMRESUME).
+    Vmx(VmxFail),
+    /// The VM's memory map could not be changed (a device's remap, a
+    /// timer-driven change).
+    MemoryMap(MachineError),
+    /// A port access failed in the memory or device layer.
+    PortIo { port: u16, error: ExitError },
+    /// The EPT could not follow the memory map (or INVEPT failed): the
+    /// guest's view of memory is no longer the map's.
+    Ept(EptListenerError),
+    /// The VM has no vCPU (a migration failed after taking it).
+    NoVcpu,
     /// EPT misconfiguration: a Tern bug, reported as such.
     EptMisconfig { gpa: u64 },
     /// The VM used up its time budget (preemption-timer slices).
@@ -100,16 +118,16 @@ impl StopReason {
     /// The status this stop contributes to Tern's exit status: the guest's
     /// own status (0..=119; larger ones become 119), 120 for any stop that
     /// Tern imposed.
-    pub fn status(self) -> u8 {
+    pub fn status(&self) -> u8 {
         match self {
-            Self::Exited(s) => s.min(119) as u8,
+            Self::Exited(s) => (*s).min(119) as u8,
             Self::MigratedOut => 0,
             _ => 120,
         }
     }
 
     /// Whether the guest chose to stop (as opposed to being stopped).
-    pub fn is_guest_exit(self) -> bool {
+    pub fn is_guest_exit(&self) -> bool {
         matches!(self, Self::Exited(_) | Self::Migrating | Self::MigratedOut)
     }
 }
@@ -142,7 +160,11 @@ impl core::fmt::Display for StopReason {
                     "VM entry failed: reason {reason}, qualification {qualification:#x}"
                 )
             }
-            Self::VmxInstructionFailed => write!(f, "a VMX instruction failed"),
+            Self::Vmx(e) => write!(f, "{e}"),
+            Self::MemoryMap(e) => write!(f, "{e}"),
+            Self::PortIo { port, error } => write!(f, "port {port:#x}: {error}"),
+            Self::Ept(e) => write!(f, "EPT could not follow the memory map: {e}"),
+            Self::NoVcpu => write!(f, "the VM has no vCPU"),
             Self::EptMisconfig { gpa } => {
                 write!(f, "EPT misconfiguration at GPA {gpa:#x} (Tern bug)")
             }

@@ -11,29 +11,49 @@ use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
-/// Writes a byte to an I/O port.
-pub fn outb(port: u16, value: u8) {
-    // SAFETY: the kernel only calls this for ports it owns (COM1, 0xE9, the
-    // exit ports); a port write has no memory effect.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+/// The I/O ports Tern itself uses. Port I/O is only reached through the
+/// owners below (`x86_64::instructions::port`, whose reads and writes are
+/// `unsafe`); no other module names a port.
+mod ports {
+    /// Bochs/QEMU debug console (a byte written is printed).
+    pub const DEBUGCON: u16 = 0xE9;
+    /// QEMU's isa-debug-exit device.
+    pub const QEMU_EXIT: u16 = 0xF4;
+    /// 8254 PIT channel 2 data and the mode/command register.
+    pub const PIT_CH2: u16 = 0x42;
+    pub const PIT_MODE: u16 = 0x43;
+    /// Keyboard-controller port B: PIT channel 2 gate (bit 0), speaker
+    /// (bit 1), channel 2 output (bit 5).
+    pub const PORT_B: u16 = 0x61;
+    /// 8259 PICs: command and data ports of the master and the slave.
+    pub const PIC1_CMD: u16 = 0x20;
+    pub const PIC1_DATA: u16 = 0x21;
+    pub const PIC2_CMD: u16 = 0xA0;
+    pub const PIC2_DATA: u16 = 0xA1;
 }
 
-/// Writes a dword to an I/O port.
-pub fn outl(port: u16, value: u32) {
-    // SAFETY: as for `outb`.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    }
+/// Writes a byte to the debug console port (0xE9).
+pub fn debugcon_write(b: u8) {
+    // SAFETY: 0xE9 is the emulator's debug console (nothing on real
+    // hardware); writing it prints a byte and touches no memory.
+    unsafe { x86_64::instructions::port::PortWriteOnly::<u8>::new(ports::DEBUGCON).write(b) }
 }
 
-/// Reads a model-specific register. `None` if the read faults is not
-/// detectable here: callers only read MSRs whose presence CPUID showed.
+/// Writes `code` to QEMU's isa-debug-exit port, which ends the emulator.
+pub fn qemu_exit(code: u32) {
+    // SAFETY: only called on the way out of Tern (`exit::exit`); the device
+    // stops QEMU, and elsewhere the port is unused and touches no memory.
+    unsafe { x86_64::instructions::port::PortWriteOnly::<u32>::new(ports::QEMU_EXIT).write(code) }
+}
+
+/// Reads a model-specific register. Reading an MSR that does not exist
+/// raises #GP, which stops Tern with an exception report: callers only read
+/// MSRs whose presence CPUID or the VMX capabilities showed.
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
-    // SAFETY: callers pass architectural MSRs that exist on CPUs with the
-    // features they checked; RDMSR has no memory effect.
+    // SAFETY: RDMSR only writes EDX:EAX; if the MSR does not exist it
+    // raises #GP, which the IDT reports before stopping Tern, so no memory
+    // and no Rust state is changed either way.
     unsafe {
         asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
     }
@@ -46,7 +66,8 @@ pub fn rdmsr(msr: u32) -> u64 {
 /// The MSR and value must be valid and must not break the kernel's own
 /// execution environment.
 pub unsafe fn wrmsr(msr: u32, value: u64) {
-    // SAFETY: delegated to the caller.
+    // SAFETY: the MSR and value keep the kernel's execution environment
+    // intact (this function's contract), and WRMSR touches no memory.
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
     }
@@ -148,15 +169,17 @@ pub fn write_debug_regs(r: &[u64; 5]) {
     }
 }
 
-/// Reads a byte from an I/O port.
-pub fn inb(port: u16) -> u8 {
-    let v: u8;
-    // SAFETY: the kernel only reads ports it owns (COM1, the PIT and port
-    // 0x61 during calibration); a port read has no memory effect.
-    unsafe {
-        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
-    }
-    v
+/// Reads or writes a legacy PC port Tern owns (PIT channel 2, port B, the
+/// PICs): these only count, gate the speaker or mask interrupt lines, touch
+/// no memory, and no guest reaches them (every guest port access exits).
+fn pc_out(port: u16, value: u8) {
+    // SAFETY: see above; `port` is one of `ports`.
+    unsafe { x86_64::instructions::port::Port::<u8>::new(port).write(value) }
+}
+
+fn pc_in(port: u16) -> u8 {
+    // SAFETY: as for `pc_out`; reading these ports has no side effect.
+    unsafe { x86_64::instructions::port::Port::<u8>::new(port).read() }
 }
 
 /// The TSC frequency in Hz, measured against the PIT (channel 2 gated by
@@ -165,30 +188,30 @@ pub fn inb(port: u16) -> u8 {
 pub fn calibrate_tsc() -> u64 {
     const PIT_HZ: u64 = 1_193_182;
     const COUNT: u16 = 11_932; // 10 ms
-    let gate = inb(0x61);
-    outb(0x61, (gate & !0x02) | 0x01); // gate on, speaker off
-    outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0
-    outb(0x42, COUNT as u8);
-    outb(0x42, (COUNT >> 8) as u8);
+    let gate = pc_in(ports::PORT_B);
+    pc_out(ports::PORT_B, (gate & !0x02) | 0x01); // gate on, speaker off
+    pc_out(ports::PIT_MODE, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0
+    pc_out(ports::PIT_CH2, COUNT as u8);
+    pc_out(ports::PIT_CH2, (COUNT >> 8) as u8);
     let start = rdtsc();
     let mut polls = 0u64;
-    while inb(0x61) & 0x20 == 0 {
+    while pc_in(ports::PORT_B) & 0x20 == 0 {
         polls += 1;
         if polls >= 1 << 26 {
-            outb(0x61, gate);
+            pc_out(ports::PORT_B, gate);
             return 1_000_000_000;
         }
     }
     let ticks = rdtsc().wrapping_sub(start);
-    outb(0x61, gate);
+    pc_out(ports::PORT_B, gate);
     (u128::from(ticks) * u128::from(PIT_HZ) / u128::from(COUNT)).max(1) as u64
 }
 
 /// Masks every line of both legacy 8259 PICs: Tern polls its devices and
 /// never takes an interrupt, and a guest must not receive the host's.
 pub fn mask_legacy_pic() {
-    outb(0x21, 0xff);
-    outb(0xA1, 0xff);
+    pc_out(ports::PIC1_DATA, 0xff);
+    pc_out(ports::PIC2_DATA, 0xff);
 }
 
 /// Ends an interrupt that a VM exit acknowledged: a non-specific EOI to the
@@ -196,15 +219,21 @@ pub fn mask_legacy_pic() {
 /// slave), the local APIC's EOI register otherwise (if the APIC is on).
 pub fn end_of_interrupt(vector: u8) {
     match vector {
-        0x08..=0x0F => outb(0x20, 0x20),
+        // OCW2 0x20: non-specific EOI.
+        0x08..=0x0F => pc_out(ports::PIC1_CMD, 0x20),
         0x70..=0x77 => {
-            outb(0xA0, 0x20);
-            outb(0x20, 0x20);
+            pc_out(ports::PIC2_CMD, 0x20);
+            pc_out(ports::PIC1_CMD, 0x20);
         }
         _ => {
-            let base = rdmsr(0x1B);
-            if base & (1 << 11) != 0 {
-                let eoi = (base & 0xF_FFFF_F000) + 0xB0;
+            use x86_64::registers::model_specific::ApicBaseFlags;
+            /// The EOI register's offset in the local APIC page (SDM Vol.
+            /// 3A, Table 11-1).
+            const EOI: u64 = 0xB0;
+            let base = rdmsr(x86::msr::IA32_APIC_BASE);
+            if ApicBaseFlags::from_bits_retain(base).contains(ApicBaseFlags::LAPIC_ENABLE) {
+                let page = x86_64::PhysAddr::new_truncate(base).align_down(4096u64);
+                let eoi = page.as_u64() + EOI;
                 // SAFETY: the local APIC's register page is identity mapped
                 // (all memory below 4 GiB is); writing 0 to EOI ends the
                 // in-service interrupt and has no other effect.

@@ -44,7 +44,7 @@ pub fn set_method(m: Method) {
 pub fn exit(status: Status) -> ! {
     crate::println!("tern: exit status {}", status.0);
     match METHOD.get().copied().unwrap_or(Method::Halt) {
-        Method::Qemu => crate::cpu::outl(0xF4, u32::from(status.0)),
+        Method::Qemu => crate::cpu::qemu_exit(u32::from(status.0)),
         Method::Bochs => crate::cpu::bochs_magic_break(),
         Method::Halt => {}
     }

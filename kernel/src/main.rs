@@ -238,6 +238,7 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
             print_mtree: info.option("mtree").is_some(),
             tsc_hz,
             testdev: info.option("testdev").is_some(),
+            break_vm_entry: info.option("break_vm_entry").is_some(),
             devices,
             disk_sectors,
             migrate,

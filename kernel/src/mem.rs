@@ -169,18 +169,38 @@ fn build_page_tables(end: u64) -> Result<(), MemError> {
 }
 
 /// Host memory as hv-core sees it: identity-mapped physical access plus the
-/// frame allocator.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HostMem;
+/// frame allocator. Its holder can name any host-physical address, so only
+/// `unsafe` code can create one ([`HostMem::new`]): safe code reaches host
+/// memory only through an owner that got one that way (a VM's guest
+/// memory, bounded by its RAM blocks; the EPT host, bounded by its tables).
+#[derive(Debug)]
+pub struct HostMem {
+    _owned: (),
+}
+
+impl HostMem {
+    /// # Safety
+    /// Every range the holder passes to [`PhysAccess`](hv_core::phys::PhysAccess)
+    /// must be host memory it owns while it accesses it: frames it took from
+    /// the allocator and has not given back, or the RAM blocks of its VM.
+    /// Nothing else (kernel image, heap, page tables, boot modules, other
+    /// VMs' memory) may be named.
+    pub const unsafe fn new() -> Self {
+        Self { _owned: () }
+    }
+}
 
 impl hv_core::phys::PhysAccess for HostMem {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
-        // SAFETY: hv-core only passes frames it obtained from the allocator
-        // (EPT tables, guest RAM); all physical memory is identity mapped.
+        // SAFETY: the range is memory this holder owns (the contract of
+        // `HostMem::new`), so nothing else refers to it mutably; all
+        // physical memory is identity mapped, so the pointer is valid.
         unsafe { core::ptr::copy_nonoverlapping(phys_ptr::<u8>(addr), buf.as_mut_ptr(), buf.len()) }
     }
     fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
-        // SAFETY: as for `read`; the frames are owned by the caller.
+        // SAFETY: as for `read`: owned by the holder, identity mapped, and
+        // `data` is a Rust slice, which cannot overlap host memory the
+        // holder owns exclusively.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), phys_ptr::<u8>(addr), data.len()) }
     }
 }

@@ -400,14 +400,21 @@ impl Outgoing {
             if off >= size {
                 continue;
             }
-            HostMem.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf);
+            // SAFETY: the page at `off` (below `size`, checked above) lies
+            // inside the source VM's RAM block `block`, which it owns and
+            // which stays allocated while this migration holds the VM.
+            unsafe { HostMem::new() }.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf);
             self.count(&buf);
             match self.target.as_deref() {
                 Some(t) => {
                     let Some(&(dst, _)) = t.blocks().get(block as usize) else {
                         continue;
                     };
-                    HostMem.write(HostPhysAddr::new(dst.as_u64() + off), &buf);
+                    // SAFETY: the target's blocks have the source's sizes
+                    // (checked in `start`), so the page lies inside the
+                    // target's block `block`, owned by the target, which
+                    // does not run yet.
+                    unsafe { HostMem::new() }.write(HostPhysAddr::new(dst.as_u64() + off), &buf);
                 }
                 None => self.writer()?.ram_page(name, off, &buf).map_err(err)?,
             }
@@ -522,7 +529,10 @@ impl RamTarget for VmRam {
 
     fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
         if let Some(&(hpa, _)) = self.blocks.get(block) {
-            HostMem.write(HostPhysAddr::new(hpa.as_u64() + offset), data);
+            // SAFETY: the loader checked `offset + data.len()` against this
+            // block's length (`blocks()`), and the block is host memory of
+            // the target VM, which does not run yet.
+            unsafe { HostMem::new() }.write(HostPhysAddr::new(hpa.as_u64() + offset), data);
         } else if let Some(d) = self.disks.get(block - self.blocks.len()) {
             // The block is the disk rounded up to pages: bytes past the
             // disk's end are dropped.

@@ -3,10 +3,11 @@
 
 use core::fmt::Write;
 use spin::Mutex;
-use uart_16550::SerialPort;
+use uart_16550::backend::PioBackend;
+use uart_16550::{BaudRate, Config, Uart16550};
 
 struct Console {
-    com1: Option<SerialPort>,
+    com1: Option<Uart16550<PioBackend>>,
     e9: bool,
 }
 
@@ -19,11 +20,17 @@ static CONSOLE: Mutex<Console> = Mutex::new(Console {
 pub fn init(level: log::LevelFilter, e9: bool) {
     {
         let mut c = CONSOLE.lock();
-        // SAFETY: 0x3F8 is COM1 on every PC this kernel boots on, and nothing
-        // else in the kernel touches those ports.
-        let mut port = unsafe { SerialPort::new(0x3F8) };
-        port.init();
-        c.com1 = Some(port);
+        // SAFETY: 0x3F8-0x3FF are COM1's eight registers on every PC this
+        // kernel boots on, and nothing else in the kernel touches them; the
+        // port lives in the console for the rest of Tern's run.
+        let port = unsafe { Uart16550::new_port(0x3F8) };
+        // 115200 8N1, FIFOs on, no interrupts (Tern polls). A UART that does
+        // not answer (no COM1) leaves the console on port 0xE9 only.
+        let config = Config {
+            baud_rate: BaudRate::Baud115200,
+            ..Config::DEFAULT
+        };
+        c.com1 = port.ok().and_then(|mut p| p.init(config).ok().map(|()| p));
         c.e9 = e9;
     }
     // A second call finds the logger already set; that is harmless.
@@ -63,10 +70,10 @@ impl Write for Console {
 impl Console {
     fn byte(&mut self, b: u8) {
         if let Some(p) = self.com1.as_mut() {
-            p.send_raw(b);
+            p.send_bytes_exact(&[b]);
         }
         if self.e9 {
-            crate::cpu::outb(0xE9, b);
+            crate::cpu::debugcon_write(b);
         }
     }
 }

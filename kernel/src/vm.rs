@@ -85,6 +85,10 @@ pub struct VmConfig {
     pub tsc_hz: u64,
     /// Add QEMU's pc-testdev (kvm-unit-tests' test device).
     pub testdev: bool,
+    /// Test mode (`break_vm_entry`): the first VM entry is made to fail
+    /// (a control field the CPU refuses), to show the failure in the stop
+    /// report.
+    pub break_vm_entry: bool,
     /// The virtio devices on PCI (`devices=`).
     pub devices: DeviceSpec,
     /// Size of each RAM disk in sectors (`disk=`).
@@ -100,14 +104,27 @@ pub struct VmConfig {
 const RTC_EPOCH: u64 = 1_767_225_600;
 
 /// The kernel side of the EPT listener: tables in host frames, real INVEPT.
-pub struct KernelEptHost;
+pub struct KernelEptHost {
+    mem: HostMem,
+}
+
+impl KernelEptHost {
+    fn new() -> Self {
+        Self {
+            // SAFETY: the EPT code holding this host reads and writes only
+            // the table frames it allocated through it and has not freed
+            // (they are freed only after the INVEPT that retires them).
+            mem: unsafe { HostMem::new() },
+        }
+    }
+}
 
 impl PhysAccess for KernelEptHost {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
-        HostMem.read(addr, buf)
+        self.mem.read(addr, buf)
     }
     fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
-        HostMem.write(addr, data)
+        self.mem.write(addr, data)
     }
 }
 
@@ -298,9 +315,12 @@ impl Vm {
             .iter()
             .map(|&(hpa, size)| RamBlock { hpa, size })
             .collect();
-        machine.attach_ram(ram_blocks.clone(), Box::new(HostMem));
+        // SAFETY: guest memory passes only addresses inside these RAM blocks
+        // (every access is checked against its block), which this VM
+        // allocated and frees only when it is dropped, after the machine.
+        machine.attach_ram(ram_blocks.clone(), Box::new(unsafe { HostMem::new() }));
         let listener = EptListener::new(
-            KernelEptHost,
+            KernelEptHost::new(),
             sizes,
             ram_blocks,
             vmx.caps.ept_ad_bits(),
@@ -349,12 +369,15 @@ impl Vm {
         // Firmware contents, then the guest image through the RAM map.
         let (bios_hpa, bios_size) = vm.blocks[BIOS_BLOCK as usize];
         let rom: Vec<u8> = (0..bios_size).map(bios_byte).collect();
-        HostMem.write(bios_hpa, &rom);
+        // SAFETY: the firmware block is this VM's own RAM block and `rom`
+        // is exactly its size.
+        let mut host = unsafe { HostMem::new() };
+        host.write(bios_hpa, &rom);
         let start = match image {
             Some((image, modules)) => {
                 let ram_map = vm.guest_ram()?;
                 let loaded =
-                    loader::load_multiboot(image, &cfg.cmdline, modules, &ram_map, &mut HostMem)
+                    loader::load_multiboot(image, &cfg.cmdline, modules, &ram_map, &mut host)
                         .map_err(VmError::Load)?;
                 log::info!(
                     "[{}] loaded image {:#x}-{:#x}, entry {:#x}, {} MiB RAM",
@@ -379,6 +402,12 @@ impl Vm {
         let eptp = vm.ept.borrow().eptp();
         let mut vcpu = Vcpu::new(vmx, vpid, eptp, start).map_err(VmError::Vcpu)?;
         vcpu.budget = cfg.budget;
+        if cfg.break_vm_entry {
+            if let Err(e) = vcpu.break_vm_entry_for_test() {
+                vcpu.destroy();
+                return Err(VmError::Vcpu(e.into()));
+            }
+        }
         vm.vcpu = Some(vcpu);
         Ok(vm)
     }
@@ -659,7 +688,7 @@ impl Vm {
     /// Runs the VM until it stops.
     pub fn run(&mut self) -> VmReport {
         let Some(mut vcpu) = self.vcpu.take() else {
-            return self.report(StopReason::VmxInstructionFailed, ExitCounters::default());
+            return self.report(StopReason::NoVcpu, ExitCounters::default());
         };
         let stop = vcpu.run(self);
         self.flush_console(true);
@@ -726,10 +755,7 @@ impl Vm {
         let now = self.now(crate::cpu::rdtsc());
         match self.machine.advance(now, vcpu.guest_tsc()) {
             Ok(()) => Ok(now),
-            Err(e) => {
-                crate::println!("[{}] memory map error: {e}", self.name);
-                Err(StopReason::VmxInstructionFailed)
-            }
+            Err(e) => Err(StopReason::MemoryMap(e)),
         }
     }
 
@@ -799,13 +825,9 @@ impl Vm {
     fn after_remap(&mut self, vcpu: &mut Vcpu) -> Option<StopReason> {
         let mut l = self.ept.borrow_mut();
         if let Some(e) = l.take_error() {
-            crate::println!("[{}] EPT could not follow the memory map: {e:?}", self.name);
-            return Some(StopReason::VmxInstructionFailed);
+            return Some(StopReason::Ept(e));
         }
-        if vcpu.set_eptp(l.eptp()).is_err() {
-            return Some(StopReason::VmxInstructionFailed);
-        }
-        None
+        vcpu.set_eptp(l.eptp()).err().map(StopReason::Vmx)
     }
 
     /// Level two of the exit dispatch.
@@ -831,10 +853,7 @@ impl Vm {
                         ..
                     }) => ExitAction::Stop(StopReason::Exited(s)),
                     Ok(d) => ExitAction::Advance(Some(d.rax)),
-                    Err(e) => {
-                        crate::println!("[{}] port {port:#x}: {e}", self.name);
-                        ExitAction::Stop(StopReason::VmxInstructionFailed)
-                    }
+                    Err(error) => ExitAction::Stop(StopReason::PortIo { port, error }),
                 }
             }
             VcpuExit::Mmio {
@@ -853,8 +872,8 @@ impl Vm {
                     Some(v) => p.lapic.set_tpr(v << 4),
                     None => {
                         let v = u64::from(p.lapic.tpr() >> 4);
-                        if vcpu.set_gpr(gpr, v).is_err() {
-                            return ExitAction::Stop(StopReason::VmxInstructionFailed);
+                        if let Err(e) = vcpu.set_gpr(gpr, v) {
+                            return ExitAction::Stop(StopReason::Vmx(e));
                         }
                     }
                 }
@@ -888,8 +907,14 @@ impl Vm {
                         // The CPU has no EPT dirty flags: no answer.
                         return ExitAction::Advance(Some(u64::MAX));
                     }
-                    let dirty = ept.take_dirty(args[0], args[1]);
-                    ExitAction::Advance(Some(dirty.len() as u64))
+                    let Some((dirty, flush)) = ept.take_dirty(args[0], args[1]) else {
+                        return ExitAction::Advance(Some(u64::MAX));
+                    };
+                    // The cleared flags count only after the INVEPT.
+                    match ept.flush(flush) {
+                        Ok(()) => ExitAction::Advance(Some(dirty.len() as u64)),
+                        Err(e) => ExitAction::Stop(StopReason::Ept(e)),
+                    }
                 }
                 _ => ExitAction::Advance(Some(u64::MAX)),
             },
@@ -903,7 +928,7 @@ impl Vm {
                 match raw.and_then(|r| hv_core::vcpu::check_pdptes(r, phys_bits)) {
                     Some(p) => match vcpu.apply_cr0(cr0, Some(p)) {
                         Ok(()) => ExitAction::Advance(None),
-                        Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+                        Err(e) => ExitAction::Stop(StopReason::Vmx(e)),
                     },
                     None => ExitAction::InjectGp,
                 }
@@ -950,7 +975,7 @@ impl Vm {
         }
         match vcpu.set_emu_regs(regs) {
             Ok(()) => ExitAction::Retry,
-            Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+            Err(e) => ExitAction::Stop(StopReason::Vmx(e)),
         }
     }
 
@@ -966,7 +991,7 @@ impl Vm {
         self.mmio_exits += 1;
         let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
             (Ok(m), Ok(r)) => (m, r),
-            _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
+            (Err(e), _) | (_, Err(e)) => return ExitAction::Stop(StopReason::Vmx(e)),
         };
         let exit = match MmioExit::from_ept_violation(qualification, gpa, linear) {
             Ok(e) => e,
@@ -987,7 +1012,7 @@ impl Vm {
     fn string_io(&mut self, vcpu: &mut Vcpu, io: &StringIo) -> ExitAction {
         let (mode, mut regs) = match (vcpu.cpu_mode(), vcpu.emu_regs()) {
             (Ok(m), Ok(r)) => (m, r),
-            _ => return ExitAction::Stop(StopReason::VmxInstructionFailed),
+            (Err(e), _) | (_, Err(e)) => return ExitAction::Stop(StopReason::Vmx(e)),
         };
         let remaps = self.machine.stats.remaps;
         let r = exits::string_io(&mut self.machine, &mode, &mut regs, io, self.rom_writes);
@@ -1048,7 +1073,7 @@ impl VmHooks for Vm {
             }
         }
         let now = self.advance(vcpu)?;
-        let fail = |_| StopReason::VmxInstructionFailed;
+        let fail = StopReason::Vmx;
         if let Some(p) = self.machine.platform_mut() {
             let mut queued = vcpu.event_queued().map_err(fail)?;
             if p.lapic.nmi_pending() {

@@ -149,6 +149,25 @@ fn fixed_cases() -> Vec<Case> {
             check: None,
         },
         Case {
+            // `break_vm_entry` sets a CR3-target count the CPU does not
+            // support before the first entry: VMLAUNCH fails its control
+            // checks, and the stop report names the instruction and its
+            // VM-instruction error.
+            name: "bochs-vmx-failure-named",
+            machine: Machine::Bochs,
+            kernel_args: "break_vm_entry",
+            guests: &["name=broken scenario=hello"],
+            status: 120,
+            expect: &[
+                "[broken] VM stopped: VMLAUNCH failed: VM-instruction error 7: VM entry with invalid control field(s)",
+                "[broken] no VM exit yet: the guest never ran",
+                "[broken] stopped: VMLAUNCH failed: VM-instruction error 7: VM entry with invalid control field(s) (status 120)",
+                "[broken] host memory not returned: 0 bytes",
+            ],
+            forbid: &["PASS", "guest:"],
+            check: None,
+        },
+        Case {
             name: "bochs-ram-size",
             machine: Machine::Bochs,
             kernel_args: "ram=64",

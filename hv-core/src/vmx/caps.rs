@@ -179,6 +179,18 @@ pub struct VmxCaps {
     pub cr4_fixed1: u64,
 }
 
+bitflags! {
+    /// IA32_FEATURE_CONTROL (SDM Vol. 4, Table 2-2).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct FeatureControl: u64 {
+        /// Locked: the MSR cannot be written until reset.
+        const LOCKED = 1 << 0;
+        const VMX_INSIDE_SMX = 1 << 1;
+        const VMX_OUTSIDE_SMX = 1 << 2;
+        const _ = !0;
+    }
+}
+
 /// A missing VMX feature Tern requires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MissingFeature {
@@ -312,6 +324,12 @@ impl VmxCaps {
     /// (IA32_VMX_MISC bits 4:0).
     pub const fn preemption_timer_rate(&self) -> u32 {
         (self.misc & 0x1f) as u32
+    }
+
+    /// How many CR3-target values the CPU supports (IA32_VMX_MISC bits
+    /// 24:16); a larger CR3-target count fails VM entry.
+    pub const fn cr3_targets(&self) -> u32 {
+        ((self.misc >> 16) & 0x1ff) as u32
     }
 
     /// Forces a value into the CR0 fixed bits. With unrestricted guest, the

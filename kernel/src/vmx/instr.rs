@@ -2,49 +2,41 @@
 //! kernel is here, each turned into a `Result` that carries the
 //! VM-instruction error when there is one.
 
+use super::vmcs::{exit_info, Field, WritableField};
 use core::arch::{asm, global_asm};
 use hv_core::vmx::VmInstructionError;
-use x86::vmx::vmcs::ro;
+pub use hv_core::vmx::{VmxFail, VmxFailKind, VmxInstruction};
 
-/// A failed VMX instruction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmxFail {
-    /// VMfailInvalid: no current VMCS (or a bad VMXON region).
-    Invalid { op: &'static str },
-    /// VMfailValid with the VM-instruction error from the current VMCS.
-    Valid {
-        op: &'static str,
-        error: VmInstructionError,
-    },
-}
-
-impl core::fmt::Display for VmxFail {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Invalid { op } => write!(f, "{op} failed (VMfailInvalid)"),
-            Self::Valid { op, error } => write!(f, "{op} failed: {error}"),
+/// The failure of `instruction` from its flags: CF for VMfailInvalid, ZF
+/// for VMfailValid (then the VM-instruction error is read).
+fn failure(instruction: VmxInstruction, invalid: bool) -> VmxFail {
+    let kind = if invalid {
+        VmxFailKind::Invalid
+    } else {
+        match instruction_error() {
+            Some(e) => VmxFailKind::Valid(e),
+            None => VmxFailKind::ErrorUnreadable,
         }
-    }
+    };
+    VmxFail { instruction, kind }
 }
 
-fn status(op: &'static str, r: x86::vmx::Result<()>) -> Result<(), VmxFail> {
+fn status(instruction: VmxInstruction, r: x86::vmx::Result<()>) -> Result<(), VmxFail> {
     match r {
         Ok(()) => Ok(()),
-        Err(x86::vmx::VmFail::VmFailInvalid) => Err(VmxFail::Invalid { op }),
-        Err(x86::vmx::VmFail::VmFailValid) => Err(VmxFail::Valid {
-            op,
-            error: instruction_error(),
-        }),
+        Err(x86::vmx::VmFail::VmFailInvalid) => Err(failure(instruction, true)),
+        Err(x86::vmx::VmFail::VmFailValid) => Err(failure(instruction, false)),
     }
 }
 
-/// The VM-instruction error field of the current VMCS (0 if unreadable).
-pub fn instruction_error() -> VmInstructionError {
-    // SAFETY: VMREAD of a read-only field of the current VMCS; if there is
-    // none, the instruction fails and the error is reported as 0.
-    VmInstructionError(
-        unsafe { x86::bits64::vmx::vmread(ro::VM_INSTRUCTION_ERROR) }.unwrap_or(0) as u32,
-    )
+/// The VM-instruction error field of the current VMCS, or `None` if it
+/// cannot be read (no current VMCS).
+fn instruction_error() -> Option<VmInstructionError> {
+    let field = exit_info::VM_INSTRUCTION_ERROR.encoding().0;
+    // SAFETY: VMREAD of a read-only field changes nothing; without a
+    // current VMCS it fails, which is returned as `None`.
+    let raw = unsafe { x86::bits64::vmx::vmread(field) }.ok()?;
+    Some(VmInstructionError(raw as u32))
 }
 
 /// VMXON with the region at `phys`.
@@ -53,8 +45,12 @@ pub fn instruction_error() -> VmInstructionError {
 /// CR4.VMXE must be set, CR0/CR4 must satisfy the fixed bits, and `phys`
 /// must be a 4 KiB frame owned by the caller holding the revision id.
 pub unsafe fn vmxon(phys: u64) -> Result<(), VmxFail> {
-    // SAFETY: delegated to the caller.
-    status("VMXON", unsafe { x86::bits64::vmx::vmxon(phys) })
+    // SAFETY: by this function's contract CR0/CR4 are as VMXON needs and
+    // the region is an owned frame, so VMXON changes no memory anyone else
+    // uses.
+    status(VmxInstruction::Vmxon, unsafe {
+        x86::bits64::vmx::vmxon(phys)
+    })
 }
 
 /// VMCLEAR of the VMCS at `phys`.
@@ -62,8 +58,11 @@ pub unsafe fn vmxon(phys: u64) -> Result<(), VmxFail> {
 /// # Safety
 /// `phys` must be a VMCS region owned by the caller; VMX must be on.
 pub unsafe fn vmclear(phys: u64) -> Result<(), VmxFail> {
-    // SAFETY: delegated to the caller.
-    status("VMCLEAR", unsafe { x86::bits64::vmx::vmclear(phys) })
+    // SAFETY: by this function's contract the region is an owned VMCS:
+    // the CPU writes its cached state there and nowhere else.
+    status(VmxInstruction::Vmclear, unsafe {
+        x86::bits64::vmx::vmclear(phys)
+    })
 }
 
 /// VMPTRLD of the VMCS at `phys`.
@@ -71,31 +70,39 @@ pub unsafe fn vmclear(phys: u64) -> Result<(), VmxFail> {
 /// # Safety
 /// As for [`vmclear`].
 pub unsafe fn vmptrld(phys: u64) -> Result<(), VmxFail> {
-    // SAFETY: delegated to the caller.
-    status("VMPTRLD", unsafe { x86::bits64::vmx::vmptrld(phys) })
+    // SAFETY: by this function's contract the region is an owned VMCS,
+    // which the CPU may use from now on.
+    status(VmxInstruction::Vmptrld, unsafe {
+        x86::bits64::vmx::vmptrld(phys)
+    })
 }
 
 /// VMREAD of a field of the current VMCS.
-pub fn vmread(field: u32) -> Result<u64, VmxFail> {
+pub fn vmread<F: Field>(field: F) -> Result<F::Value, VmxFail> {
+    let enc = field.encoding();
     // SAFETY: VMREAD only reads the current VMCS; without one it fails,
-    // which is reported.
-    unsafe { x86::bits64::vmx::vmread(field) }.map_err(|e| match e {
-        x86::vmx::VmFail::VmFailInvalid => VmxFail::Invalid { op: "VMREAD" },
-        x86::vmx::VmFail::VmFailValid => VmxFail::Valid {
-            op: "VMREAD",
-            error: instruction_error(),
-        },
+    // which is returned.
+    match unsafe { x86::bits64::vmx::vmread(enc.0) } {
+        Ok(raw) => Ok(F::from_raw(raw)),
+        Err(e) => Err(failure(
+            VmxInstruction::Vmread(enc),
+            matches!(e, x86::vmx::VmFail::VmFailInvalid),
+        )),
+    }
+}
+
+/// VMWRITE of a writable field of the current VMCS.
+pub fn vmwrite<F: WritableField>(field: F, value: F::Value) -> Result<(), VmxFail> {
+    let enc = field.encoding();
+    // SAFETY: VMWRITE only changes the current VMCS, whose fields take
+    // effect at the next VM entry, which checks them.
+    status(VmxInstruction::Vmwrite(enc), unsafe {
+        x86::bits64::vmx::vmwrite(enc.0, F::to_raw(value))
     })
 }
 
-/// VMWRITE of a field of the current VMCS.
-pub fn vmwrite(field: u32, value: u64) -> Result<(), VmxFail> {
-    // SAFETY: VMWRITE only changes the current VMCS, whose fields take
-    // effect at the next VM entry, which checks them.
-    status("VMWRITE", unsafe {
-        x86::bits64::vmx::vmwrite(field, value)
-    })
-}
+/// INVEPT type 1: single-context invalidation (SDM Vol. 3C, 30.3.3.1).
+const INVEPT_SINGLE_CONTEXT: u64 = 1;
 
 /// INVEPT single-context for `eptp`.
 pub fn invept_single(eptp: u64) -> Result<(), VmxFail> {
@@ -105,16 +112,13 @@ pub fn invept_single(eptp: u64) -> Result<(), VmxFail> {
     // lives on the stack for the duration of the instruction.
     unsafe {
         asm!("invept {t}, [{d}]", "setc {cf}", "setz {zf}",
-             t = in(reg) 1u64, d = in(reg) &desc, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
+             t = in(reg) INVEPT_SINGLE_CONTEXT, d = in(reg) &desc, cf = out(reg_byte) cf, zf = out(reg_byte) zf,
              options(nostack));
     }
     match (cf, zf) {
         (0, 0) => Ok(()),
-        (1, _) => Err(VmxFail::Invalid { op: "INVEPT" }),
-        _ => Err(VmxFail::Valid {
-            op: "INVEPT",
-            error: instruction_error(),
-        }),
+        (1, _) => Err(failure(VmxInstruction::Invept, true)),
+        _ => Err(failure(VmxInstruction::Invept, false)),
     }
 }
 
@@ -132,11 +136,8 @@ pub fn invvpid(kind: u64, vpid: u16) -> Result<(), VmxFail> {
     }
     match (cf, zf) {
         (0, 0) => Ok(()),
-        (1, _) => Err(VmxFail::Invalid { op: "INVVPID" }),
-        _ => Err(VmxFail::Valid {
-            op: "INVVPID",
-            error: instruction_error(),
-        }),
+        (1, _) => Err(failure(VmxInstruction::Invvpid, true)),
+        _ => Err(failure(VmxInstruction::Invvpid, false)),
     }
 }
 
@@ -189,11 +190,11 @@ global_asm!(
     "push r14",
     "push r15",
     "push rdi",
-    "mov rax, 0x6C14", // HOST_RSP
+    "mov rax, {host_rsp}",
     "vmwrite rax, rsp",
     "jbe 3f",
     "lea rax, [rip + tern_vmx_exit]",
-    "mov rdx, 0x6C16", // HOST_RIP
+    "mov rdx, {host_rip}",
     "vmwrite rdx, rax",
     "jbe 3f",
     "mov rax, [rdi + 120]",
@@ -264,6 +265,8 @@ global_asm!(
     "pop rbp",
     "xor eax, eax",
     "ret",
+    host_rsp = const super::vmcs::host::RSP_ENCODING,
+    host_rip = const super::vmcs::host::RIP_ENCODING,
 );
 
 extern "C" {
@@ -277,17 +280,18 @@ extern "C" {
 /// TSS, CR3 of the running kernel) and a guest state that cannot touch host
 /// memory outside what EPT maps.
 pub unsafe fn enter(regs: &mut GuestRegs, launched: bool) -> EntryResult {
-    // SAFETY: the caller guarantees a valid VMCS; the assembly saves and
-    // restores every callee-saved register and returns through the host
-    // RIP/RSP it wrote itself.
+    let instruction = if launched {
+        VmxInstruction::Vmresume
+    } else {
+        VmxInstruction::Vmlaunch
+    };
+    // SAFETY: by this function's contract the VMCS has a complete host
+    // state and a guest confined by EPT; the assembly saves and restores every callee-saved
+    // register and returns through the host RIP/RSP it wrote itself, so
+    // Rust's state is as before the call.
     match unsafe { tern_vmx_run(regs, u64::from(launched)) } {
         0 => EntryResult::Exited,
-        1 => EntryResult::Failed(VmxFail::Invalid {
-            op: if launched { "VMRESUME" } else { "VMLAUNCH" },
-        }),
-        _ => EntryResult::Failed(VmxFail::Valid {
-            op: if launched { "VMRESUME" } else { "VMLAUNCH" },
-            error: instruction_error(),
-        }),
+        1 => EntryResult::Failed(failure(instruction, true)),
+        _ => EntryResult::Failed(failure(instruction, false)),
     }
 }

@@ -2,11 +2,12 @@
 
 pub mod instr;
 pub mod vcpu;
+pub mod vmcs;
 
 use crate::cpu;
 use crate::mem::Frames;
 use hv_core::frames::FrameAllocator;
-use hv_core::vmx::caps::{msr, MissingFeature};
+use hv_core::vmx::caps::{msr, FeatureControl, MissingFeature};
 use hv_core::vmx::VmxCaps;
 use instr::VmxFail;
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
@@ -45,16 +46,20 @@ fn read_cap(m: u32) -> Option<u64> {
 
 /// Detects VMX and its features, fixes CR0/CR4 and executes VMXON.
 pub fn enable() -> Result<Vmx, VmxError> {
-    if cpu::cpuid(1, 0)[2] & (1 << 5) == 0 {
+    let vmx = x86::cpuid::CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_vmx());
+    if !vmx {
         return Err(VmxError::Missing(MissingFeature::Vmx));
     }
-    // IA32_FEATURE_CONTROL: bit 0 lock, bit 2 VMX outside SMX.
-    let fc = cpu::rdmsr(msr::IA32_FEATURE_CONTROL);
-    if fc & 1 == 0 {
-        // SAFETY: unlocked feature control may be written once; enabling
-        // VMX outside SMX and locking is what firmware normally does.
-        unsafe { cpu::wrmsr(msr::IA32_FEATURE_CONTROL, fc | 1 | (1 << 2)) };
-    } else if fc & (1 << 2) == 0 {
+    let fc = FeatureControl::from_bits_retain(cpu::rdmsr(msr::IA32_FEATURE_CONTROL));
+    if !fc.contains(FeatureControl::LOCKED) {
+        let on = fc | FeatureControl::LOCKED | FeatureControl::VMX_OUTSIDE_SMX;
+        // SAFETY: the MSR is unlocked, so WRMSR to it cannot fault; enabling
+        // VMX outside SMX and locking only allows VMXON, which changes
+        // nothing until Tern executes it below.
+        unsafe { cpu::wrmsr(msr::IA32_FEATURE_CONTROL, on.bits()) };
+    } else if !fc.contains(FeatureControl::VMX_OUTSIDE_SMX) {
         return Err(VmxError::Missing(MissingFeature::DisabledByFirmware));
     }
     let caps = VmxCaps::read(read_cap).map_err(VmxError::Missing)?;

@@ -5,6 +5,7 @@
 //! applies in one place.
 
 use super::instr::{self, EntryResult, GuestRegs, VmxFail};
+use super::vmcs::{control, exit_info, guest, host, Field, FieldNat, WritableField};
 use super::Vmx;
 use crate::cpu;
 use crate::mem::Frames;
@@ -15,8 +16,13 @@ use hv_core::msr::{self, HostMsrFeatures, MsrRule, SoftMsrs, VmcsMsr};
 use hv_core::vcpu::{DescTable, ExitAction, Segment, StopReason, VcpuExit, VcpuState};
 use hv_core::vmx::caps::{Controls, EntryControls, ProcControls};
 use hv_core::vmx::exit::{CrAccess, EptViolation, ExitReason, IoQualification, VmExitInfo};
+use hv_core::vmx::regs::{AccessRights, Cr4Extra, DebugCtl, Interruptibility};
+use hv_core::vmx::InterruptionInfo;
 use hv_core::vmx::{ControlError, VmxCaps};
-use x86::vmx::vmcs::{control, guest, host, ro};
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::debug::Dr6Flags;
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::registers::rflags::RFlags;
 
 /// Guest-physical state a vCPU starts in: 32-bit protected mode, paging off
 /// (the multiboot entry state).
@@ -75,40 +81,33 @@ impl ExitCounters {
     }
 }
 
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_VMXE: u64 = 1 << 13;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_SMXE: u64 = 1 << 14;
-const CR4_OSXSAVE: u64 = 1 << 18;
-const CR4_PKE: u64 = 1 << 22;
-const CR4_CET: u64 = 1 << 23;
-const CR4_PKS: u64 = 1 << 24;
-const CR4_LA57: u64 = 1 << 12;
-const CR4_UINTR: u64 = 1 << 25;
-const CR4_LAM_SUP: u64 = 1 << 28;
-const CR4_FRED: u64 = 1 << 32;
 /// CR4 bits of features CPUID hides: writes setting them get #GP, so the
 /// guest cannot turn on what it was told is absent. PKE, CET, PKS, UINTR
 /// and FRED are hidden because their state is not switched between VMs;
 /// LA57 and LAM because the MMIO emulator's page walk and the canonical
 /// checks of the MSR table are 4-level, 48-bit.
-const CR4_HIDDEN: u64 = CR4_VMXE
-    | CR4_SMXE
-    | CR4_OSXSAVE
-    | CR4_PKE
-    | CR4_CET
-    | CR4_PKS
-    | CR4_LA57
-    | CR4_UINTR
-    | CR4_LAM_SUP
-    | CR4_FRED;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const MSR_EFER: u32 = msr::IA32_EFER;
+const CR4_HIDDEN: u64 = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits()
+    | Cr4Flags::SAFER_MODE_EXTENSIONS.bits()
+    | Cr4Flags::OSXSAVE.bits()
+    | Cr4Flags::PROTECTION_KEY_USER.bits()
+    | Cr4Flags::CONTROL_FLOW_ENFORCEMENT.bits()
+    | Cr4Flags::PROTECTION_KEY_SUPERVISOR.bits()
+    | Cr4Extra::LA57.bits()
+    | Cr4Extra::UINTR.bits()
+    | Cr4Extra::LAM_SUP.bits()
+    | Cr4Extra::FRED.bits();
+const CR0_PG: u64 = Cr0Flags::PAGING.bits();
+const CR0_PE: u64 = Cr0Flags::PROTECTED_MODE_ENABLE.bits();
+const EFER_LME: u64 = EferFlags::LONG_MODE_ENABLE.bits();
+const EFER_LMA: u64 = EferFlags::LONG_MODE_ACTIVE.bits();
+/// DR6 and DR7 after reset (SDM Vol. 3B, 18.2.3, 18.2.4): the reserved
+/// bits that read as one.
 const DR6_RESET: u64 = 0xFFFF_0FF0;
 const DR7_RESET: u64 = 0x400;
-
+/// RFLAGS bit 1 is reserved and always one.
+const RFLAGS_RESERVED_1: u64 = 1 << 1;
+/// A guest's first PAT: the power-on value (SDM Vol. 3A, 13.12.4).
+const PAT_RESET: u64 = 0x0007_0406_0007_0406;
 /// A virtual CPU and its VMCS.
 pub struct Vcpu {
     vmcs: HostPhysAddr,
@@ -130,7 +129,7 @@ pub struct Vcpu {
     pub last_exit: VmExitInfo,
     /// An event whose delivery an exit interrupted (IDT-vectoring
     /// information, error code, instruction length): injected again.
-    reinject: Option<(u32, u32, u32)>,
+    reinject: Option<(InterruptionInfo, u32, u32)>,
     /// MSRs the vCPU keeps itself (see `hv_core::msr`).
     soft_msrs: SoftMsrs,
     /// The guest's values of the switched MSRs (`msr::SWITCHED` order).
@@ -178,8 +177,12 @@ pub trait VmHooks {
     fn before_entry(&mut self, vcpu: &mut Vcpu) -> Result<Option<u64>, StopReason>;
 }
 
-fn rw(field: u32, value: u64) -> Result<(), VmxFail> {
+fn rw<F: WritableField>(field: F, value: F::Value) -> Result<(), VmxFail> {
     instr::vmwrite(field, value)
+}
+
+fn rd<F: Field>(field: F) -> Result<F::Value, VmxFail> {
+    instr::vmread(field)
 }
 
 impl Vcpu {
@@ -253,25 +256,25 @@ impl Vcpu {
     fn setup_controls(&mut self, vpid: u16, eptp: u64) -> Result<(), VcpuError> {
         let c = Controls::for_tern(&self.caps).map_err(VcpuError::Control)?;
         let (pin, proc, proc2, exit, entry) = (c.pin, c.proc, c.proc2, c.exit, c.entry);
-        rw(control::PINBASED_EXEC_CONTROLS, pin.into())?;
-        rw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc.into())?;
-        rw(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2.into())?;
-        rw(control::VMEXIT_CONTROLS, exit.into())?;
-        rw(control::VMENTRY_CONTROLS, entry.into())?;
+        rw(control::PINBASED_EXEC_CONTROLS, pin)?;
+        rw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc)?;
+        rw(control::SECONDARY_PROCBASED_EXEC_CONTROLS, proc2)?;
+        rw(control::VMEXIT_CONTROLS, exit)?;
+        rw(control::VMENTRY_CONTROLS, entry)?;
         rw(control::EXCEPTION_BITMAP, 0)?;
-        rw(control::IO_BITMAP_A_ADDR_FULL, self.bitmaps.as_u64())?;
-        rw(control::IO_BITMAP_B_ADDR_FULL, self.bitmaps.as_u64() + 4096)?;
-        rw(control::MSR_BITMAPS_ADDR_FULL, self.bitmaps.as_u64() + 8192)?;
-        rw(control::VPID, vpid.into())?;
-        rw(control::EPTP_FULL, eptp)?;
+        rw(control::IO_BITMAP_A_ADDR, self.bitmaps.as_u64())?;
+        rw(control::IO_BITMAP_B_ADDR, self.bitmaps.as_u64() + 4096)?;
+        rw(control::MSR_BITMAPS_ADDR, self.bitmaps.as_u64() + 8192)?;
+        rw(control::VPID, vpid)?;
+        rw(control::EPTP, eptp)?;
         rw(control::CR3_TARGET_COUNT, 0)?;
-        rw(control::TSC_OFFSET_FULL, 0)?;
+        rw(control::TSC_OFFSET, 0)?;
         rw(control::VMEXIT_MSR_STORE_COUNT, 0)?;
         rw(control::VMEXIT_MSR_LOAD_COUNT, 0)?;
         rw(control::VMENTRY_MSR_LOAD_COUNT, 0)?;
         // CR0.NE and CR4.VMXE are forced on by VMX: the guest sees its own
         // values through the read shadows.
-        rw(control::CR0_GUEST_HOST_MASK, CR0_NE)?;
+        rw(control::CR0_GUEST_HOST_MASK, Cr0Flags::NUMERIC_ERROR.bits())?;
         rw(control::CR4_GUEST_HOST_MASK, CR4_HIDDEN)?;
         Ok(())
     }
@@ -283,13 +286,13 @@ impl Vcpu {
         rw(host::CR0, Cr0::read_raw())?;
         rw(host::CR3, Cr3::read_raw().0.start_address().as_u64())?;
         rw(host::CR4, Cr4::read_raw())?;
-        rw(host::CS_SELECTOR, sel.code.0.into())?;
+        rw(host::CS_SELECTOR, sel.code.0)?;
         for f in [host::SS_SELECTOR, host::DS_SELECTOR, host::ES_SELECTOR] {
-            rw(f, sel.data.0.into())?;
+            rw(f, sel.data.0)?;
         }
         rw(host::FS_SELECTOR, 0)?;
         rw(host::GS_SELECTOR, 0)?;
-        rw(host::TR_SELECTOR, sel.tss.0.into())?;
+        rw(host::TR_SELECTOR, sel.tss.0)?;
         rw(host::FS_BASE, 0)?;
         rw(host::GS_BASE, 0)?;
         rw(host::TR_BASE, cpu::tss_base())?;
@@ -298,82 +301,45 @@ impl Vcpu {
         rw(host::IA32_SYSENTER_CS, 0)?;
         rw(host::IA32_SYSENTER_ESP, 0)?;
         rw(host::IA32_SYSENTER_EIP, 0)?;
-        rw(host::IA32_EFER_FULL, cpu::rdmsr(MSR_EFER))?;
-        rw(host::IA32_PAT_FULL, cpu::rdmsr(0x277))?;
+        rw(host::IA32_EFER, cpu::rdmsr(msr::IA32_EFER))?;
+        rw(host::IA32_PAT, cpu::rdmsr(x86::msr::IA32_PAT))?;
         Ok(())
     }
 
     fn setup_guest(&mut self, start: StartState) -> Result<(), VcpuError> {
-        // Flat 32-bit code and data segments (access rights: SDM 25.4.1).
+        // Flat 32-bit code and data segments (access rights: SDM 25.4.1,
+        // Table 25-2: present, S, type 0xB (code) or 3 (data), 4 KiB
+        // granularity, D/B set).
+        const CODE: u32 = 0xC09B;
+        const DATA: u32 = 0xC093;
         let segs = [
-            (
-                guest::CS_SELECTOR,
-                guest::CS_BASE,
-                guest::CS_LIMIT,
-                guest::CS_ACCESS_RIGHTS,
-                0x08,
-                0xC09B,
-            ),
-            (
-                guest::DS_SELECTOR,
-                guest::DS_BASE,
-                guest::DS_LIMIT,
-                guest::DS_ACCESS_RIGHTS,
-                0x10,
-                0xC093,
-            ),
-            (
-                guest::ES_SELECTOR,
-                guest::ES_BASE,
-                guest::ES_LIMIT,
-                guest::ES_ACCESS_RIGHTS,
-                0x10,
-                0xC093,
-            ),
-            (
-                guest::FS_SELECTOR,
-                guest::FS_BASE,
-                guest::FS_LIMIT,
-                guest::FS_ACCESS_RIGHTS,
-                0x10,
-                0xC093,
-            ),
-            (
-                guest::GS_SELECTOR,
-                guest::GS_BASE,
-                guest::GS_LIMIT,
-                guest::GS_ACCESS_RIGHTS,
-                0x10,
-                0xC093,
-            ),
-            (
-                guest::SS_SELECTOR,
-                guest::SS_BASE,
-                guest::SS_LIMIT,
-                guest::SS_ACCESS_RIGHTS,
-                0x10,
-                0xC093,
-            ),
+            (guest::CS, 0x08, CODE),
+            (guest::DS, 0x10, DATA),
+            (guest::ES, 0x10, DATA),
+            (guest::FS, 0x10, DATA),
+            (guest::GS, 0x10, DATA),
+            (guest::SS, 0x10, DATA),
         ];
-        for (sel, base, limit, ar, s, a) in segs {
-            rw(sel, s)?;
-            rw(base, 0)?;
-            rw(limit, 0xFFFF_FFFF)?;
-            rw(ar, a)?;
+        for (f, sel, ar) in segs {
+            rw(f.selector, sel)?;
+            rw(f.base, 0)?;
+            rw(f.limit, 0xFFFF_FFFF)?;
+            rw(f.access_rights, ar)?;
         }
-        rw(guest::TR_SELECTOR, 0)?;
-        rw(guest::TR_BASE, 0)?;
-        rw(guest::TR_LIMIT, 0xFF)?;
-        rw(guest::TR_ACCESS_RIGHTS, 0x8B)?;
-        rw(guest::LDTR_SELECTOR, 0)?;
-        rw(guest::LDTR_BASE, 0)?;
-        rw(guest::LDTR_LIMIT, 0)?;
-        rw(guest::LDTR_ACCESS_RIGHTS, 0x1_0000)?;
+        // A busy 32-bit TSS (type 0xB, present) and an unusable LDTR.
+        rw(guest::TR.selector, 0)?;
+        rw(guest::TR.base, 0)?;
+        rw(guest::TR.limit, 0xFF)?;
+        rw(guest::TR.access_rights, 0x8B)?;
+        rw(guest::LDTR.selector, 0)?;
+        rw(guest::LDTR.base, 0)?;
+        rw(guest::LDTR.limit, 0)?;
+        rw(guest::LDTR.access_rights, AccessRights::UNUSABLE.bits())?;
         rw(guest::GDTR_BASE, 0)?;
         rw(guest::GDTR_LIMIT, 0)?;
         rw(guest::IDTR_BASE, 0)?;
         rw(guest::IDTR_LIMIT, 0)?;
-        let cr0 = 0x11; // PE | ET
+        let cr0 = (Cr0Flags::PROTECTED_MODE_ENABLE | Cr0Flags::EXTENSION_TYPE).bits();
         rw(guest::CR0, self.caps.fix_cr0(cr0, true))?;
         rw(control::CR0_READ_SHADOW, cr0)?;
         rw(guest::CR3, 0)?;
@@ -382,27 +348,38 @@ impl Vcpu {
         rw(guest::DR7, DR7_RESET)?;
         rw(guest::RSP, 0)?;
         rw(guest::RIP, start.rip)?;
-        rw(guest::RFLAGS, 0x2)?;
-        rw(guest::IA32_EFER_FULL, 0)?;
-        rw(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406)?;
-        rw(guest::IA32_DEBUGCTL_FULL, 0)?;
+        rw(guest::RFLAGS, RFLAGS_RESERVED_1)?;
+        rw(guest::IA32_EFER, 0)?;
+        rw(guest::IA32_PAT, PAT_RESET)?;
+        rw(guest::IA32_DEBUGCTL, 0)?;
         rw(guest::IA32_SYSENTER_CS, 0)?;
         rw(guest::IA32_SYSENTER_ESP, 0)?;
         rw(guest::IA32_SYSENTER_EIP, 0)?;
-        rw(guest::LINK_PTR_FULL, u64::MAX)?;
+        rw(guest::LINK_PTR, u64::MAX)?;
         rw(guest::INTERRUPTIBILITY_STATE, 0)?;
         rw(guest::ACTIVITY_STATE, 0)?;
         rw(guest::PENDING_DBG_EXCEPTIONS, 0)?;
-        rw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0)?;
+        rw(control::VMENTRY_INTERRUPTION_INFO, InterruptionInfo::NONE)?;
         Ok(())
+    }
+
+    /// Test mode (`break_vm_entry`): sets a CR3-target count above what
+    /// the CPU supports (IA32_VMX_MISC bits 24:16), so that the next
+    /// VMLAUNCH fails its control checks (SDM 27.2.1.1) with VMfailValid.
+    /// Shows that a failed VMX instruction reaches the stop report with
+    /// its VM-instruction error.
+    pub fn break_vm_entry_for_test(&mut self) -> Result<(), VmxFail> {
+        // SAFETY: the VMCS is this vCPU's own, cleared at creation.
+        unsafe { instr::vmptrld(self.vmcs.as_u64())? };
+        rw(control::CR3_TARGET_COUNT, self.caps.cr3_targets() + 1)
     }
 
     /// Runs the vCPU until the VM stops. `vm` is the VM's half of the
     /// exit dispatch and of event delivery.
     pub fn run(&mut self, vm: &mut impl VmHooks) -> StopReason {
         // SAFETY: the VMCS is this vCPU's own, cleared at creation.
-        if unsafe { instr::vmptrld(self.vmcs.as_u64()) }.is_err() {
-            return StopReason::VmxInstructionFailed;
+        if let Err(e) = unsafe { instr::vmptrld(self.vmcs.as_u64()) } {
+            return StopReason::Vmx(e);
         }
         // The guest's CPU state that VMX does not switch (x87/SSE, DR0-3,
         // DR6, the SYSCALL/SWAPGS MSRs) is in the real registers while it
@@ -448,13 +425,9 @@ impl Vcpu {
             if let Some(t) = until_event {
                 armed = armed.min((t >> rate).max(1));
             }
-            if rw(
-                guest::VMX_PREEMPTION_TIMER_VALUE,
-                armed.min(u32::MAX.into()),
-            )
-            .is_err()
-            {
-                return StopReason::VmxInstructionFailed;
+            let timer = u32::try_from(armed).unwrap_or(u32::MAX);
+            if let Err(e) = rw(guest::VMX_PREEMPTION_TIMER_VALUE, timer) {
+                return StopReason::Vmx(e);
             }
             // SAFETY: the VMCS holds this CPU's host state and a guest whose
             // memory is confined by EPT.
@@ -462,14 +435,11 @@ impl Vcpu {
             exit_tsc = Some(cpu::rdtsc());
             match entry {
                 EntryResult::Exited => self.launched = true,
-                EntryResult::Failed(e) => {
-                    log::error!("VM entry failed: {e}");
-                    return StopReason::VmxInstructionFailed;
-                }
+                EntryResult::Failed(e) => return StopReason::Vmx(e),
             }
             let info = match self.read_exit() {
                 Ok(i) => i,
-                Err(_) => return StopReason::VmxInstructionFailed,
+                Err(e) => return StopReason::Vmx(e),
             };
             self.last_exit = info;
             let reason = info.basic();
@@ -477,16 +447,16 @@ impl Vcpu {
                 Some(c) => *c += 1,
                 None => self.exits.other += 1,
             }
-            let left = match instr::vmread(guest::VMX_PREEMPTION_TIMER_VALUE) {
-                Ok(v) => v.min(armed),
-                Err(_) => return StopReason::VmxInstructionFailed,
+            let left = match rd(guest::VMX_PREEMPTION_TIMER_VALUE) {
+                Ok(v) => u64::from(v).min(armed),
+                Err(e) => return StopReason::Vmx(e),
             };
             if let Some(stop) = self.charge(armed - left) {
                 return stop;
             }
             self.reinject = match self.read_vectoring() {
                 Ok(r) => r,
-                Err(_) => return StopReason::VmxInstructionFailed,
+                Err(e) => return StopReason::Vmx(e),
             };
             let action = if info.entry_failed() {
                 ExitAction::Stop(StopReason::EntryFailure {
@@ -497,13 +467,13 @@ impl Vcpu {
                 match self.handle_own(&info) {
                     Ok(Own::Done(a)) => a,
                     Ok(Own::Up(exit)) => vm.handle(exit, self),
-                    Err(_) => ExitAction::Stop(StopReason::VmxInstructionFailed),
+                    Err(e) => ExitAction::Stop(StopReason::Vmx(e)),
                 }
             };
             match self.apply(action, &info) {
                 Ok(None) => {}
                 Ok(Some(stop)) => return stop,
-                Err(_) => return StopReason::VmxInstructionFailed,
+                Err(e) => return StopReason::Vmx(e),
             }
         }
     }
@@ -550,30 +520,31 @@ impl Vcpu {
     }
 
     /// An event that was being delivered when the exit happened.
-    fn read_vectoring(&self) -> Result<Option<(u32, u32, u32)>, VmxFail> {
-        let v = instr::vmread(ro::IDT_VECTORING_INFO)? as u32;
-        if v & (1 << 31) == 0 {
+    fn read_vectoring(&self) -> Result<Option<(InterruptionInfo, u32, u32)>, VmxFail> {
+        let v = rd(exit_info::IDT_VECTORING_INFO)?;
+        if !v.is_valid() {
             return Ok(None);
         }
-        let err = if v & (1 << 11) != 0 {
-            instr::vmread(ro::IDT_VECTORING_ERR_CODE)? as u32
+        let err = if v.has_error_code() {
+            rd(exit_info::IDT_VECTORING_ERR_CODE)?
         } else {
             0
         };
-        let len = instr::vmread(ro::VMEXIT_INSTRUCTION_LEN)? as u32;
+        let len = rd(exit_info::VMEXIT_INSTRUCTION_LEN)?;
         Ok(Some((v, err, len)))
     }
 
     /// Whether an event is already set up for the next entry.
     pub fn event_queued(&self) -> Result<bool, VmxFail> {
-        Ok(instr::vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD)? & (1 << 31) != 0)
+        Ok(rd(control::VMENTRY_INTERRUPTION_INFO)?.is_valid())
     }
 
     /// Whether an external interrupt can be injected now: RFLAGS.IF set and
     /// no STI or MOV-SS blocking.
     pub fn interrupts_open(&self) -> Result<bool, VmxFail> {
-        let iff = instr::vmread(guest::RFLAGS)? & (1 << 9) != 0;
-        let blocking = instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 3 != 0;
+        let iff = rd(guest::RFLAGS)? & RFlags::INTERRUPT_FLAG.bits() != 0;
+        let blocking = Self::interruptibility()?
+            .intersects(Interruptibility::BLOCKING_BY_STI | Interruptibility::BLOCKING_BY_MOV_SS);
         Ok(iff && !blocking)
     }
 
@@ -581,29 +552,34 @@ impl Vcpu {
     /// or MOV-SS shadow (an entry may fail when an NMI is injected with
     /// STI blocking, SDM 27.3.1.5).
     pub fn nmi_blocked(&self) -> Result<bool, VmxFail> {
-        Ok(instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 0b1011 != 0)
+        Ok(Self::interruptibility()?.intersects(
+            Interruptibility::BLOCKING_BY_STI
+                | Interruptibility::BLOCKING_BY_MOV_SS
+                | Interruptibility::BLOCKING_BY_NMI,
+        ))
     }
 
     /// Whether the guest is inside an NMI handler (blocking by NMI): an NMI
     /// does not end HLT then.
     pub fn in_nmi_handler(&self) -> Result<bool, VmxFail> {
-        Ok(instr::vmread(guest::INTERRUPTIBILITY_STATE)? & 0b1000 != 0)
+        Ok(Self::interruptibility()?.contains(Interruptibility::BLOCKING_BY_NMI))
+    }
+
+    fn interruptibility() -> Result<Interruptibility, VmxFail> {
+        rd(guest::INTERRUPTIBILITY_STATE).map(Interruptibility::from_bits_retain)
     }
 
     /// Injects external interrupt `vector` at the next entry.
     pub fn inject_interrupt(&mut self, vector: u8) -> Result<(), VmxFail> {
         rw(
-            control::VMENTRY_INTERRUPTION_INFO_FIELD,
-            u64::from(vector) | (1 << 31),
+            control::VMENTRY_INTERRUPTION_INFO,
+            InterruptionInfo::external(vector),
         )
     }
 
     /// Injects an NMI at the next entry.
     pub fn inject_nmi(&mut self) -> Result<(), VmxFail> {
-        rw(
-            control::VMENTRY_INTERRUPTION_INFO_FIELD,
-            2 | (2 << 8) | (1 << 31),
-        )
+        rw(control::VMENTRY_INTERRUPTION_INFO, InterruptionInfo::nmi())
     }
 
     /// Asks for an exit as soon as the guest can take an interrupt.
@@ -617,11 +593,11 @@ impl Vcpu {
     }
 
     fn window(&mut self, which: ProcControls, on: bool) -> Result<(), VmxFail> {
-        let bit = u64::from(which.bits());
-        let cur = instr::vmread(control::PRIMARY_PROCBASED_EXEC_CONTROLS)?;
-        let new = if on { cur | bit } else { cur & !bit };
+        let cur = ProcControls::from_bits_retain(rd(control::PRIMARY_PROCBASED_EXEC_CONTROLS)?);
+        let mut new = cur;
+        new.set(which, on);
         if new != cur {
-            rw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, new)?;
+            rw(control::PRIMARY_PROCBASED_EXEC_CONTROLS, new.bits())?;
         }
         Ok(())
     }
@@ -662,12 +638,12 @@ impl Vcpu {
 
     fn read_exit(&self) -> Result<VmExitInfo, VmxFail> {
         Ok(VmExitInfo {
-            reason: instr::vmread(ro::EXIT_REASON)? as u32,
-            qualification: instr::vmread(ro::EXIT_QUALIFICATION)?,
-            instruction_len: instr::vmread(ro::VMEXIT_INSTRUCTION_LEN)? as u32,
-            guest_rip: instr::vmread(guest::RIP)?,
-            guest_phys: instr::vmread(ro::GUEST_PHYSICAL_ADDR_FULL)?,
-            guest_linear: instr::vmread(ro::GUEST_LINEAR_ADDR)?,
+            reason: rd(exit_info::EXIT_REASON)?,
+            qualification: rd(exit_info::EXIT_QUALIFICATION)?,
+            instruction_len: rd(exit_info::VMEXIT_INSTRUCTION_LEN)?,
+            guest_rip: rd(guest::RIP)?,
+            guest_phys: rd(exit_info::GUEST_PHYSICAL_ADDR)?,
+            guest_linear: rd(exit_info::GUEST_LINEAR_ADDR)?,
         })
     }
 
@@ -684,11 +660,11 @@ impl Vcpu {
                 // RIP wraps with the code size: at 2^32 in 32-bit code, at
                 // 2^16 in 16-bit code.
                 let next = info.guest_rip.wrapping_add(info.instruction_len.into());
-                let ar = instr::vmread(guest::CS_ACCESS_RIGHTS)?;
-                let long = instr::vmread(guest::IA32_EFER_FULL)? & EFER_LMA != 0;
-                let next = if long && ar & (1 << 13) != 0 {
+                let ar = AccessRights::from_bits_retain(rd(guest::CS.access_rights)?);
+                let long = rd(guest::IA32_EFER)? & EFER_LMA != 0;
+                let next = if long && ar.contains(AccessRights::LONG_MODE) {
                     next
-                } else if ar & (1 << 14) != 0 {
+                } else if ar.contains(AccessRights::DEFAULT_BIG) {
                     next & 0xFFFF_FFFF
                 } else {
                     next & 0xFFFF
@@ -709,12 +685,9 @@ impl Vcpu {
             // An event the exit interrupted is delivered again, before
             // anything new (SDM 27.2.4 / 29.3).
             if let Some((info, err, len)) = self.reinject.take() {
-                rw(
-                    control::VMENTRY_INTERRUPTION_INFO_FIELD,
-                    u64::from(info & !(1 << 12)),
-                )?;
-                rw(control::VMENTRY_EXCEPTION_ERR_CODE, err.into())?;
-                rw(control::VMENTRY_INSTRUCTION_LEN, len.into())?;
+                rw(control::VMENTRY_INTERRUPTION_INFO, info.for_reinjection())?;
+                rw(control::VMENTRY_EXCEPTION_ERR_CODE, err)?;
+                rw(control::VMENTRY_INSTRUCTION_LEN, len)?;
             }
             Ok(r)
         })
@@ -722,7 +695,7 @@ impl Vcpu {
 
     /// Injects #GP(0) at the next entry.
     fn inject_gp(&mut self) -> Result<Own, VmxFail> {
-        self.inject_fault(13, Some(0))
+        self.inject_fault(x86::irq::GENERAL_PROTECTION_FAULT_VECTOR, Some(0))
     }
 
     /// Injects fault `vector` at the next entry. Real mode (CR0.PE = 0)
@@ -731,19 +704,15 @@ impl Vcpu {
     /// the frame it pushes (SDM 6.5), as after a real fault, so a guest
     /// returning to a breakpointed instruction does not trap again.
     fn inject_fault(&mut self, vector: u8, error: Option<u32>) -> Result<Own, VmxFail> {
-        let protected = instr::vmread(guest::CR0)? & 1 != 0;
+        let protected = rd(guest::CR0)? & CR0_PE != 0;
         let error = error.filter(|_| protected);
-        let has_error = if error.is_some() { 1 << 11 } else { 0 };
         rw(
-            control::VMENTRY_INTERRUPTION_INFO_FIELD,
-            u64::from(vector) | (3 << 8) | has_error | (1 << 31),
+            control::VMENTRY_INTERRUPTION_INFO,
+            InterruptionInfo::exception(vector, error.is_some()),
         )?;
-        rw(
-            control::VMENTRY_EXCEPTION_ERR_CODE,
-            error.unwrap_or(0).into(),
-        )?;
-        let rflags = instr::vmread(guest::RFLAGS)?;
-        rw(guest::RFLAGS, rflags | (1 << 16))?;
+        rw(control::VMENTRY_EXCEPTION_ERR_CODE, error.unwrap_or(0))?;
+        let rflags = rd(guest::RFLAGS)?;
+        rw(guest::RFLAGS, rflags | RFlags::RESUME_FLAG.bits())?;
         Ok(Own::Done(ExitAction::Retry))
     }
 
@@ -754,7 +723,7 @@ impl Vcpu {
             1 => r.rcx,
             2 => r.rdx,
             3 => r.rbx,
-            4 => instr::vmread(guest::RSP)?,
+            4 => rd(guest::RSP)?,
             5 => r.rbp,
             6 => r.rsi,
             7 => r.rdi,
@@ -824,9 +793,9 @@ impl Vcpu {
             // was acknowledged by the exit; it is ended and the guest
             // resumes. (NMIs exit as exception/NMI and are dropped.)
             ExitReason::ExternalInterrupt => {
-                let info = instr::vmread(ro::VMEXIT_INTERRUPTION_INFO)?;
-                if info & (1 << 31) != 0 {
-                    cpu::end_of_interrupt(info as u8);
+                let info = rd(exit_info::VMEXIT_INTERRUPTION_INFO)?;
+                if info.is_valid() {
+                    cpu::end_of_interrupt(info.vector());
                 }
                 Ok(Own::Done(ExitAction::Retry))
             }
@@ -841,7 +810,7 @@ impl Vcpu {
                     })));
                 };
                 if q.string || q.rep {
-                    let instr_info = instr::vmread(ro::VMEXIT_INSTRUCTION_INFO)? as u32;
+                    let instr_info = rd(exit_info::VMEXIT_INSTRUCTION_INFO)?;
                     return Ok(
                         match hv_core::emulate::StringIo::from_exit(
                             info.qualification,
@@ -866,7 +835,7 @@ impl Vcpu {
             ExitReason::EptViolation => {
                 // A fault while the CPU was delivering an event: emulating
                 // the instruction at RIP would lose the event.
-                if instr::vmread(ro::IDT_VECTORING_INFO)? & (1 << 31) != 0 {
+                if rd(exit_info::IDT_VECTORING_INFO)?.is_valid() {
                     return Ok(Own::Done(ExitAction::Stop(
                         StopReason::DuringEventDelivery {
                             gpa: info.guest_phys,
@@ -886,7 +855,7 @@ impl Vcpu {
             }))),
             ExitReason::Vmcall => {
                 // CPL is SS.DPL (SDM 25.4.1).
-                let cpl = ((instr::vmread(guest::SS_ACCESS_RIGHTS)? >> 5) & 3) as u8;
+                let cpl = AccessRights::from_bits_retain(rd(guest::SS.access_rights)?).dpl();
                 let r = &self.regs;
                 Ok(Own::Up(VcpuExit::Hypercall {
                     nr: r.rax,
@@ -895,9 +864,9 @@ impl Vcpu {
                 }))
             }
             ExitReason::Hlt => {
-                let rflags = instr::vmread(guest::RFLAGS)?;
+                let rflags = rd(guest::RFLAGS)?;
                 Ok(Own::Up(VcpuExit::Halt {
-                    interrupts_enabled: rflags & (1 << 9) != 0,
+                    interrupts_enabled: rflags & RFlags::INTERRUPT_FLAG.bits() != 0,
                 }))
             }
             ExitReason::TripleFault => Ok(Own::Up(VcpuExit::Shutdown)),
@@ -998,15 +967,16 @@ impl Vcpu {
 
     fn write_cr0(&mut self, value: u64) -> Result<Own, VmxFail> {
         // Only NE is shadowed; PG and the rest are the guest's real bits.
-        let efer = instr::vmread(guest::IA32_EFER_FULL)?;
+        let efer = rd(guest::IA32_EFER)?;
         // PG needs PE; long mode also needs CR4.PAE; bits 63:32 are
         // reserved; NW without CD is invalid; 64-bit code cannot turn
         // paging off (SDM, MOV to CR0).
-        let pae = instr::vmread(guest::CR4)? & (1 << 5) != 0;
-        let cs_l = instr::vmread(guest::CS_ACCESS_RIGHTS)? & (1 << 13) != 0;
-        const CR0_NW: u64 = 1 << 29;
-        const CR0_CD: u64 = 1 << 30;
-        let bad = (value & CR0_PG != 0 && (value & 1 == 0 || (efer & EFER_LME != 0 && !pae)))
+        let pae = rd(guest::CR4)? & Cr4Flags::PHYSICAL_ADDRESS_EXTENSION.bits() != 0;
+        let cs_l = AccessRights::from_bits_retain(rd(guest::CS.access_rights)?)
+            .contains(AccessRights::LONG_MODE);
+        const CR0_NW: u64 = Cr0Flags::NOT_WRITE_THROUGH.bits();
+        const CR0_CD: u64 = Cr0Flags::CACHE_DISABLE.bits();
+        let bad = (value & CR0_PG != 0 && (value & CR0_PE == 0 || (efer & EFER_LME != 0 && !pae)))
             || value >> 32 != 0
             || (value & CR0_NW != 0 && value & CR0_CD == 0)
             || (efer & EFER_LMA != 0 && cs_l && value & CR0_PG == 0);
@@ -1016,10 +986,10 @@ impl Vcpu {
         // A write that changes PG, CD or NW with PAE paging on (not
         // IA-32e) loads the four PDPTEs from guest memory, which the VM
         // reads; it finishes with `apply_cr0`.
-        let old = instr::vmread(guest::CR0)?;
+        let old = rd(guest::CR0)?;
         let reload = (old ^ value) & (CR0_PG | CR0_NW | CR0_CD) != 0;
         if value & CR0_PG != 0 && pae && efer & EFER_LME == 0 && reload {
-            let cr3 = instr::vmread(guest::CR3)?;
+            let cr3 = rd(guest::CR3)?;
             return Ok(Own::Up(VcpuExit::PaePdptes { cr3, cr0: value }));
         }
         self.apply_cr0(value, None)?;
@@ -1031,35 +1001,27 @@ impl Vcpu {
     /// guest's TLB is flushed when PG, PE or WP change, as the instruction
     /// does.
     pub fn apply_cr0(&mut self, value: u64, pdptes: Option<[u64; 4]>) -> Result<(), VmxFail> {
-        let old = instr::vmread(guest::CR0)?;
-        let mut efer = instr::vmread(guest::IA32_EFER_FULL)?;
+        let old = rd(guest::CR0)?;
+        let mut efer = rd(guest::IA32_EFER)?;
         if let Some(p) = pdptes {
-            for (f, v) in [
-                guest::PDPTE0_FULL,
-                guest::PDPTE1_FULL,
-                guest::PDPTE2_FULL,
-                guest::PDPTE3_FULL,
-            ]
-            .into_iter()
-            .zip(p)
-            {
+            for (f, v) in guest::PDPTES.into_iter().zip(p) {
                 rw(f, v)?;
             }
         }
-        let mut entry = instr::vmread(control::VMENTRY_CONTROLS)?;
+        let mut entry = rd(control::VMENTRY_CONTROLS)?;
         if value & CR0_PG != 0 && old & CR0_PG == 0 && efer & EFER_LME != 0 {
             efer |= EFER_LMA;
-            entry |= u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+            entry |= EntryControls::IA32E_MODE_GUEST.bits();
         } else if value & CR0_PG == 0 && old & CR0_PG != 0 {
             efer &= !EFER_LMA;
-            entry &= !u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+            entry &= !EntryControls::IA32E_MODE_GUEST.bits();
         }
-        rw(guest::IA32_EFER_FULL, efer)?;
+        rw(guest::IA32_EFER, efer)?;
         rw(control::VMENTRY_CONTROLS, entry)?;
         rw(control::CR0_READ_SHADOW, value)?;
         rw(guest::CR0, self.caps.fix_cr0(value, true))?;
-        const CR0_WP: u64 = 1 << 16;
-        if (old ^ value) & (CR0_PG | CR0_WP | 1) != 0 {
+        const CR0_WP: u64 = Cr0Flags::WRITE_PROTECT.bits();
+        if (old ^ value) & (CR0_PG | CR0_WP | CR0_PE) != 0 {
             if let Some(kind) = self.caps.invvpid_type() {
                 instr::invvpid(kind, self.vpid)?;
             }
@@ -1070,9 +1032,11 @@ impl Vcpu {
     /// MOV to CR4 (SDM: #GP for reserved bits, for hidden features, and for
     /// clearing PAE in IA-32e mode).
     fn write_cr4(&mut self, v: u64) -> Result<Own, VmxFail> {
-        let long = instr::vmread(guest::IA32_EFER_FULL)? & EFER_LMA != 0;
-        let reserved = v & !(self.caps.cr4_fixed1 | CR4_VMXE) != 0;
-        if v & CR4_HIDDEN != 0 || reserved || (long && v & CR4_PAE == 0) {
+        let long = rd(guest::IA32_EFER)? & EFER_LMA != 0;
+        let vmxe = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits();
+        let pae = Cr4Flags::PHYSICAL_ADDRESS_EXTENSION.bits();
+        let reserved = v & !(self.caps.cr4_fixed1 | vmxe) != 0;
+        if v & CR4_HIDDEN != 0 || reserved || (long && v & pae == 0) {
             return self.inject_gp();
         }
         rw(control::CR4_READ_SHADOW, v)?;
@@ -1094,7 +1058,7 @@ impl Vcpu {
                 Ok(Own::Done(ExitAction::Advance(None)))
             }
             CrAccess::MovFrom { cr: 3, gpr } => {
-                let v = instr::vmread(guest::CR3)?;
+                let v = rd(guest::CR3)?;
                 self.set_gpr(gpr, v)?;
                 Ok(Own::Done(ExitAction::Advance(None)))
             }
@@ -1128,16 +1092,36 @@ impl Vcpu {
         self.inject_gp()
     }
 
-    fn vmcs_msr_field(m: VmcsMsr) -> u32 {
-        match m {
-            VmcsMsr::SysenterCs => guest::IA32_SYSENTER_CS,
-            VmcsMsr::SysenterEsp => guest::IA32_SYSENTER_ESP,
-            VmcsMsr::SysenterEip => guest::IA32_SYSENTER_EIP,
-            VmcsMsr::DebugCtl => guest::IA32_DEBUGCTL_FULL,
-            VmcsMsr::Pat => guest::IA32_PAT_FULL,
-            VmcsMsr::Efer => guest::IA32_EFER_FULL,
-            VmcsMsr::FsBase => guest::FS_BASE,
-            VmcsMsr::GsBase => guest::GS_BASE,
+    /// The 64-bit or natural-width guest field of an MSR kept in the
+    /// VMCS; `None` for IA32_SYSENTER_CS, a 32-bit field.
+    fn vmcs_msr_field(m: VmcsMsr) -> Option<FieldNat64> {
+        Some(match m {
+            VmcsMsr::SysenterCs => return None,
+            VmcsMsr::SysenterEsp => FieldNat64::Nat(guest::IA32_SYSENTER_ESP),
+            VmcsMsr::SysenterEip => FieldNat64::Nat(guest::IA32_SYSENTER_EIP),
+            VmcsMsr::DebugCtl => FieldNat64::Full(guest::IA32_DEBUGCTL),
+            VmcsMsr::Pat => FieldNat64::Full(guest::IA32_PAT),
+            VmcsMsr::Efer => FieldNat64::Full(guest::IA32_EFER),
+            VmcsMsr::FsBase => FieldNat64::Nat(guest::FS.base),
+            VmcsMsr::GsBase => FieldNat64::Nat(guest::GS.base),
+        })
+    }
+
+    fn read_vmcs_msr(m: VmcsMsr) -> Result<u64, VmxFail> {
+        match Self::vmcs_msr_field(m) {
+            None => rd(guest::IA32_SYSENTER_CS).map(u64::from),
+            Some(FieldNat64::Nat(f)) => rd(f),
+            Some(FieldNat64::Full(f)) => rd(f),
+        }
+    }
+
+    /// Writes an MSR kept in the VMCS (IA32_SYSENTER_CS keeps bits 31:0,
+    /// as the MSR does).
+    fn write_vmcs_msr(m: VmcsMsr, v: u64) -> Result<(), VmxFail> {
+        match Self::vmcs_msr_field(m) {
+            None => rw(guest::IA32_SYSENTER_CS, v as u32),
+            Some(FieldNat64::Nat(f)) => rw(f, v),
+            Some(FieldNat64::Full(f)) => rw(f, v),
         }
     }
 
@@ -1154,7 +1138,7 @@ impl Vcpu {
                     write: None,
                 }))
             }
-            MsrRule::Vmcs(f) => instr::vmread(Self::vmcs_msr_field(f))?,
+            MsrRule::Vmcs(f) => Self::read_vmcs_msr(f)?,
             MsrRule::Switched => {
                 // SWAPGS changes KERNEL_GS_BASE without an exit: the real
                 // MSR holds the guest's current value.
@@ -1184,14 +1168,14 @@ impl Vcpu {
                 let old = self.guest_tsc();
                 self.tsc_offset = v.wrapping_sub(cpu::rdtsc());
                 self.tsc_adjust = self.tsc_adjust.wrapping_add(v.wrapping_sub(old));
-                rw(control::TSC_OFFSET_FULL, self.tsc_offset)?;
+                rw(control::TSC_OFFSET, self.tsc_offset)?;
             }
             MsrRule::TscAdjust => {
                 self.tsc_offset = self
                     .tsc_offset
                     .wrapping_add(v.wrapping_sub(self.tsc_adjust));
                 self.tsc_adjust = v;
-                rw(control::TSC_OFFSET_FULL, self.tsc_offset)?;
+                rw(control::TSC_OFFSET, self.tsc_offset)?;
             }
             MsrRule::Lapic => {
                 return Ok(Own::Up(VcpuExit::Msr {
@@ -1201,16 +1185,18 @@ impl Vcpu {
             }
             MsrRule::Vmcs(VmcsMsr::Efer) => {
                 // SCE, LME, NXE may change; LMA follows CR0.PG, not WRMSR.
-                const WRITABLE: u64 = 1 | EFER_LME | (1 << 11);
+                const WRITABLE: u64 = EferFlags::SYSTEM_CALL_EXTENSIONS.bits()
+                    | EFER_LME
+                    | EferFlags::NO_EXECUTE_ENABLE.bits();
                 if v & !(WRITABLE | EFER_LMA) != 0 {
                     return self.inject_gp();
                 }
-                let cur = instr::vmread(guest::IA32_EFER_FULL)?;
+                let cur = rd(guest::IA32_EFER)?;
                 // LME cannot change while paging is on.
-                if (v ^ cur) & EFER_LME != 0 && instr::vmread(guest::CR0)? & CR0_PG != 0 {
+                if (v ^ cur) & EFER_LME != 0 && rd(guest::CR0)? & CR0_PG != 0 {
                     return self.inject_gp();
                 }
-                rw(guest::IA32_EFER_FULL, (v & WRITABLE) | (cur & EFER_LMA))?;
+                rw(guest::IA32_EFER, (v & WRITABLE) | (cur & EFER_LMA))?;
             }
             MsrRule::Vmcs(f) => {
                 let ok = match f {
@@ -1218,13 +1204,13 @@ impl Vcpu {
                     // Each PAT entry must be a valid memory type.
                     VmcsMsr::Pat => v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4..=7)),
                     // LBR (0) and BTF (1) only; the rest is refused.
-                    VmcsMsr::DebugCtl => v & !0b11 == 0,
+                    VmcsMsr::DebugCtl => DebugCtl::from_bits(v).is_some(),
                     _ => msr::canonical(v),
                 };
                 if !ok {
                     return self.inject_gp();
                 }
-                rw(Self::vmcs_msr_field(f), v)?;
+                Self::write_vmcs_msr(f, v)?;
             }
             MsrRule::Switched => {
                 // STAR takes any value; SFMASK has bits 63:32 reserved; the
@@ -1256,22 +1242,22 @@ impl Vcpu {
 
     /// The paging and code-size state the instruction emulator needs.
     pub fn cpu_mode(&self) -> Result<hv_core::emulate::CpuMode, VmxFail> {
-        let ar = instr::vmread(guest::CS_ACCESS_RIGHTS)?;
+        let ar = AccessRights::from_bits_retain(rd(guest::CS.access_rights)?);
         Ok(hv_core::emulate::CpuMode {
-            cr0: instr::vmread(guest::CR0)?,
-            cr3: instr::vmread(guest::CR3)?,
-            cr4: instr::vmread(guest::CR4)?,
-            efer: instr::vmread(guest::IA32_EFER_FULL)?,
-            cs_base: instr::vmread(guest::CS_BASE)?,
-            cs_l: ar & (1 << 13) != 0,
-            cs_db: ar & (1 << 14) != 0,
+            cr0: rd(guest::CR0)?,
+            cr3: rd(guest::CR3)?,
+            cr4: rd(guest::CR4)?,
+            efer: rd(guest::IA32_EFER)?,
+            cs_base: rd(guest::CS.base)?,
+            cs_l: ar.contains(AccessRights::LONG_MODE),
+            cs_db: ar.contains(AccessRights::DEFAULT_BIG),
             seg_base: [
-                instr::vmread(guest::ES_BASE)?,
-                instr::vmread(guest::CS_BASE)?,
-                instr::vmread(guest::SS_BASE)?,
-                instr::vmread(guest::DS_BASE)?,
-                instr::vmread(guest::FS_BASE)?,
-                instr::vmread(guest::GS_BASE)?,
+                rd(guest::ES.base)?,
+                rd(guest::CS.base)?,
+                rd(guest::SS.base)?,
+                rd(guest::DS.base)?,
+                rd(guest::FS.base)?,
+                rd(guest::GS.base)?,
             ],
         })
     }
@@ -1284,8 +1270,8 @@ impl Vcpu {
         }
         Ok(hv_core::emulate::Regs {
             gpr,
-            rip: instr::vmread(guest::RIP)?,
-            rflags: instr::vmread(guest::RFLAGS)?,
+            rip: rd(guest::RIP)?,
+            rflags: rd(guest::RFLAGS)?,
         })
     }
 
@@ -1294,7 +1280,7 @@ impl Vcpu {
         for (i, v) in r.gpr.iter().enumerate() {
             self.set_gpr(i as u8, *v)?;
         }
-        let moved = instr::vmread(guest::RIP)? != r.rip;
+        let moved = rd(guest::RIP)? != r.rip;
         rw(guest::RIP, r.rip)?;
         rw(guest::RFLAGS, r.rflags)?;
         // A `rep` iteration batch that left RIP on the instruction has not
@@ -1309,87 +1295,31 @@ impl Vcpu {
     /// emulated): STI/MOV-SS blocking ends, and with RFLAGS.TF set the
     /// single-step #DB the instruction owes is injected (as KVM does).
     fn instruction_completed(&mut self) -> Result<(), VmxFail> {
-        let intr = instr::vmread(guest::INTERRUPTIBILITY_STATE)?;
-        if intr & 3 != 0 {
-            rw(guest::INTERRUPTIBILITY_STATE, intr & !3)?;
+        let intr = Self::interruptibility()?;
+        let shadow = Interruptibility::BLOCKING_BY_STI | Interruptibility::BLOCKING_BY_MOV_SS;
+        if intr.intersects(shadow) {
+            rw(
+                guest::INTERRUPTIBILITY_STATE,
+                intr.difference(shadow).bits(),
+            )?;
         }
-        let tf = instr::vmread(guest::RFLAGS)? & (1 << 8) != 0;
-        let btf = instr::vmread(guest::IA32_DEBUGCTL_FULL)? & 2 != 0;
+        let tf = rd(guest::RFLAGS)? & RFlags::TRAP_FLAG.bits() != 0;
+        let btf = DebugCtl::from_bits_retain(rd(guest::IA32_DEBUGCTL)?).contains(DebugCtl::BTF);
         if tf && !btf {
             // The single-step trap is delivered now, before any interrupt
             // that is waiting (which then gets an interrupt window), with
             // DR6.BS set as the CPU sets it (DR6 is the guest's while it
             // runs).
             let mut dr = cpu::read_debug_regs();
-            dr[4] |= 1 << 14;
+            dr[4] |= Dr6Flags::STEP.bits();
             cpu::write_debug_regs(&dr);
             rw(
-                control::VMENTRY_INTERRUPTION_INFO_FIELD,
-                1 | (3 << 8) | (1 << 31),
+                control::VMENTRY_INTERRUPTION_INFO,
+                InterruptionInfo::exception(x86::irq::DEBUG_VECTOR, false),
             )?;
         }
         Ok(())
     }
-
-    /// Points the VMCS at a new EPT root (after a rebuild).
-    /// The VMCS fields of ES, CS, SS, DS, FS, GS, LDTR and TR:
-    /// (selector, base, limit, access rights).
-    const SEGMENTS: [(u32, u32, u32, u32); 8] = [
-        (
-            guest::ES_SELECTOR,
-            guest::ES_BASE,
-            guest::ES_LIMIT,
-            guest::ES_ACCESS_RIGHTS,
-        ),
-        (
-            guest::CS_SELECTOR,
-            guest::CS_BASE,
-            guest::CS_LIMIT,
-            guest::CS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::SS_SELECTOR,
-            guest::SS_BASE,
-            guest::SS_LIMIT,
-            guest::SS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::DS_SELECTOR,
-            guest::DS_BASE,
-            guest::DS_LIMIT,
-            guest::DS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::FS_SELECTOR,
-            guest::FS_BASE,
-            guest::FS_LIMIT,
-            guest::FS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::GS_SELECTOR,
-            guest::GS_BASE,
-            guest::GS_LIMIT,
-            guest::GS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::LDTR_SELECTOR,
-            guest::LDTR_BASE,
-            guest::LDTR_LIMIT,
-            guest::LDTR_ACCESS_RIGHTS,
-        ),
-        (
-            guest::TR_SELECTOR,
-            guest::TR_BASE,
-            guest::TR_LIMIT,
-            guest::TR_ACCESS_RIGHTS,
-        ),
-    ];
-    const PDPTES: [u32; 4] = [
-        guest::PDPTE0_FULL,
-        guest::PDPTE1_FULL,
-        guest::PDPTE2_FULL,
-        guest::PDPTE3_FULL,
-    ];
 
     /// The vCPU's state for a migration (the vCPU is stopped: its FPU,
     /// debug and SYSCALL state are in this struct, not in the registers).
@@ -1398,24 +1328,24 @@ impl Vcpu {
         unsafe { instr::vmptrld(self.vmcs.as_u64())? };
         let r = &self.regs;
         let mut segments = [Segment::default(); 8];
-        for (seg, (sel, base, limit, ar)) in segments.iter_mut().zip(Self::SEGMENTS) {
+        for (seg, f) in segments.iter_mut().zip(guest::SEGMENTS) {
             *seg = Segment {
-                selector: instr::vmread(sel)? as u16,
-                base: instr::vmread(base)?,
-                limit: instr::vmread(limit)? as u32,
-                access: instr::vmread(ar)? as u32,
+                selector: rd(f.selector)?,
+                base: rd(f.base)?,
+                limit: rd(f.limit)?,
+                access: rd(f.access_rights)?,
             };
         }
         let mut pdptes = [0; 4];
-        for (p, f) in pdptes.iter_mut().zip(Self::PDPTES) {
-            *p = instr::vmread(f)?;
+        for (p, f) in pdptes.iter_mut().zip(guest::PDPTES) {
+            *p = rd(f)?;
         }
-        let info = instr::vmread(control::VMENTRY_INTERRUPTION_INFO_FIELD)? as u32;
-        let pending_event = if info & (1 << 31) != 0 {
+        let info = rd(control::VMENTRY_INTERRUPTION_INFO)?;
+        let pending_event = if info.is_valid() {
             Some((
-                info,
-                instr::vmread(control::VMENTRY_EXCEPTION_ERR_CODE)? as u32,
-                instr::vmread(control::VMENTRY_INSTRUCTION_LEN)? as u32,
+                info.bits(),
+                rd(control::VMENTRY_EXCEPTION_ERR_CODE)?,
+                rd(control::VMENTRY_INSTRUCTION_LEN)?,
             ))
         } else {
             None
@@ -1427,7 +1357,7 @@ impl Vcpu {
                 r.rcx,
                 r.rdx,
                 r.rbx,
-                instr::vmread(guest::RSP)?,
+                rd(guest::RSP)?,
                 r.rbp,
                 r.rsi,
                 r.rdi,
@@ -1440,46 +1370,46 @@ impl Vcpu {
                 r.r14,
                 r.r15,
             ],
-            rip: instr::vmread(guest::RIP)?,
-            rflags: instr::vmread(guest::RFLAGS)?,
+            rip: rd(guest::RIP)?,
+            rflags: rd(guest::RFLAGS)?,
             cr0: Self::guest_view(
                 guest::CR0,
                 control::CR0_GUEST_HOST_MASK,
                 control::CR0_READ_SHADOW,
             )?,
             cr2: r.cr2,
-            cr3: instr::vmread(guest::CR3)?,
+            cr3: rd(guest::CR3)?,
             cr4: Self::guest_view(
                 guest::CR4,
                 control::CR4_GUEST_HOST_MASK,
                 control::CR4_READ_SHADOW,
             )?,
-            efer: instr::vmread(guest::IA32_EFER_FULL)?,
+            efer: rd(guest::IA32_EFER)?,
             segments,
             gdtr: DescTable {
-                base: instr::vmread(guest::GDTR_BASE)?,
-                limit: instr::vmread(guest::GDTR_LIMIT)? as u32,
+                base: rd(guest::GDTR_BASE)?,
+                limit: rd(guest::GDTR_LIMIT)?,
             },
             idtr: DescTable {
-                base: instr::vmread(guest::IDTR_BASE)?,
-                limit: instr::vmread(guest::IDTR_LIMIT)? as u32,
+                base: rd(guest::IDTR_BASE)?,
+                limit: rd(guest::IDTR_LIMIT)?,
             },
-            dr: [d0, d1, d2, d3, d6, instr::vmread(guest::DR7)?],
-            debugctl: instr::vmread(guest::IA32_DEBUGCTL_FULL)?,
-            pat: instr::vmread(guest::IA32_PAT_FULL)?,
+            dr: [d0, d1, d2, d3, d6, rd(guest::DR7)?],
+            debugctl: rd(guest::IA32_DEBUGCTL)?,
+            pat: rd(guest::IA32_PAT)?,
             sysenter: [
-                instr::vmread(guest::IA32_SYSENTER_CS)?,
-                instr::vmread(guest::IA32_SYSENTER_ESP)?,
-                instr::vmread(guest::IA32_SYSENTER_EIP)?,
+                rd(guest::IA32_SYSENTER_CS)?.into(),
+                rd(guest::IA32_SYSENTER_ESP)?,
+                rd(guest::IA32_SYSENTER_EIP)?,
             ],
             syscall_msrs: self.switched,
             soft_msrs: self.soft_msrs.entries().collect(),
             tsc: self.guest_tsc(),
             tsc_adjust: self.tsc_adjust,
             pdptes,
-            interruptibility: instr::vmread(guest::INTERRUPTIBILITY_STATE)? as u32,
-            activity: instr::vmread(guest::ACTIVITY_STATE)? as u32,
-            pending_debug: instr::vmread(guest::PENDING_DBG_EXCEPTIONS)?,
+            interruptibility: rd(guest::INTERRUPTIBILITY_STATE)?,
+            activity: rd(guest::ACTIVITY_STATE)?,
+            pending_debug: rd(guest::PENDING_DBG_EXCEPTIONS)?,
             pending_event,
             fxsave: self.fpu.0.to_vec(),
         })
@@ -1487,9 +1417,9 @@ impl Vcpu {
 
     /// A control register as the guest sees it: its own bits, and the read
     /// shadow's for the bits Tern owns (the guest/host mask).
-    fn guest_view(real: u32, mask: u32, shadow: u32) -> Result<u64, VmxFail> {
-        let m = instr::vmread(mask)?;
-        Ok((instr::vmread(real)? & !m) | (instr::vmread(shadow)? & m))
+    fn guest_view(real: FieldNat, mask: FieldNat, shadow: FieldNat) -> Result<u64, VmxFail> {
+        let m = rd(mask)?;
+        Ok((rd(real)? & !m) | (rd(shadow)? & m))
     }
 
     /// Takes a migrated state (checked first: nothing changes on error).
@@ -1531,13 +1461,13 @@ impl Vcpu {
     }
 
     fn write_state(&mut self, s: &VcpuState) -> Result<(), VmxFail> {
-        for (seg, (sel, base, limit, ar)) in s.segments.iter().zip(Self::SEGMENTS) {
-            rw(sel, seg.selector.into())?;
-            rw(base, seg.base)?;
-            rw(limit, seg.limit.into())?;
-            rw(ar, seg.access.into())?;
+        for (seg, f) in s.segments.iter().zip(guest::SEGMENTS) {
+            rw(f.selector, seg.selector)?;
+            rw(f.base, seg.base)?;
+            rw(f.limit, seg.limit)?;
+            rw(f.access_rights, seg.access)?;
         }
-        for (p, f) in s.pdptes.iter().zip(Self::PDPTES) {
+        for (p, f) in s.pdptes.iter().zip(guest::PDPTES) {
             rw(f, *p)?;
         }
         rw(guest::RSP, s.gprs[4])?;
@@ -1548,9 +1478,9 @@ impl Vcpu {
         rw(guest::CR4, self.caps.fix_cr4(s.cr4))?;
         rw(control::CR0_READ_SHADOW, s.cr0)?;
         rw(guest::CR0, self.caps.fix_cr0(s.cr0, true))?;
-        rw(guest::IA32_EFER_FULL, s.efer)?;
-        let mut entry = instr::vmread(control::VMENTRY_CONTROLS)?;
-        let ia32e = u64::from(EntryControls::IA32E_MODE_GUEST.bits());
+        rw(guest::IA32_EFER, s.efer)?;
+        let mut entry = rd(control::VMENTRY_CONTROLS)?;
+        let ia32e = EntryControls::IA32E_MODE_GUEST.bits();
         if s.efer & EFER_LMA != 0 {
             entry |= ia32e;
         } else {
@@ -1558,64 +1488,75 @@ impl Vcpu {
         }
         rw(control::VMENTRY_CONTROLS, entry)?;
         rw(guest::GDTR_BASE, s.gdtr.base)?;
-        rw(guest::GDTR_LIMIT, s.gdtr.limit.into())?;
+        rw(guest::GDTR_LIMIT, s.gdtr.limit)?;
         rw(guest::IDTR_BASE, s.idtr.base)?;
-        rw(guest::IDTR_LIMIT, s.idtr.limit.into())?;
+        rw(guest::IDTR_LIMIT, s.idtr.limit)?;
         rw(guest::DR7, s.dr[5])?;
-        rw(guest::IA32_DEBUGCTL_FULL, s.debugctl)?;
-        rw(guest::IA32_PAT_FULL, s.pat)?;
-        rw(guest::IA32_SYSENTER_CS, s.sysenter[0])?;
+        rw(guest::IA32_DEBUGCTL, s.debugctl)?;
+        rw(guest::IA32_PAT, s.pat)?;
+        // The saved value came from this 32-bit field.
+        rw(guest::IA32_SYSENTER_CS, s.sysenter[0] as u32)?;
         rw(guest::IA32_SYSENTER_ESP, s.sysenter[1])?;
         rw(guest::IA32_SYSENTER_EIP, s.sysenter[2])?;
-        rw(guest::INTERRUPTIBILITY_STATE, s.interruptibility.into())?;
-        rw(guest::ACTIVITY_STATE, s.activity.into())?;
+        rw(guest::INTERRUPTIBILITY_STATE, s.interruptibility)?;
+        rw(guest::ACTIVITY_STATE, s.activity)?;
         rw(guest::PENDING_DBG_EXCEPTIONS, s.pending_debug)?;
         match s.pending_event {
             Some((info, err, len)) => {
-                rw(control::VMENTRY_INTERRUPTION_INFO_FIELD, info.into())?;
-                rw(control::VMENTRY_EXCEPTION_ERR_CODE, err.into())?;
-                rw(control::VMENTRY_INSTRUCTION_LEN, len.into())?;
+                rw(
+                    control::VMENTRY_INTERRUPTION_INFO,
+                    InterruptionInfo::from_bits(info),
+                )?;
+                rw(control::VMENTRY_EXCEPTION_ERR_CODE, err)?;
+                rw(control::VMENTRY_INSTRUCTION_LEN, len)?;
             }
-            None => rw(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0)?,
+            None => rw(control::VMENTRY_INTERRUPTION_INFO, InterruptionInfo::NONE)?,
         }
         // The guest's TSC goes on from where it stopped.
         self.tsc_offset = s.tsc.wrapping_sub(cpu::rdtsc());
-        rw(control::TSC_OFFSET_FULL, self.tsc_offset)?;
+        rw(control::TSC_OFFSET, self.tsc_offset)?;
         if let Some(kind) = self.caps.invvpid_type() {
             instr::invvpid(kind, self.vpid)?;
         }
         Ok(())
     }
 
+    /// Points the VMCS at a new EPT root (after a rebuild).
     pub fn set_eptp(&mut self, eptp: u64) -> Result<(), VmxFail> {
-        rw(control::EPTP_FULL, eptp)
+        rw(control::EPTP, eptp)
     }
 
     /// Prints the guest state for a stop report.
     pub fn dump(&self, name: &str) {
-        let rd = |f| instr::vmread(f).unwrap_or(u64::MAX);
+        // A field that cannot be read shows as "unreadable", not as a
+        // made-up value.
+        let h = |r: Result<u64, VmxFail>| Shown(r.ok());
         let r = &self.regs;
         let e = &self.last_exit;
-        crate::println!(
-            "[{name}] last exit: reason {} ({}) qualification {:#x} rip {:#x} gpa {:#x} gla {:#x}",
-            e.reason & 0xffff,
-            e.basic().name(),
-            e.qualification,
-            e.guest_rip,
-            e.guest_phys,
-            e.guest_linear
-        );
+        if self.exits.total() == 0 {
+            crate::println!("[{name}] no VM exit yet: the guest never ran");
+        } else {
+            crate::println!(
+                "[{name}] last exit: reason {} ({}) qualification {:#x} rip {:#x} gpa {:#x} gla {:#x}",
+                e.basic().number(),
+                e.basic().name(),
+                e.qualification,
+                e.guest_rip,
+                e.guest_phys,
+                e.guest_linear
+            );
+        }
         crate::println!(
             "[{name}] rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} (shadow {:#x}) cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x}",
-            rd(guest::RIP),
-            rd(guest::RSP),
-            rd(guest::RFLAGS),
-            rd(guest::CR0),
-            rd(control::CR0_READ_SHADOW),
-            rd(guest::CR3),
-            rd(guest::CR4),
-            rd(guest::IA32_EFER_FULL),
-            rd(guest::CS_SELECTOR)
+            h(rd(guest::RIP)),
+            h(rd(guest::RSP)),
+            h(rd(guest::RFLAGS)),
+            h(rd(guest::CR0)),
+            h(rd(control::CR0_READ_SHADOW)),
+            h(rd(guest::CR3)),
+            h(rd(guest::CR4)),
+            h(rd(guest::IA32_EFER)),
+            h(rd(guest::CS.selector).map(u64::from))
         );
         crate::println!(
             "[{name}] rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
@@ -1644,6 +1585,25 @@ impl Vcpu {
         }
         Frames.free_contiguous(self.bitmaps, 3 * 4096);
     }
+}
+
+/// A register value for a report, or "unreadable".
+struct Shown(Option<u64>);
+
+impl core::fmt::LowerHex for Shown {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(v) => core::fmt::LowerHex::fmt(&v, f),
+            None => write!(f, "unreadable"),
+        }
+    }
+}
+
+/// A 64-bit or natural-width field (both hold a `u64`).
+#[derive(Clone, Copy)]
+enum FieldNat64 {
+    Full(super::vmcs::Field64),
+    Nat(super::vmcs::FieldNat),
 }
 
 /// The outcome of level one: finished here, or handed up to the VM.
