@@ -587,6 +587,14 @@ impl PciConfig {
                 .map_or(0, |m| m.table.len() + m.pba.len())
     }
 
+    /// Bytes of the MSI-X table and of the PBA in [`PciConfig::save`]'s
+    /// output (0, 0 without MSI-X).
+    pub fn msix_state_lens(&self) -> (usize, usize) {
+        self.msix
+            .as_ref()
+            .map_or((0, 0), |m| (m.table.len(), m.pba.len()))
+    }
+
     /// Appends the configuration space, the MSI-X table and the PBA.
     pub fn save(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.config);

@@ -7,9 +7,9 @@
 //! impossible (past the end of the disk, not whole sectors, an unknown
 //! type) gets an error status and the device carries on.
 
-use super::pci::{QueueIo, VirtioBackend};
+use super::pci::{BackendState, QueueIo, VirtioBackend};
 use super::queue::{Chain, QueueError};
-use crate::devices::{read_le, DeviceCtx, StateError, StateReader};
+use crate::devices::{read_le, DeviceCtx, StateError};
 use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -175,6 +175,16 @@ impl VirtioBlk {
     }
 }
 
+crate::vmstate! {
+    /// virtio-blk's own state: what must match on the target (the queue
+    /// count and the disk's size in sectors).
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct VirtioBlkWire as "virtio-pci/virtio-blk", version 1, minimum 1 {
+        pub num_queues: u16,
+        pub capacity: u64,
+    }
+}
+
 impl VirtioBackend for VirtioBlk {
     fn device_id(&self) -> u16 {
         VIRTIO_ID_BLOCK
@@ -237,22 +247,24 @@ impl VirtioBackend for VirtioBlk {
         ]
     }
 
-    fn state_version(&self) -> u32 {
-        1
-    }
-
     /// The disk itself is not device state: it is migrated as a RAM-like
     /// block by the migration stream.
-    fn save(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.queues.to_le_bytes());
+    fn save_state(&self) -> Option<BackendState> {
+        Some(BackendState::Blk(VirtioBlkWire {
+            num_queues: self.queues,
+            capacity: self.disk.borrow().len() as u64 / SECTOR,
+        }))
     }
 
-    fn load(&mut self, data: &[u8]) -> Result<(), StateError> {
-        let mut r = StateReader::new(data);
-        let queues = r.u16()?;
-        r.finish()?;
-        if queues != self.queues {
+    fn load_state(&mut self, s: Option<&BackendState>) -> Result<(), StateError> {
+        let Some(BackendState::Blk(w)) = s else {
+            return Err(StateError::Invalid("virtio-blk state missing"));
+        };
+        if w.num_queues != self.queues {
             return Err(StateError::Invalid("virtio-blk queue count"));
+        }
+        if w.capacity != self.disk.borrow().len() as u64 / SECTOR {
+            return Err(StateError::Invalid("virtio-blk disk of another size"));
         }
         Ok(())
     }

@@ -9,9 +9,9 @@
 //! pairs, as one tap queue per pair would. A frame that finds no receive
 //! buffer waits in a small per-queue backlog until the driver adds one.
 
-use super::pci::{QueueIo, VirtioBackend};
+use super::pci::{BackendState, QueueIo, VirtioBackend};
 use super::queue::QueueError;
-use crate::devices::{read_le, DeviceCtx, StateError, StateReader};
+use crate::devices::{read_le, DeviceCtx, StateError};
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
@@ -201,6 +201,17 @@ impl VirtioNet {
     }
 }
 
+crate::vmstate! {
+    /// virtio-net's own state: the MAC the guest may have set and the
+    /// queue pairs in use (QEMU's `virtio-net` fields of the same names).
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct VirtioNetWire as "virtio-pci/virtio-net", version 1, minimum 1 {
+        pub mac: [u8; 6] [buffer],
+        pub max_queue_pairs: u16,
+        pub curr_queue_pairs: u16,
+    }
+}
+
 impl VirtioBackend for VirtioNet {
     fn device_id(&self) -> u16 {
         VIRTIO_ID_NET
@@ -290,30 +301,26 @@ impl VirtioBackend for VirtioNet {
         ]
     }
 
-    fn state_version(&self) -> u32 {
-        1
+    fn save_state(&self) -> Option<BackendState> {
+        Some(BackendState::Net(VirtioNetWire {
+            mac: self.mac,
+            max_queue_pairs: self.pairs,
+            curr_queue_pairs: self.active_pairs,
+        }))
     }
 
-    fn save(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.mac);
-        out.extend_from_slice(&self.pairs.to_le_bytes());
-        out.extend_from_slice(&self.active_pairs.to_le_bytes());
-    }
-
-    fn load(&mut self, data: &[u8]) -> Result<(), StateError> {
-        let mut r = StateReader::new(data);
-        let mac = r.bytes(6)?;
-        let pairs = r.u16()?;
-        let active = r.u16()?;
-        r.finish()?;
-        if pairs != self.pairs {
+    fn load_state(&mut self, s: Option<&BackendState>) -> Result<(), StateError> {
+        let Some(BackendState::Net(w)) = s else {
+            return Err(StateError::Invalid("virtio-net state missing"));
+        };
+        if w.max_queue_pairs != self.pairs {
             return Err(StateError::Invalid("virtio-net queue pairs"));
         }
-        if !(1..=pairs).contains(&active) {
+        if !(1..=self.pairs).contains(&w.curr_queue_pairs) {
             return Err(StateError::Invalid("virtio-net active pairs"));
         }
-        self.mac.copy_from_slice(mac);
-        self.active_pairs = active;
+        self.mac = w.mac;
+        self.active_pairs = w.curr_queue_pairs;
         Ok(())
     }
 

@@ -21,7 +21,6 @@
 
 use super::queue::{QueueError, QueueState, SplitQueue};
 use super::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use crate::devices::StateReader;
 use crate::devices::{all_ones, read_le, write_le, Device, DeviceCtx, RegionIndex, StateError};
 use crate::machine::{Machine, MachineError};
 use crate::pci::{BarKind, PciConfig, PciIds, PCI_CAP_ID_VNDR as CAP_ID_VNDR};
@@ -180,19 +179,29 @@ pub trait VirtioBackend {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
-    /// Version of the backend's own state (0: none).
-    fn state_version(&self) -> u32 {
-        0
+    /// The device type's own migration state (a subsection of the
+    /// transport's section).
+    fn save_state(&self) -> Option<BackendState> {
+        None
     }
-    /// Appends the backend's state.
-    fn save(&self, _out: &mut Vec<u8>) {}
-    /// Loads the backend's state from exactly `data` (nothing changes on
-    /// error; trailing bytes are an error).
-    fn load(&mut self, data: &[u8]) -> Result<(), StateError> {
-        StateReader::new(data).finish()
+    /// Takes a loaded state: refused (nothing changed) if it is not this
+    /// device type's or does not fit this device.
+    fn load_state(&mut self, s: Option<&BackendState>) -> Result<(), StateError> {
+        match s {
+            None => Ok(()),
+            Some(_) => Err(StateError::Invalid("state of another virtio device type")),
+        }
     }
     /// Downcast support.
     fn as_any(&mut self) -> &mut dyn core::any::Any;
+}
+
+/// The state of a device type behind the transport, as the transport's
+/// subsection for that type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BackendState {
+    Net(crate::virtio::net::VirtioNetWire),
+    Blk(crate::virtio::blk::VirtioBlkWire),
 }
 
 /// Counters of one virtio device.
@@ -597,8 +606,15 @@ impl<B: VirtioBackend> VirtioPci<B> {
     fn wire(&self) -> VirtioPciWire {
         let mut pci = Vec::new();
         self.pci.save(&mut pci);
-        let mut backend = Vec::new();
-        self.backend.save(&mut backend);
+        let (table_len, pba_len) = self.pci.msix_state_lens();
+        let config_len = pci.len() - table_len - pba_len;
+        let msix_pba = pci.split_off(config_len + table_len);
+        let msix_table = pci.split_off(config_len);
+        let (net, blk) = match self.backend.save_state() {
+            Some(BackendState::Net(w)) => (Some(w), None),
+            Some(BackendState::Blk(w)) => (None, Some(w)),
+            None => (None, None),
+        };
         let queues: Vec<QueueWire> = self
             .queues
             .iter()
@@ -619,8 +635,12 @@ impl<B: VirtioBackend> VirtioPci<B> {
             })
             .collect();
         VirtioPciWire {
-            pci_len: pci.len() as u32,
-            pci,
+            config_len: pci.len() as u32,
+            config: pci,
+            msix_table_len: msix_table.len() as u32,
+            msix_table,
+            msix_pba_len: msix_pba.len() as u32,
+            msix_pba,
             status: self.status,
             dfselect: self.dfselect,
             gfselect: self.gfselect,
@@ -631,8 +651,8 @@ impl<B: VirtioBackend> VirtioPci<B> {
             generation: self.generation,
             num_queues: queues.len() as u16,
             queues,
-            backend_len: backend.len() as u32,
-            backend,
+            net,
+            blk,
         }
     }
 }
@@ -656,12 +676,17 @@ crate::vmstate! {
 
 crate::vmstate! {
     /// A virtio-pci device's migration section: the PCI function (its
-    /// config space, MSI-X table and PBA), the transport registers, every
-    /// queue, and the device type's own state.
+    /// config space, and the MSI-X table and PBA as QEMU's `msix` state
+    /// sends them: raw entries and pending bits), the transport registers,
+    /// every queue, and the device type's own state as a subsection.
     #[derive(Clone, Debug, PartialEq)]
-    pub struct VirtioPciWire as "virtio-pci", version 2, minimum 2 {
-        pub pci_len: u32,
-        pub pci: Vec<u8> [len = pci_len, max = 65536],
+    pub struct VirtioPciWire as "virtio-pci", version 3, minimum 3 {
+        pub config_len: u32,
+        pub config: Vec<u8> [len = config_len, max = 4096],
+        pub msix_table_len: u32,
+        pub msix_table: Vec<u8> [len = msix_table_len, max = 32768],
+        pub msix_pba_len: u32,
+        pub msix_pba: Vec<u8> [len = msix_pba_len, max = 256],
         pub status: u8,
         pub dfselect: u32,
         pub gfselect: u32,
@@ -672,8 +697,10 @@ crate::vmstate! {
         pub generation: u8,
         pub num_queues: u16,
         pub queues: Vec<QueueWire> [count = num_queues, max = 127],
-        pub backend_len: u32,
-        pub backend: Vec<u8> [len = backend_len, max = 4096],
+    }
+    subsections {
+        pub net: Option<crate::virtio::net::VirtioNetWire>,
+        pub blk: Option<crate::virtio::blk::VirtioBlkWire>,
     }
 }
 
@@ -798,12 +825,24 @@ impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
                 signalled_valid: q.signalled_valid,
             })
             .collect();
-        let pci_bytes = &w.pci[..];
+        let mut pci_bytes = w.config.clone();
+        pci_bytes.extend_from_slice(&w.msix_table);
+        pci_bytes.extend_from_slice(&w.msix_pba);
+        if (w.msix_table.len(), w.msix_pba.len()) != self.pci.msix_state_lens() {
+            return Err(StateError::Invalid("MSI-X table or PBA of another size"));
+        }
         // Everything is checked on copies first, then swapped in whole;
         // the backend goes last, as it applies its state when it is valid.
-        let backend_state = &w.backend[..];
+        let backend_state = match (w.net, w.blk) {
+            (Some(n), None) => Some(BackendState::Net(n)),
+            (None, Some(b)) => Some(BackendState::Blk(b)),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(StateError::Invalid("state of two virtio device types"))
+            }
+        };
         let mut pci = self.pci.clone();
-        pci.load(pci_bytes)?;
+        pci.load(&pci_bytes)?;
         let mut queues: Vec<SplitQueue> = self.queues.clone();
         let event_idx = driver_features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
         let indirect = driver_features & 1 << VIRTIO_RING_F_INDIRECT_DESC != 0;
@@ -813,7 +852,7 @@ impl<B: VirtioBackend + Clone + 'static> Device for VirtioPci<B> {
             q.set_features(event_idx, indirect);
             q.restore(s);
         }
-        self.backend.load(backend_state)?;
+        self.backend.load_state(backend_state.as_ref())?;
         self.pci = pci;
         self.queues = queues;
         self.status = status;

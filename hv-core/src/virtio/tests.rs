@@ -400,6 +400,45 @@ fn device_state_saves_and_loads_whole_or_not_at_all() {
     let _: &mut dyn Device = net;
 }
 
+#[test]
+fn device_type_state_travels_as_its_own_described_subsection() {
+    let mut m = machine("net:1x2,blk:1x1");
+    let described = m.save_devices_described();
+    let find = |kind: &str| {
+        described
+            .iter()
+            .find(|(id, ..)| id.idstr.ends_with(kind))
+            .cloned()
+            .unwrap()
+    };
+    let (net_id, version, net_body, net_desc) = find("/virtio-net");
+    let (blk_id, _, blk_body, blk_desc) = find("/virtio-blk");
+    // Each section's description names its device type's subsection and
+    // its fields (what analyze-migration.py shows).
+    let net_json = format!("{:?}", net_desc.unwrap().to_json());
+    let blk_json = format!("{:?}", blk_desc.unwrap().to_json());
+    assert!(net_json.contains("virtio-pci/virtio-net") && net_json.contains("curr_queue_pairs"));
+    assert!(blk_json.contains("virtio-pci/virtio-blk") && blk_json.contains("capacity"));
+    assert!(!net_json.contains("virtio-pci/virtio-blk"));
+    // A device refuses another type's state, and a disk of another size;
+    // nothing changes.
+    let before = m.save_devices();
+    assert!(m.load_device(&blk_id, version, &net_body).is_err());
+    assert!(m.load_device(&net_id, version, &blk_body).is_err());
+    let mut other = machine("net:1x2,blk:1x1");
+    let bigger: Vec<u8> = alloc::vec![0; 64 * 512];
+    let blk = other
+        .device::<VirtioPci<crate::virtio::blk::VirtioBlk>>(&blk_id.idstr)
+        .unwrap();
+    blk.backend
+        .attach_disk(alloc::rc::Rc::new(core::cell::RefCell::new(bigger)));
+    assert!(other.load_device(&blk_id, version, &blk_body).is_err());
+    assert_eq!(m.save_devices(), before);
+    m.load_device(&blk_id, version, &blk_body).unwrap();
+    m.load_device(&net_id, version, &net_body).unwrap();
+    assert_eq!(m.save_devices(), before);
+}
+
 // ----------------------------------------------------------------------
 // Loading every device's state in one transaction (the migration load).
 // ----------------------------------------------------------------------
