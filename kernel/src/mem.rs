@@ -3,6 +3,7 @@
 //! physical memory, so a host-physical address is its own host-virtual one).
 //! Leaf module: the pointer casts from physical addresses live here.
 
+use alloc::collections::BTreeMap;
 use boot::{BootInfo, MemoryKind};
 use hv_core::addr::{HostPhysAddr, HostVirtAddr};
 use hv_core::frames::{FrameAllocator, FreeRanges};
@@ -16,6 +17,10 @@ use x86_64::PhysAddr;
 static HEAP: LockedHeap = LockedHeap::empty();
 
 static FRAMES: Mutex<FreeRanges> = Mutex::new(FreeRanges::new());
+/// Ranges handed out once the heap exists (address -> size): only these
+/// can be given back, so no caller can put memory it never got (the kernel
+/// image, the heap, boot modules) into the free set.
+static OUTSTANDING: Mutex<Option<BTreeMap<u64, u64>>> = Mutex::new(None);
 
 const HEAP_SIZE: u64 = 16 << 20;
 
@@ -34,11 +39,29 @@ impl FrameAllocator for Frames {
         // SAFETY: `take` handed out this range exclusively; it is identity
         // mapped and nobody else refers to it.
         unsafe { core::ptr::write_bytes(at as *mut u8, 0, size as usize) };
+        if let Some(out) = OUTSTANDING.lock().as_mut() {
+            out.insert(at, size);
+        }
         Some(HostPhysAddr::new(at))
     }
 
+    /// Gives back a range exactly as it was handed out; anything else
+    /// (never allocated, freed twice, a different size) is refused and
+    /// logged, and the free set does not change.
     fn free_contiguous(&mut self, addr: HostPhysAddr, size: u64) {
-        if let Err(e) = FRAMES.lock().insert(addr.as_u64(), addr.as_u64() + size) {
+        let a = addr.as_u64();
+        let handed_out = OUTSTANDING
+            .lock()
+            .as_mut()
+            .is_some_and(|out| match out.get(&a) {
+                Some(&s) if s == size => out.remove(&a).is_some(),
+                _ => false,
+            });
+        if !handed_out {
+            log::error!("frame allocator: {addr:?}+{size:#x} was not handed out; not freed");
+            return;
+        }
+        if let Err(e) = FRAMES.lock().insert(a, a + size) {
             log::error!("frame allocator: freeing {addr:?}+{size:#x}: {e:?}");
         }
     }
@@ -121,6 +144,9 @@ pub fn init(info: &BootInfo) -> Result<(), MemError> {
     // SAFETY: the range was just taken from the free set for the heap alone
     // and is identity mapped.
     unsafe { HEAP.lock().init(phys_ptr(heap), HEAP_SIZE as usize) };
+    // From here on every range handed out is recorded (the heap itself is
+    // never given back).
+    *OUTSTANDING.lock() = Some(BTreeMap::new());
     build_page_tables(max_end)?;
     Ok(())
 }
