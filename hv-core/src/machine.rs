@@ -228,6 +228,13 @@ pub struct Machine {
     /// Functions of bus 0: devfn -> device index.
     pci_functions: BTreeMap<u8, u32>,
     pub stats: MachineStats,
+    /// The clock a device load times its sections with (the VM's TSC);
+    /// without one, [`Machine::section_ticks`] stays zero.
+    pub load_clock: Option<fn() -> u64>,
+    /// Ticks of the last [`Machine::load_devices`] per section, in section
+    /// order: the device's own load, its mappings and its post-load hook
+    /// (the commit they share is not in any of them).
+    pub section_ticks: Vec<u64>,
 }
 
 /// Host memory that is not there: every read gives zeroes, writes vanish.
@@ -327,6 +334,8 @@ impl Machine {
             pci_host: None,
             pci_functions: BTreeMap::new(),
             stats: MachineStats::default(),
+            load_clock: None,
+            section_ticks: Vec::new(),
         })
     }
 

@@ -249,8 +249,20 @@ impl TargetReport {
             "[{name}] migration load: {} renders ({} on demand), {} commits, {} listener commits, {} forced commits, {} EPT updates, {} INVEPTs",
             l.renders, l.on_demand_renders, l.commits, l.listener_commits, l.forced_commits, self.ept_updates, self.invepts
         );
+        // Per section: its own load, mappings and post-load (the commit they
+        // share is only in the total).
+        crate::println!("[{name}] migration load per section (ticks):");
+        for (idstr, t) in &self.loaded.section_ticks {
+            crate::println!("[{name}]   {t:>10}  {idstr}");
+        }
+        let per: Vec<String> = self
+            .loaded
+            .section_ticks
+            .iter()
+            .map(|(i, t)| format!("\"{i}\":{t}"))
+            .collect();
         crate::println!(
-            "[{name}] migration load json: {{\"mode\":\"{}\",\"sections\":{},\"load_ticks\":{},\"pages\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{},\"checkpoints\":{{{}}}}}",
+            "[{name}] migration load json: {{\"mode\":\"{}\",\"sections\":{},\"load_ticks\":{},\"pages\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{},\"section_ticks\":{{{}}},\"checkpoints\":{{{}}}}}",
             l.mode.name(),
             self.loaded.sections,
             t,
@@ -260,6 +272,7 @@ impl TargetReport {
             l.forced_commits,
             self.ept_updates,
             self.invepts,
+            per.join(","),
             self.checkpoints.json()
         );
     }

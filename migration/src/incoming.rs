@@ -56,6 +56,9 @@ pub struct Loaded {
     pub vm: TernVmWire,
     /// Clock ticks the device load took (the caller's clock).
     pub load_ticks: u64,
+    /// Each device section (idstr) with its own ticks: its load, mappings
+    /// and post-load hook (the shared commit is in `load_ticks` only).
+    pub section_ticks: Vec<(String, u64)>,
     /// RAM pages written, and how many of them were zero pages.
     pub pages: u64,
     pub zero_pages: u64,
@@ -219,17 +222,24 @@ pub fn load(
             data,
         })
         .collect();
+    let clock_before = machine.load_clock.replace(clock);
     let t0 = clock();
-    let stats = machine
-        .load_devices(&sections, mode, true)
-        .map_err(IncomingError::Devices)?;
+    let r = machine.load_devices(&sections, mode, true);
     let load_ticks = clock().wrapping_sub(t0);
+    machine.load_clock = clock_before;
+    let stats = r.map_err(IncomingError::Devices)?;
+    let section_ticks = owned
+        .iter()
+        .map(|(id, ..)| id.idstr.clone())
+        .zip(machine.section_ticks.iter().copied())
+        .collect();
     Ok(Loaded {
         stats,
         sections: sections.len(),
         vcpu,
         vm,
         load_ticks,
+        section_ticks,
         pages,
         zero_pages,
     })

@@ -184,13 +184,19 @@ fn snapshot(m: &mut Machine, ram: &Ram) -> Snapshot {
     (m.save_devices(), tree, flat, ram.clone())
 }
 
+/// A clock that advances by one at every reading.
+fn counter() -> u64 {
+    static T: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    T.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 fn load(
     m: &mut Machine,
     ram: &mut Ram,
     s: &[u8],
     mode: CommitMode,
 ) -> Result<Loaded, IncomingError> {
-    incoming::load(m, ram, s, mode, &check, || 0)
+    incoming::load(m, ram, s, mode, &check, counter)
 }
 
 #[test]
@@ -217,6 +223,15 @@ fn a_whole_stream_loads_into_a_fresh_machine_in_each_mode() {
         assert_eq!(got.3, want.3, "{mode:?}: RAM");
         assert_eq!(l.vcpu, vcpu());
         assert_eq!(l.vm.generation, 3);
+        // Every device section is timed on its own, within the whole load.
+        assert_eq!(l.section_ticks.len(), l.sections);
+        assert!(
+            l.section_ticks.iter().all(|(_, t)| *t > 0),
+            "{:?}",
+            l.section_ticks
+        );
+        let sum: u64 = l.section_ticks.iter().map(|(_, t)| t).sum();
+        assert!(sum < l.load_ticks, "{sum} of {}", l.load_ticks);
         assert_eq!(l.pages, (RAM + DISK) / 4096);
         assert_eq!(l.zero_pages, (RAM + DISK) / 4096 - 5);
         // Deferred: the BAR mappings of every device reach the listeners

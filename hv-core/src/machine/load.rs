@@ -191,6 +191,7 @@ impl Machine {
         complete: bool,
     ) -> Result<LoadStats, LoadError> {
         let targets = self.check_sections(sections, complete)?;
+        self.section_ticks = alloc::vec![0; sections.len()];
         let before = self.mem.stats();
         let policy = self.mem.read_policy();
         let r = match mode {
@@ -284,7 +285,10 @@ impl Machine {
     ) -> Result<Undo, LoadError> {
         let mut staged: Vec<(u32, Box<dyn Device>)> = Vec::with_capacity(sections.len());
         for (i, (s, &d)) in sections.iter().zip(targets).enumerate() {
-            if let Err(e) = self.stage_one(i, s, d, &mut staged) {
+            let t0 = self.tick();
+            let r = self.stage_one(i, s, d, &mut staged);
+            self.charge(i, t0);
+            if let Err(e) = r {
                 // Without an outer transaction (eager), the memory changes
                 // the staged states asked for are committed already: the
                 // originals, still in place, ask for theirs again.
@@ -364,6 +368,7 @@ impl Machine {
     fn follow_loaded(&mut self, undo: &Undo, mode: CommitMode) -> Result<(), LoadError> {
         let interleave = mode != CommitMode::Deferred;
         for (i, &(d, _, pci)) in undo.replaced.iter().enumerate() {
+            let t0 = self.tick();
             if pci.is_some() {
                 let id = self.devices[d as usize].id.clone();
                 self.pci_update_mappings(d)
@@ -374,13 +379,29 @@ impl Machine {
             }
             if interleave {
                 self.post_load_one(d)?;
-            } else if i + 1 == undo.replaced.len() {
-                for &(d, _, _) in &undo.replaced {
+            }
+            self.charge(i, t0);
+            if !interleave && i + 1 == undo.replaced.len() {
+                for (j, &(d, _, _)) in undo.replaced.iter().enumerate() {
+                    let t0 = self.tick();
                     self.post_load_one(d)?;
+                    self.charge(j, t0);
                 }
             }
         }
         Ok(())
+    }
+
+    fn tick(&self) -> u64 {
+        self.load_clock.map_or(0, |c| c())
+    }
+
+    /// Adds the ticks since `t0` to section `i`.
+    fn charge(&mut self, i: usize, t0: u64) {
+        let now = self.tick();
+        if let Some(t) = self.section_ticks.get_mut(i) {
+            *t = t.saturating_add(now.wrapping_sub(t0));
+        }
     }
 
     /// Runs device `d`'s post-load hook.
