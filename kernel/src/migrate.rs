@@ -236,14 +236,15 @@ impl TargetReport {
         let l = &self.loaded.stats;
         let t = self.loaded.load_ticks;
         crate::println!(
-            "[{name}] migration load ({}): {} device sections in {} ticks ({} us), {} RAM pages ({} zero) from a stream of {} bytes",
+            "[{name}] migration load ({}): {} device sections in {} ticks ({} us), {} RAM pages ({} zero) from a stream of {} bytes read and checked in {} ticks",
             l.mode.name(),
             self.loaded.sections,
             t,
             us(t, self.tsc_hz),
             self.loaded.pages,
             self.loaded.zero_pages,
-            self.stream_bytes
+            self.stream_bytes,
+            self.loaded.parse_ticks
         );
         crate::println!(
             "[{name}] migration load: {} renders ({} on demand), {} commits, {} listener commits, {} forced commits, {} EPT updates, {} INVEPTs",
@@ -262,10 +263,11 @@ impl TargetReport {
             .map(|(i, t)| format!("\"{i}\":{t}"))
             .collect();
         crate::println!(
-            "[{name}] migration load json: {{\"mode\":\"{}\",\"sections\":{},\"load_ticks\":{},\"pages\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{},\"section_ticks\":{{{}}},\"checkpoints\":{{{}}}}}",
+            "[{name}] migration load json: {{\"mode\":\"{}\",\"sections\":{},\"load_ticks\":{},\"parse_ticks\":{},\"pages\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{},\"section_ticks\":{{{}}},\"checkpoints\":{{{}}}}}",
             l.mode.name(),
             self.loaded.sections,
             t,
+            self.loaded.parse_ticks,
             self.loaded.pages,
             l.renders,
             l.listener_commits,

@@ -56,6 +56,9 @@ pub struct Loaded {
     pub vm: TernVmWire,
     /// Clock ticks the device load took (the caller's clock).
     pub load_ticks: u64,
+    /// Clock ticks reading and checking the whole stream took (before
+    /// anything was applied).
+    pub parse_ticks: u64,
     /// Each device section (idstr) with its own ticks: its load, mappings
     /// and post-load hook (the shared commit is in `load_ticks` only).
     pub section_ticks: Vec<(String, u64)>,
@@ -110,7 +113,9 @@ pub fn load(
     check_vcpu: &dyn Fn(&VcpuState) -> Result<(), String>,
     clock: fn() -> u64,
 ) -> Result<Loaded, IncomingError> {
+    let p0 = clock();
     let parsed = read_self_described(stream)?;
+    let parse_ticks = clock().wrapping_sub(p0);
     let blocks = ram.blocks();
     if parsed.ram_blocks.len() != blocks.len()
         || parsed
@@ -239,6 +244,7 @@ pub fn load(
         vcpu,
         vm,
         load_ticks,
+        parse_ticks,
         section_ticks,
         pages,
         zero_pages,

@@ -187,6 +187,9 @@ pub struct StreamReader<'a, S: SectionSizer = DescSizer> {
     current_block: Option<usize>,
     /// The section being read, for errors.
     section: Option<(u32, &'a str)>,
+    /// The description already parsed (by [`StreamReader::self_described`])
+    /// and its record's offset: the record at the end reuses it.
+    parsed_desc: Option<(usize, Json)>,
 }
 
 /// Finds the description record at the end of `data`: the last offset `p`
@@ -223,13 +226,18 @@ impl<'a> StreamReader<'a, DescSizer> {
             None => None,
             Some(off) => {
                 let (_, j) = parse_description(data, off)?;
-                Some(
-                    VmDescription::from_json(&j)
-                        .map_err(|m| StreamError::new(off, K::BadDescription(m)))?,
-                )
+                let d = VmDescription::from_json(&j)
+                    .map_err(|m| StreamError::new(off, K::BadDescription(m)))?;
+                Some((d, off, j))
             }
         };
-        Ok(Self::new(data, DescSizer { desc }))
+        let (desc, parsed) = match desc {
+            Some((d, off, j)) => (Some(d), Some((off, j))),
+            None => (None, None),
+        };
+        let mut r = Self::new(data, DescSizer { desc });
+        r.parsed_desc = parsed;
+        Ok(r)
     }
 
     /// The description found at the end of the stream, if any.
@@ -253,6 +261,7 @@ impl<'a, S: SectionSizer> StreamReader<'a, S> {
             have_blocks: false,
             current_block: None,
             section: None,
+            parsed_desc: None,
         }
     }
 
@@ -413,7 +422,17 @@ impl<'a, S: SectionSizer> StreamReader<'a, S> {
                         },
                     ));
                 }
-                let (json, value) = parse_description(self.data, at)?;
+                let (json, value) = match self.parsed_desc.take() {
+                    // Parsed once already, when the reader was made.
+                    Some((off, value)) if off == at => {
+                        let text = &self.data[at + 5..];
+                        let json = core::str::from_utf8(text).map_err(|e| {
+                            self.err(at + 5 + e.valid_up_to(), K::NotUtf8("description"))
+                        })?;
+                        (json, value)
+                    }
+                    _ => parse_description(self.data, at)?,
+                };
                 self.pos = self.data.len();
                 Ok(Some(Record::VmDescription {
                     offset: at,
