@@ -351,7 +351,7 @@ pub fn measure(
                 .into(),
         );
     }
-    crate::deps::ensure(&[crate::deps::QEMU])?;
+    crate::deps::ensure(&[crate::deps::QEMU, crate::deps::QEMU_BENCH])?;
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let (nets, pairs, ..) = parse_shape(shape)?;
     let _taps = Taps::create(nets, pairs > 1)?;

@@ -30,6 +30,18 @@ pub const QEMU: &[Need] = &[Need {
     package: "qemu-system-x86",
     file: "/usr/bin/qemu-system-x86_64",
 }];
+/// What `bench-qemu` runs besides QEMU: `objcopy` (QEMU's multiboot
+/// loader takes 32-bit ELF only) and `ip` (multi-queue taps).
+pub const QEMU_BENCH: &[Need] = &[
+    Need {
+        package: "binutils",
+        file: "/usr/bin/objcopy",
+    },
+    Need {
+        package: "iproute2",
+        file: "/usr/sbin/ip",
+    },
+];
 pub const ISO: &[Need] = &[
     Need {
         package: "grub-pc-bin",
