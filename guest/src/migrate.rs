@@ -12,6 +12,7 @@
 
 use crate::hw::{rd8, wr8};
 use crate::io::vmcall;
+use crate::mmio::{Load, Store};
 use crate::virtio::say;
 
 use boot::BootInfo;
@@ -19,6 +20,21 @@ use boot::BootInfo;
 type R = Result<(), &'static str>;
 
 const BASE: u64 = 16 << 20;
+/// Where the test device's RAM window shows RAM offset 0.
+const WINDOW: u64 = 0xC000_0000;
+/// A word of RAM checked through the window.
+const MARK_AT: u64 = 0x3000;
+const MARK: u64 = 0x5445_524E_5749_4E00;
+
+/// RAM at `MARK_AT` reads `want` through the window.
+fn check_window(want: u64) -> R {
+    let got = crate::mmio::load(WINDOW + MARK_AT, Load::Plain64, 0);
+    if got != want {
+        say!("guest: window read {got:#x}, RAM holds {want:#x}");
+        return Err("the test device's RAM window does not show RAM");
+    }
+    Ok(())
+}
 const MIGRATE: u64 = 4;
 const GENERATION: u64 = 5;
 
@@ -76,6 +92,12 @@ pub fn scenario(info: &BootInfo) -> R {
         None => None,
     };
     crate::hw::fill(BASE, n * 4096, 0);
+    // The test device's RAM window (an alias of RAM at 0xC0000000, in the
+    // device's migrated state): the target's load maps it, so its one
+    // commit updates EPT once.
+    crate::mmio::store(crate::TEST_BASE + 8, Store::Reg64(crate::TEST_BASE | 1));
+    crate::mmio::store(MARK_AT, Store::Reg64(MARK));
+    check_window(MARK)?;
     let mut v = 0u8;
     for m in 0..migrations {
         let before = crate::idt::rdtsc();
@@ -112,6 +134,18 @@ pub fn scenario(info: &BootInfo) -> R {
             return Err("the TSC went back across the migration");
         }
         check(n, 0, v)?;
+        check_window(MARK.wrapping_add(u64::from(m)))?;
+        crate::mmio::store(
+            WINDOW + MARK_AT,
+            Store::Reg64(MARK.wrapping_add(u64::from(m) + 1)),
+        );
+        if crate::mmio::load(MARK_AT, Load::Plain64, 0) != MARK.wrapping_add(u64::from(m) + 1) {
+            return Err("a write through the RAM window did not reach RAM after the migration");
+        }
+        say!(
+            "guest: the test device's RAM window is mapped after migration {}",
+            m + 1
+        );
         touch(0, n / 2);
         check(n, n / 2, v)?;
         touch(n / 2, n);
