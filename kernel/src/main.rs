@@ -204,14 +204,21 @@ fn run_vms(vmx: &vmx::Vmx, info: &BootInfo) -> Status {
                 Some("off") => Some(false),
                 Some(_) => None,
             };
-            match (transport, mode, precopy) {
-                (Some(transport), Some(mode), Some(precopy)) => migrate::MigrateConfig {
-                    transport,
-                    mode,
-                    precopy,
-                },
+            let downtime = opt("migrate.downtime")
+                .map_or(Some(migrate::DEFAULT_DOWNTIME_MS), |v| {
+                    v.parse::<u64>().ok().filter(|&ms| ms <= 3_600_000)
+                });
+            match (transport, mode, precopy, downtime) {
+                (Some(transport), Some(mode), Some(precopy), Some(downtime_ms)) => {
+                    migrate::MigrateConfig {
+                        transport,
+                        mode,
+                        precopy,
+                        downtime_ms,
+                    }
+                }
                 _ => {
-                    println!("[{name}] cannot create the VM: migrate= takes local or disk, migrate.commit= deferred, eager or forced-read, migrate.precopy= on or off");
+                    println!("[{name}] cannot create the VM: migrate= takes local or disk, migrate.commit= deferred, eager or forced-read, migrate.precopy= on or off, migrate.downtime= milliseconds");
                     status = merge(status, Status::VM_STOPPED);
                     continue;
                 }

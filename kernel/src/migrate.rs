@@ -47,8 +47,10 @@ use migration::writer::{RamSection, StreamWriter};
 pub const BLOCK_NAMES: [&str; 2] = ["pc.ram", "pc.bios"];
 /// Pages sent per VM entry during pre-copy.
 const CHUNK: u64 = 256;
-/// Dirty pages small enough to send with the vCPU stopped.
+/// Dirty pages always small enough to send with the vCPU stopped.
 const CONVERGED: u64 = 64;
+/// The downtime pre-copy aims at when none is given (`migrate.downtime=`).
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Pre-copy passes over the dirty set before the vCPU is stopped anyway.
 const MAX_ITERATIONS: u32 = 8;
 /// Section ids: RAM, then devices from 1, the VM and the vCPU after them.
@@ -74,6 +76,10 @@ pub struct MigrateConfig {
     pub mode: CommitMode,
     /// Send RAM while the guest runs (otherwise stop and copy).
     pub precopy: bool,
+    /// The downtime to aim at (`migrate.downtime=MS`): pre-copy stops the
+    /// vCPU once the dirty pages left take no longer to send at the rate
+    /// the channel showed so far.
+    pub downtime_ms: u64,
 }
 
 /// The byte channel of an outgoing stream.
@@ -137,6 +143,12 @@ pub struct Outgoing {
     /// Host TSC when the migration started.
     pub started: u64,
     pub precopy: bool,
+    /// Bytes sent while the guest ran and the TSC ticks sending them took
+    /// (the channel's measured rate).
+    sent_bytes: u64,
+    send_ticks: u64,
+    /// The downtime limit in TSC ticks.
+    limit_ticks: u64,
 }
 
 /// Checkpoints of a migration, as QEMU names them (host TSC).
@@ -172,6 +184,10 @@ pub struct SourceReport {
     pub total_tsc: u64,
     pub checkpoints: Checkpoints,
     pub tsc_hz: u64,
+    /// The channel's rate measured during pre-copy (bytes per second) and
+    /// the downtime limit (ms).
+    pub rate: u64,
+    pub downtime_limit_ms: u64,
 }
 
 /// A target's load of a stream.
@@ -201,7 +217,7 @@ impl SourceReport {
             Transport::Disk => "to disk",
         };
         crate::println!(
-            "[{name}] migration ({}, {how}, {to}): {} pages + {} zero pages in {} pre-copy iterations, stream {} bytes; downtime {} ticks ({} us); total {} us",
+            "[{name}] migration ({}, {how}, {to}): {} pages + {} zero pages in {} pre-copy iterations, stream {} bytes; downtime {} ticks ({} us, limit {} ms at {} KB/s measured); total {} us",
             self.mode.name(),
             self.pages,
             self.zero_pages,
@@ -209,6 +225,8 @@ impl SourceReport {
             self.stream_bytes,
             self.downtime_tsc,
             us(self.downtime_tsc, self.tsc_hz),
+            self.downtime_limit_ms,
+            self.rate / 1000,
             us(self.total_tsc, self.tsc_hz)
         );
         crate::println!(
@@ -305,7 +323,12 @@ fn buffer_desc(idstr: &str, version: u32, len: usize) -> Json {
 impl Outgoing {
     /// Starts a migration of `vm` to `target` (local) or, without one, to
     /// the disk: RAM logging turns on, every page is dirty.
-    pub fn start(vm: &mut Vm, target: Option<Vm>, precopy: bool) -> Result<Self, String> {
+    pub fn start(
+        vm: &mut Vm,
+        target: Option<Vm>,
+        precopy: bool,
+        limit_ticks: u64,
+    ) -> Result<Self, String> {
         let bitmap = {
             let ept = vm.ept_listener();
             let mut b = ept.dirty_bitmap().map_err(|e| format!("{e:?}"))?;
@@ -346,7 +369,32 @@ impl Outgoing {
             zero_pages: 0,
             started: crate::cpu::rdtsc(),
             precopy,
+            sent_bytes: 0,
+            send_ticks: 0,
+            limit_ticks,
         })
+    }
+
+    /// Whether `pages` dirty pages can be sent within the downtime limit
+    /// at the rate measured so far.
+    fn fits(&self, pages: u64) -> bool {
+        if pages <= CONVERGED {
+            return true;
+        }
+        if self.sent_bytes == 0 {
+            return false;
+        }
+        // pages * 4096 / (sent_bytes / send_ticks) <= limit_ticks
+        u128::from(pages) * u128::from(PAGE) * u128::from(self.send_ticks)
+            <= u128::from(self.limit_ticks) * u128::from(self.sent_bytes)
+    }
+
+    /// The rate measured so far, in bytes per second at `tsc_hz`.
+    pub fn rate(&self, tsc_hz: u64) -> u64 {
+        if self.send_ticks == 0 {
+            return 0;
+        }
+        (u128::from(self.sent_bytes) * u128::from(tsc_hz) / u128::from(self.send_ticks)) as u64
     }
 
     fn writer(&mut self) -> Result<&mut StreamWriter<Chan>, String> {
@@ -360,10 +408,12 @@ impl Outgoing {
         if self.bitmap.is_clean() {
             self.iterations += 1;
             let n = self.sync(vm)?;
-            if n <= CONVERGED || self.iterations >= MAX_ITERATIONS {
+            if self.fits(n) || self.iterations >= MAX_ITERATIONS {
                 return Ok(true);
             }
         }
+        let t0 = crate::cpu::rdtsc();
+        let before = self.pages_sent + self.zero_pages;
         let stream = self.target.is_none();
         if stream {
             self.writer()?.ram_begin(RamSection::Part).map_err(err)?;
@@ -372,6 +422,8 @@ impl Outgoing {
         if stream {
             self.writer()?.ram_finish().map_err(err)?;
         }
+        self.send_ticks += crate::cpu::rdtsc().wrapping_sub(t0);
+        self.sent_bytes += (self.pages_sent + self.zero_pages - before) * PAGE;
         Ok(false)
     }
 

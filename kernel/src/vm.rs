@@ -555,7 +555,13 @@ impl Vm {
             Some(Transport::Disk) => None,
             None => return Err("this VM has no migration configured".into()),
         };
-        let out = Outgoing::start(self, target, self.cfg.migrate.precopy);
+        let limit = u128::from(self.cfg.migrate.downtime_ms) * u128::from(self.tsc_hz) / 1000;
+        let out = Outgoing::start(
+            self,
+            target,
+            self.cfg.migrate.precopy,
+            u64::try_from(limit).unwrap_or(u64::MAX),
+        );
         self.sync_eptp();
         let out = out?;
         self.checkpoints = Checkpoints::default();
@@ -606,6 +612,8 @@ impl Vm {
             total_tsc: 0,
             checkpoints: Checkpoints::default(),
             tsc_hz: self.tsc_hz,
+            rate: out.rate(self.tsc_hz),
+            downtime_limit_ms: self.cfg.migrate.downtime_ms,
         };
         let Some(mut target) = out.target.take() else {
             // On the disk: this VM stops here, as QEMU's source after
