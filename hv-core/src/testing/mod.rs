@@ -215,11 +215,16 @@ pub fn set_up_as_driver(m: &mut Machine) -> Vec<Drv> {
 /// space (2 MiB and 1 GiB pages, accessed/dirty flags, incremental
 /// updates); it maps the current view at once.
 pub fn attach_ept(m: &mut Machine) -> MemEpt {
+    attach_ept_with(m, MemHost::new(8 << 20))
+}
+
+/// As [`attach_ept`] with the table memory `host` (benchmarks allocate it
+/// outside the timed part).
+pub fn attach_ept_with(m: &mut Machine, host: MemHost) -> MemEpt {
     let sizes = PageSizes {
         two_mib: true,
         one_gib: true,
     };
-    let host = MemHost::new(8 << 20);
     let ept = EptListener::new(
         host,
         sizes,

@@ -108,3 +108,42 @@ fn eager_and_forced_read_commit_per_function() {
     let (forced, _, _, _) = load(SHAPE, CommitMode::ForcedRead);
     assert!(forced.forced_commits >= 5, "{forced:?}");
 }
+
+#[test]
+fn a_clocked_load_counts_the_same_and_times_every_phase() {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    static TICKS: AtomicU64 = AtomicU64::new(0);
+    fn tick() -> u64 {
+        TICKS.fetch_add(1, Ordering::Relaxed)
+    }
+    let (plain, _, _, _) = load(SHAPE, CommitMode::Deferred);
+    let src = set_up(SHAPE);
+    let saved = src.save_devices();
+    let sections: Vec<DeviceSection> = saved
+        .iter()
+        .map(|(id, version, data)| DeviceSection {
+            id,
+            version: *version,
+            data,
+        })
+        .collect();
+    let mut m = machine_of(&DeviceSpec::parse(SHAPE).unwrap(), RAM).unwrap();
+    attach_ept(&mut m);
+    let (stats, p) = m
+        .load_devices_clocked(&sections, CommitMode::Deferred, true, tick)
+        .unwrap();
+    assert_eq!(stats, plain);
+    // The clock advances one tick per reading: each phase that ran was
+    // read at least once around its work.
+    for (what, t) in [
+        ("check", p.check),
+        ("duplicate", p.duplicate),
+        ("decode", p.decode),
+        ("map", p.map),
+        ("post_load", p.post_load),
+        ("commit", p.commit),
+    ] {
+        assert!(t >= 1, "{what}: {p:?}");
+    }
+    assert_eq!(m.save_devices(), saved);
+}
