@@ -28,6 +28,8 @@ pub mod msr;
 pub mod pci;
 pub mod phys;
 pub mod platform;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vcpu;
 pub mod virtio;
 pub mod vmstate;

@@ -15,7 +15,7 @@
 //! and gives each function a bus-master address space for its DMA.
 
 mod load;
-pub use load::{CommitMode, DeviceSection, LoadError, LoadStats};
+pub use load::{CommitMode, DeviceSection, LoadError, LoadPhases, LoadStats};
 
 use crate::devices::{
     all_ones, handle_parts, region_handle, Device, DeviceCtx, DeviceId, IrqOut, MemoryRequest,

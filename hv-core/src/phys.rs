@@ -39,11 +39,14 @@ pub trait PhysAccess {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod mock {
-    //! A flat host memory and a counting frame allocator over it.
+    //! A flat host memory and a counting frame allocator over it (host
+    //! tests, and the `testing` feature).
     use super::*;
     use crate::frames::{FrameAllocator, FreeRanges};
+    use alloc::vec;
+    use alloc::vec::Vec;
 
     /// `size` bytes of "host memory" starting at physical address 0.
     pub struct MockPhys {

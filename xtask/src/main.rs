@@ -12,13 +12,15 @@
 //!   each and a summary table.
 //! - `test`: host unit tests, then every bare-metal scenario under Bochs
 //!   (VMX) and QEMU TCG (boot path, no-VMX report).
-//! - `bench`: the criterion benchmarks (arguments go to criterion).
+//! - `bench [--quick] [--json FILE] [--all]`: the seed's table from the load
+//!   benchmark (modes, floor, counters), the scaling plot, hv-core's benches.
 //! - `mtree --flat FILE`: Tern's flat views of an `info mtree` tree dump.
 //!
 //! Every command takes `-h`/`--help`. Each command's module has a `parse`
 //! (lexopt) from its arguments to its options, or to its help text; an
 //! unknown option is an error that names the command.
 
+mod bench;
 mod bench_bochs;
 mod bench_qemu;
 mod build;
@@ -48,7 +50,8 @@ commands:
               or Bochs and show its console
   run-suite   run a directory of test kernels (kvm-unit-tests) as Tern guests
   test        the host unit tests, then every bare-metal scenario
-  bench       the criterion benchmarks of hv-core
+  bench       the seed's table: load time per shape and commit mode against the
+              floor, exact counters, scaling plot (--all: hv-core's benches too)
   bench-qemu  QEMU's non-iterable load time for the seed's shapes (root: taps)
   bench-bochs Tern's load and downtime for the seed's shapes in Bochs (instructions)
   mtree       QEMU `info mtree` dumps through Tern's memory API
@@ -71,22 +74,6 @@ options:
   -h, --help   this text
 ";
 
-/// `cargo xtask bench --help`.
-const BENCH_USAGE: &str = "\
-usage: cargo xtask bench [CRITERION ARGS...]
-
-Runs the criterion benchmarks of hv-core in one run, so that their ratios compare
-like with like: flat-view render and commit cost against region count,
-per-mutation commits against one transaction, read policies inside a
-transaction, EPT incremental update against rebuild. Every argument goes to
-criterion (e.g. a benchmark name filter, --save-baseline NAME); criterion's own
-options: cargo xtask bench -- --help.
-
-options (first argument only):
-  -h, --help   this text
-  --           pass everything after it to criterion
-";
-
 /// A whole `cargo xtask` command line.
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
@@ -95,7 +82,7 @@ enum Command {
     Run(emu::RunOptions),
     RunSuite(suite::SuiteOptions),
     Test(scenarios::TestOptions),
-    Bench(Vec<OsString>),
+    Bench(bench::BenchOptions),
     Mtree(mtree::Mode),
     Migrate(migrate_run::MigrateOptions),
     BenchQemu(bench_qemu::Options),
@@ -151,7 +138,7 @@ where
         "run" => map(emu::parse_run(args)?, Command::Run),
         "run-suite" => map(suite::parse(args)?, Command::RunSuite),
         "test" => map(scenarios::parse(args)?, Command::Test),
-        "bench" => map(parse_bench(args), Command::Bench),
+        "bench" => map(bench::parse(args)?, Command::Bench),
         "mtree" => map(mtree::parse(args)?, Command::Mtree),
         "migrate" => map(migrate_run::parse(args)?, Command::Migrate),
         "bench-qemu" => map(bench_qemu::parse(args)?, Command::BenchQemu),
@@ -182,46 +169,10 @@ where
     }
 }
 
-/// `cargo xtask bench`: `-h`/`--help` first is ours, a leading `--` is
-/// dropped, everything else goes to criterion unchanged.
-fn parse_bench<I>(args: I) -> Parsed<Vec<OsString>>
-where
-    I: IntoIterator,
-    I::Item: Into<OsString>,
-{
-    let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    match args.first().and_then(|a| a.to_str()) {
-        Some("-h" | "--help") => Parsed::Help(BENCH_USAGE),
-        Some("--") => {
-            args.remove(0);
-            Parsed::Run(args)
-        }
-        _ => Parsed::Run(args),
-    }
-}
-
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     dir.parent().map(PathBuf::from).unwrap_or(dir)
-}
-
-/// `cargo xtask bench [CRITERION ARGS]`: the criterion benchmarks of
-/// hv-core (memory API render/commit/transactions, EPT incremental versus
-/// rebuild), in one run so that their ratios compare like with like.
-fn bench(args: &[OsString]) -> Result<(), String> {
-    let ok = std::process::Command::new(env!("CARGO"))
-        .current_dir(root())
-        .args(["bench", "-p", "hv-core", "--benches", "--"])
-        .args(args)
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?
-        .success();
-    if ok {
-        Ok(())
-    } else {
-        Err("benchmarks failed".into())
-    }
 }
 
 fn run(cmd: &Command) -> Result<(), String> {
@@ -231,7 +182,7 @@ fn run(cmd: &Command) -> Result<(), String> {
         Command::Run(o) => emu::run_cmd(o),
         Command::RunSuite(o) => suite::run_suite(o),
         Command::Test(o) => scenarios::test_cmd(o),
-        Command::Bench(a) => bench(a),
+        Command::Bench(o) => bench::bench_cmd(o),
         Command::Mtree(m) => mtree::main(m),
         Command::Migrate(o) => migrate_run::migrate_cmd(o),
         Command::BenchQemu(o) => bench_qemu::cmd(o).map(|_| ()),
@@ -284,7 +235,7 @@ mod tests {
             ("run", emu::RUN_USAGE),
             ("run-suite", suite::USAGE),
             ("test", scenarios::USAGE),
-            ("bench", BENCH_USAGE),
+            ("bench", bench::USAGE),
             ("mtree", mtree::USAGE),
             ("migrate", migrate_run::USAGE),
             ("bench-qemu", bench_qemu::USAGE),
@@ -404,19 +355,17 @@ mod tests {
 
     #[test]
     fn bench_forwards_to_criterion() {
+        let o = |a: &[&str]| match ok(parse(args(a))) {
+            Command::Bench(o) => o,
+            other => panic!("{other:?}"),
+        };
+        let b = o(&["bench", "load-test1", "--", "--save-baseline", "main"]);
         assert_eq!(
-            ok(parse(args(&["bench", "render", "--save-baseline", "main"]))),
-            Command::Bench(args(&["render", "--save-baseline", "main"]))
+            b.criterion,
+            args(&["load-test1", "--save-baseline", "main"])
         );
-        assert_eq!(
-            ok(parse(args(&["bench", "--", "--help"]))),
-            Command::Bench(args(&["--help"]))
-        );
-        assert_eq!(ok(parse(args(&["bench"]))), Command::Bench(vec![]));
-        // Only a first -h is ours.
-        assert_eq!(
-            ok(parse(args(&["bench", "x", "-h"]))),
-            Command::Bench(args(&["x", "-h"]))
-        );
+        assert_eq!(o(&["bench", "--", "--help"]).criterion, args(&["--help"]));
+        assert!(o(&["bench"]).criterion.is_empty());
+        assert!(err(parse(args(&["bench", "--save-baseline", "x"]))).contains("bench"));
     }
 }

@@ -156,6 +156,45 @@ impl LoadStats {
     }
 }
 
+/// Where a load's time went, in ticks of the caller's clock
+/// ([`Machine::load_devices_clocked`]). In eager mode `map` includes the
+/// commits (each mapping change commits at once) and `commit` is 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadPhases {
+    /// Matching sections to devices.
+    pub check: u64,
+    /// Duplicating each device before its state goes in.
+    pub duplicate: u64,
+    /// Decoding and checking each state into its duplicate (vmstate).
+    pub decode: u64,
+    /// The memory map following the loaded PCI state (BARs, bus master).
+    pub map: u64,
+    /// Post-load hooks (virtio ring caches), with the renders their reads
+    /// cause.
+    pub post_load: u64,
+    /// The final commit: renders and listener (EPT) updates.
+    pub commit: u64,
+}
+
+/// A clock and the phases measured with it (no clock: nothing measured).
+struct Timer {
+    clock: Option<fn() -> u64>,
+    phases: LoadPhases,
+}
+
+impl Timer {
+    fn now(&self) -> u64 {
+        self.clock.map_or(0, |c| c())
+    }
+
+    /// Adds the time since `t0` to the phase `pick` selects.
+    fn add(&mut self, t0: u64, pick: fn(&mut LoadPhases) -> &mut u64) {
+        let dt = self.now().wrapping_sub(t0);
+        let p = pick(&mut self.phases);
+        *p = p.wrapping_add(dt);
+    }
+}
+
 /// The originals a load replaced, kept until it is known to have worked.
 struct Undo {
     /// (device index, original device, its PCI record before the load).
@@ -190,8 +229,41 @@ impl Machine {
         mode: CommitMode,
         complete: bool,
     ) -> Result<LoadStats, LoadError> {
+        let mut timer = Timer {
+            clock: None,
+            phases: LoadPhases::default(),
+        };
+        self.load_devices_timed(sections, mode, complete, &mut timer)
+    }
+
+    /// As [`Machine::load_devices`], measuring each phase with `clock`
+    /// (benchmarks: where the time of a load goes).
+    pub fn load_devices_clocked(
+        &mut self,
+        sections: &[DeviceSection],
+        mode: CommitMode,
+        complete: bool,
+        clock: fn() -> u64,
+    ) -> Result<(LoadStats, LoadPhases), LoadError> {
+        let mut timer = Timer {
+            clock: Some(clock),
+            phases: LoadPhases::default(),
+        };
+        let stats = self.load_devices_timed(sections, mode, complete, &mut timer)?;
+        Ok((stats, timer.phases))
+    }
+
+    fn load_devices_timed(
+        &mut self,
+        sections: &[DeviceSection],
+        mode: CommitMode,
+        complete: bool,
+        timer: &mut Timer,
+    ) -> Result<LoadStats, LoadError> {
+        let t0 = timer.now();
         let targets = self.check_sections(sections, complete)?;
         self.section_ticks = alloc::vec![0; sections.len()];
+        timer.add(t0, |p| &mut p.check);
         let before = self.mem.stats();
         let policy = self.mem.read_policy();
         let r = match mode {
@@ -201,22 +273,26 @@ impl Machine {
                 } else {
                     ReadPolicy::RenderOnDemand
                 });
+                let mut t_commit = 0;
                 let r = self.in_transaction(|m| {
-                    let undo = m.load_staged(sections, &targets)?;
-                    match m.follow_loaded(&undo, mode) {
+                    let undo = m.load_staged(sections, &targets, timer)?;
+                    let r = match m.follow_loaded(&undo, mode, timer) {
                         Ok(()) => Ok(()),
                         Err(e) => {
                             m.put_back(undo, false);
                             Err(e)
                         }
-                    }
+                    };
+                    t_commit = timer.now();
+                    r
                 });
+                timer.add(t_commit, |p| &mut p.commit);
                 self.mem.set_read_policy(policy);
                 r
             }
             CommitMode::Eager => {
-                let undo = self.load_staged(sections, &targets)?;
-                match self.follow_loaded(&undo, mode) {
+                let undo = self.load_staged(sections, &targets, timer)?;
+                match self.follow_loaded(&undo, mode, timer) {
                     Ok(()) => Ok(()),
                     Err(e) => {
                         self.put_back(undo, true);
@@ -282,12 +358,13 @@ impl Machine {
         &mut self,
         sections: &[DeviceSection],
         targets: &[u32],
+        timer: &mut Timer,
     ) -> Result<Undo, LoadError> {
         let mut staged: Vec<(u32, Box<dyn Device>)> = Vec::with_capacity(sections.len());
         for (i, (s, &d)) in sections.iter().zip(targets).enumerate() {
-            let t0 = self.tick();
-            let r = self.stage_one(i, s, d, &mut staged);
-            self.charge(i, t0);
+            let ts = self.tick();
+            let r = self.stage_one(i, s, d, &mut staged, timer);
+            self.charge(i, ts);
             if let Err(e) = r {
                 // Without an outer transaction (eager), the memory changes
                 // the staged states asked for are committed already: the
@@ -318,7 +395,9 @@ impl Machine {
         s: &DeviceSection,
         d: u32,
         staged: &mut Vec<(u32, Box<dyn Device>)>,
+        timer: &mut Timer,
     ) -> Result<(), LoadError> {
+        let t0 = timer.now();
         let slot = &self.devices[d as usize];
         let mut dup = slot
             .dev
@@ -326,12 +405,15 @@ impl Machine {
             .ok_or_else(|| LoadError::NotDuplicable {
                 id: slot.id.clone(),
             })?;
+        let t1 = timer.now();
+        timer.add(t0, |p| &mut p.duplicate);
         let r = self
             .with_detached(d, &mut dup, |dev, ctx| dev.load(ctx, s.version, s.data))
             .map_err(|error| LoadError::Machine {
                 id: Some(s.id.clone()),
                 error,
             })?;
+        timer.add(t1, |p| &mut p.decode);
         r.map_err(|error| LoadError::State {
             section: i,
             id: s.id.clone(),
@@ -365,29 +447,38 @@ impl Machine {
     /// each read then sees a tree that changed since the last one. Deferred
     /// first applies every device's mappings, then runs every post-load, so
     /// the reads share one on-demand render of the pending tree.
-    fn follow_loaded(&mut self, undo: &Undo, mode: CommitMode) -> Result<(), LoadError> {
+    fn follow_loaded(
+        &mut self,
+        undo: &Undo,
+        mode: CommitMode,
+        timer: &mut Timer,
+    ) -> Result<(), LoadError> {
         let interleave = mode != CommitMode::Deferred;
         for (i, &(d, _, pci)) in undo.replaced.iter().enumerate() {
-            let t0 = self.tick();
+            let ts = self.tick();
             if pci.is_some() {
+                let t0 = timer.now();
                 let id = self.devices[d as usize].id.clone();
                 self.pci_update_mappings(d)
                     .map_err(|error| LoadError::Machine {
                         id: Some(id),
                         error,
                     })?;
+                timer.add(t0, |p| &mut p.map);
             }
+            let t0 = timer.now();
             if interleave {
                 self.post_load_one(d)?;
             }
-            self.charge(i, t0);
+            self.charge(i, ts);
             if !interleave && i + 1 == undo.replaced.len() {
                 for (j, &(d, _, _)) in undo.replaced.iter().enumerate() {
-                    let t0 = self.tick();
+                    let ts = self.tick();
                     self.post_load_one(d)?;
-                    self.charge(j, t0);
+                    self.charge(j, ts);
                 }
             }
+            timer.add(t0, |p| &mut p.post_load);
         }
         Ok(())
     }

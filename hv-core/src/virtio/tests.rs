@@ -1,26 +1,23 @@
-//! virtio-pci devices on a real `Machine`, driven by a small driver written
-//! here from the virtio 1.x spec: configuration through CF8/CFC, BARs,
-//! MSI-X, rings in guest RAM, kicks through the write notifiers.
+//! virtio-pci devices on a real `Machine`, driven by the small driver of
+//! [`crate::testing::driver`] (written from the virtio 1.x spec):
+//! configuration through CF8/CFC, BARs, MSI-X, rings in guest RAM, kicks
+//! through the write notifiers.
 
 use super::blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use super::net::VirtioNet;
 use super::pci::{VirtioPci, NO_VECTOR, STATUS_NEEDS_RESET};
 use super::spec::{add_devices, DeviceSpec};
-use super::{net::VirtioNet, VIRTIO_F_VERSION_1};
 use crate::addr::HostPhysAddr;
 use crate::devices::Device;
 use crate::ept_listener::RamBlock;
-use crate::machine::{Machine, MemTarget, BIOS_SIZE};
+use crate::machine::{Machine, BIOS_SIZE};
 use crate::phys::mock::MockPhys;
+use crate::testing::driver::*;
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 
 const RAM: u64 = 4 << 20;
-/// Where the driver puts BAR 4 of device `i` (BAR 1 follows at +0x8000).
-fn bar4(i: u64) -> u64 {
-    0xE000_0000 + i * 0x1_0000
-}
-
 fn machine(spec: &str) -> Machine {
     let mut m = crate::machine::tests::pc(RAM, 3 << 30);
     m.add_pci_host().unwrap();
@@ -38,164 +35,6 @@ fn machine(spec: &str) -> Machine {
     m.attach_ram(blocks, Box::new(MockPhys::new(8 << 20)));
     m
 }
-
-fn cfg_write(m: &mut Machine, devfn: u8, off: u16, size: u8, v: u64) {
-    let a = (1u32 << 31) | (u32::from(devfn) << 8) | u32::from(off & 0xFC);
-    m.pio_write(0xCF8, 4, a.into()).unwrap();
-    m.pio_write(0xCFC + (off & 3), size, v).unwrap();
-}
-
-fn cfg_read(m: &mut Machine, devfn: u8, off: u16, size: u8) -> u64 {
-    let a = (1u32 << 31) | (u32::from(devfn) << 8) | u32::from(off & 0xFC);
-    m.pio_write(0xCF8, 4, a.into()).unwrap();
-    m.pio_read(0xCFC + (off & 3), size).unwrap()
-}
-
-fn mmio_write(m: &mut Machine, gpa: u64, size: u8, v: u64) {
-    // A kick goes through the notifier fast path first, as the exit path
-    // does.
-    if m.notify_write(gpa, size, v).unwrap().is_some() {
-        return;
-    }
-    let MemTarget::Device { handle, offset, .. } = m.memory_target(gpa).unwrap() else {
-        panic!("nothing at {gpa:#x}")
-    };
-    m.device_write(handle, offset, size, v).unwrap();
-}
-
-fn mmio_read(m: &mut Machine, gpa: u64, size: u8) -> u64 {
-    let MemTarget::Device { handle, offset, .. } = m.memory_target(gpa).unwrap() else {
-        panic!("nothing at {gpa:#x}")
-    };
-    m.device_read(handle, offset, size).unwrap()
-}
-
-fn ram_write(m: &mut Machine, gpa: u64, data: &[u8]) {
-    m.guest_memory().unwrap().write(gpa, data).unwrap();
-}
-
-fn ram_read(m: &mut Machine, gpa: u64, len: usize) -> Vec<u8> {
-    let mut b = vec![0; len];
-    m.guest_memory().unwrap().read(gpa, &mut b).unwrap();
-    b
-}
-
-/// Driver state of one device.
-struct Drv {
-    devfn: u8,
-    common: u64,
-    notify: u64,
-    device: u64,
-    queues: Vec<(u64, u16)>,
-}
-
-const QSIZE: u16 = 8;
-
-/// Ring memory of queue `q` of device `i`.
-fn ring(i: u64, q: u64) -> u64 {
-    0x10_0000 + i * 0x4_0000 + q * 0x1000
-}
-
-impl Drv {
-    /// Firmware and driver initialisation: BARs, MSI-X (vector 0x40 + i
-    /// for every entry), features, every queue, DRIVER_OK.
-    fn init(m: &mut Machine, i: u64, slot: u8, features: u64, master: bool) -> Drv {
-        let devfn = slot << 3;
-        let b4 = bar4(i);
-        cfg_write(m, devfn, 0x14, 4, b4 + 0x8000);
-        cfg_write(m, devfn, 0x20, 4, b4 & 0xFFFF_FFFF);
-        cfg_write(m, devfn, 0x24, 4, b4 >> 32);
-        cfg_write(m, devfn, 0x04, 2, if master { 6 } else { 2 });
-        // MSI-X capability: enable.
-        let mut cap = cfg_read(m, devfn, 0x34, 1) as u16;
-        while cfg_read(m, devfn, cap, 1) != 0x11 {
-            cap = cfg_read(m, devfn, cap + 1, 1) as u16;
-        }
-        cfg_write(m, devfn, cap + 2, 2, 0x8000);
-        let table = b4 + 0x8000;
-        let common = b4;
-        let nq = mmio_read(m, common + 0x12, 2) as u16;
-        for e in 0..=u64::from(nq) {
-            mmio_write(m, table + e * 16, 4, 0xFEE0_0000);
-            mmio_write(m, table + e * 16 + 8, 4, 0x40 + i);
-            mmio_write(m, table + e * 16 + 12, 4, 0);
-        }
-        mmio_write(m, common + 0x14, 1, 0);
-        mmio_write(m, common + 0x14, 1, 1 | 2);
-        mmio_write(m, common + 0x08, 4, 0);
-        mmio_write(m, common + 0x0C, 4, features & 0xFFFF_FFFF);
-        mmio_write(m, common + 0x08, 4, 1);
-        mmio_write(m, common + 0x0C, 4, features >> 32);
-        mmio_write(m, common + 0x14, 1, 1 | 2 | 8);
-        assert_eq!(mmio_read(m, common + 0x14, 1) & 8, 8, "FEATURES_OK");
-        mmio_write(m, common + 0x10, 2, 0);
-        let mut queues = Vec::new();
-        for q in 0..u64::from(nq) {
-            let r = ring(i, q);
-            ram_write(m, r, &[0; 0x1000]);
-            mmio_write(m, common + 0x16, 2, q);
-            mmio_write(m, common + 0x18, 2, QSIZE.into());
-            mmio_write(m, common + 0x1A, 2, q + 1);
-            mmio_write(m, common + 0x20, 4, r);
-            mmio_write(m, common + 0x24, 4, 0);
-            mmio_write(m, common + 0x28, 4, r + 0x400);
-            mmio_write(m, common + 0x2C, 4, 0);
-            mmio_write(m, common + 0x30, 4, r + 0x800);
-            mmio_write(m, common + 0x34, 4, 0);
-            mmio_write(m, common + 0x1C, 2, 1);
-            queues.push((r, 0));
-        }
-        mmio_write(m, common + 0x14, 1, 1 | 2 | 8 | 4);
-        Drv {
-            devfn,
-            common,
-            notify: b4 + 0x3000,
-            device: b4 + 0x2000,
-            queues,
-        }
-    }
-
-    /// Puts a chain of `(gpa, len, device-writable)` buffers on queue `q`
-    /// and kicks it.
-    fn submit(&mut self, m: &mut Machine, q: usize, bufs: &[(u64, u32, bool)]) {
-        let (r, avail) = self.queues[q];
-        let head = avail % QSIZE;
-        // Descriptors head*4.. (room for 4 per chain slot is not needed:
-        // one chain at a time uses descriptors 0..n).
-        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            let last = k + 1 == bufs.len();
-            let flags = u16::from(!last) | if w { 2 } else { 0 };
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&((k + 1) as u16).to_le_bytes());
-            ram_write(m, r + (k as u64) * 16, &d);
-        }
-        ram_write(m, r + 0x400 + 4 + u64::from(head) * 2, &0u16.to_le_bytes());
-        let avail = avail.wrapping_add(1);
-        ram_write(m, r + 0x400 + 2, &avail.to_le_bytes());
-        self.queues[q].1 = avail;
-        mmio_write(m, self.notify + q as u64 * 4, 2, q as u64);
-    }
-
-    /// The used ring's index and its last element (id, len).
-    fn used(&self, m: &mut Machine, q: usize) -> (u16, u32, u32) {
-        let r = self.queues[q].0 + 0x800;
-        let b = ram_read(m, r, 4 + 8 * usize::from(QSIZE));
-        let idx = u16::from_le_bytes([b[2], b[3]]);
-        let e = 4 + 8 * usize::from(idx.wrapping_sub(1) % QSIZE);
-        let id = u32::from_le_bytes(b[e..e + 4].try_into().unwrap());
-        let len = u32::from_le_bytes(b[e + 4..e + 8].try_into().unwrap());
-        (idx, id, len)
-    }
-
-    fn status(&self, m: &mut Machine) -> u8 {
-        mmio_read(m, self.common + 0x14, 1) as u8
-    }
-}
-
-const V1: u64 = 1 << VIRTIO_F_VERSION_1;
 
 fn blk_request(d: &mut Drv, m: &mut Machine, q: usize, kind: u32, sector: u64, data: u64) {
     let hdr = 0x30_0000;
@@ -445,45 +284,16 @@ fn device_type_state_travels_as_its_own_described_subsection() {
 
 mod load {
     use super::*;
-    use crate::devices::test_device::TestDevice;
     use crate::devices::DeviceId;
     use crate::ept::PageSizes;
-    use crate::ept_listener::{EptCounters, EptHost, EptListener, EptMode};
-    use crate::frames::FrameAllocator;
+    use crate::ept_listener::{EptCounters, EptListener, EptMode};
     use crate::machine::{
-        CommitMode, DeviceSection, LoadError, TEST_DEVICE_BASE, TEST_WINDOW_BASE, TEST_WINDOW_SIZE,
+        CommitMode, DeviceSection, LoadError, TEST_DEVICE_BASE, TEST_WINDOW_BASE,
     };
     use crate::memory::FlatView;
-    use crate::phys::PhysAccess;
+    use crate::testing::MemHost;
     use alloc::rc::Rc;
     use core::cell::RefCell;
-
-    struct Host {
-        mem: MockPhys,
-        invepts: u64,
-    }
-    impl PhysAccess for Host {
-        fn read(&self, a: HostPhysAddr, b: &mut [u8]) {
-            self.mem.read(a, b)
-        }
-        fn write(&mut self, a: HostPhysAddr, d: &[u8]) {
-            self.mem.write(a, d)
-        }
-    }
-    impl FrameAllocator for Host {
-        fn alloc_contiguous(&mut self, s: u64, a: u64) -> Option<HostPhysAddr> {
-            self.mem.alloc_contiguous(s, a)
-        }
-        fn free_contiguous(&mut self, a: HostPhysAddr, s: u64) {
-            self.mem.free_contiguous(a, s)
-        }
-    }
-    impl EptHost for Host {
-        fn invept(&mut self, _eptp: u64) -> bool {
-            self.invepts += 1;
-            true
-        }
-    }
 
     const SHAPE: &str = "net:2x2,blk:2x2";
 
@@ -491,26 +301,7 @@ mod load {
     /// the kernel builds it.
     fn build() -> Machine {
         let mut m = machine(SHAPE);
-        let pci = m.regions.pci;
-        m.map_mmio(
-            "tern-test",
-            pci,
-            TEST_DEVICE_BASE,
-            0x1000,
-            Box::new(TestDevice::default()),
-        )
-        .unwrap();
-        let ram = m.regions.ram;
-        let w = m
-            .mem
-            .create_alias("tern-test-window", TEST_WINDOW_SIZE.into(), ram, 0)
-            .unwrap();
-        m.mem.set_enabled(w, false).unwrap();
-        let system = m.regions.system;
-        m.mem.add_subregion(system, TEST_WINDOW_BASE, w).unwrap();
-        let t = m.device::<TestDevice>("tern-test").unwrap();
-        t.window = Some(w);
-        t.layout = Some((TEST_DEVICE_BASE, false));
+        crate::testing::add_test_device(&mut m);
         m
     }
 
@@ -531,12 +322,9 @@ mod load {
         m
     }
 
-    fn target() -> (Machine, Rc<RefCell<EptListener<Host>>>) {
+    fn target() -> (Machine, Rc<RefCell<EptListener<MemHost>>>) {
         let mut m = build();
-        let host = Host {
-            mem: MockPhys::new(24 << 20),
-            invepts: 0,
-        };
+        let host = MemHost::new(24 << 20);
         let blocks = vec![
             RamBlock {
                 hpa: HostPhysAddr::new(0x1_0000_0000),
@@ -581,7 +369,7 @@ mod load {
             .collect()
     }
 
-    fn ept_state(ept: &Rc<RefCell<EptListener<Host>>>) -> (EptCounters, u64, Vec<Option<u64>>) {
+    fn ept_state(ept: &Rc<RefCell<EptListener<MemHost>>>) -> (EptCounters, u64, Vec<Option<u64>>) {
         let e = ept.borrow();
         let probes = [
             0,
