@@ -43,7 +43,8 @@ date and machine, the exact counters of one load per shape and mode, and where
 the deferred load's time goes; writes the scaling plot.
 
 options:
-  --quick           short criterion runs and fewer scaling points (under 2 min)
+  --quick           short criterion runs and fewer scaling points (under 2 min);
+                    without --quick, --qemu and --bochs are on
   --json FILE       write every number as JSON
   --markdown FILE   write the report (markdown) to FILE too
   --svg FILE        where the scaling plot goes (default docs/load-scaling.svg)
@@ -54,6 +55,11 @@ options:
                       \"unit\": \"ns\" | \"instructions\",
                       \"eager\": {\"load\": N, \"downtime\": N}, \"forced-read\": {..},
                       \"deferred\": {..}}]  (may be given more than once)
+  --qemu            add QEMU's rows: the same shapes in QEMU 7.2 (q35, TCG, no vhost,
+                    1 vCPU, multi-queue taps: needs root), loaded 5 times each after
+                    Tern's test guest set every queue up (`cargo xtask bench-qemu`)
+  --bochs           add Tern's rows in Bochs: each shape migrated in each mode, in
+                    guest instructions, with the downtime (`cargo xtask bench-bochs`)
   --hv-core         also run hv-core's benchmarks (flat-view render and commit,
                     transactions, read policies, EPT update against rebuild)
   --all             the load benchmark and hv-core's
@@ -75,6 +81,9 @@ pub struct BenchOptions {
     pub hv_core: bool,
     /// JSON files of rows measured elsewhere (see [`rows_from_json`]).
     pub rows: Vec<PathBuf>,
+    /// Measure QEMU's rows (root) and Tern's in Bochs too.
+    pub qemu: bool,
+    pub bochs: bool,
     pub criterion: Vec<OsString>,
 }
 
@@ -92,10 +101,15 @@ where
         ..Default::default()
     };
     let mut p = cli::parser(args);
+    let (mut qemu, mut bochs) = (None, None);
     while let Some(arg) = p.next().map_err(|e| cli::error(CMD, e))? {
         match arg {
             Short('h') | Long("help") => return Ok(Parsed::Help(USAGE)),
             Long("quick") => o.quick = true,
+            Long("qemu") => qemu = Some(true),
+            Long("no-qemu") => qemu = Some(false),
+            Long("bochs") => bochs = Some(true),
+            Long("no-bochs") => bochs = Some(false),
             Long("json") => o.json = Some(cli::string(CMD, p.value())?.into()),
             Long("markdown") => o.markdown = Some(cli::string(CMD, p.value())?.into()),
             Long("svg") => o.svg = Some(cli::string(CMD, p.value())?.into()),
@@ -111,7 +125,91 @@ where
             other => return Err(cli::error(CMD, other.unexpected())),
         }
     }
+    o.qemu = o.load && qemu.unwrap_or(!o.quick);
+    o.bochs = o.load && bochs.unwrap_or(!o.quick);
     Ok(Parsed::Run(o))
+}
+
+/// The seed's test name of a shape.
+fn test_of(shape: &str) -> &'static str {
+    match shape {
+        "net:8x16,blk:16x4" => "test1",
+        "net:8x1,blk:16x1" => "test2",
+        "net:1x16,blk:1x4" => "test3",
+        _ => "other",
+    }
+}
+
+/// QEMU's rows: each seed shape after Tern's test guest set it up.
+fn qemu_rows(start: Instant) -> Result<Vec<Row>, String> {
+    use crate::bench_qemu::{measure, work_dir, GuestState, SEED_SHAPES, SETUP_NOTE};
+    let images = crate::build::build_all()?;
+    let mut rows = Vec::new();
+    for shape in SEED_SHAPES {
+        progress(start, &format!("QEMU {shape}: save once, load 5 times"));
+        let state = GuestState::TernGuest;
+        let r = measure(shape, state, 5, &images.guest, &work_dir(shape, state))?;
+        rows.push(Row {
+            test: test_of(shape).into(),
+            shape: shape.into(),
+            source: Source::Qemu {
+                setup: format!(
+                    "{SETUP_NOTE} Guest state: {} (min {:.2} ms, median of {} loads)",
+                    state.name(),
+                    r.min_ms(),
+                    r.runs_ms.len()
+                ),
+            },
+            unit: Unit::Nanoseconds,
+            eager: ModeResult {
+                load: Some(r.median_ms() * 1e6),
+                ..Default::default()
+            },
+            forced_read: ModeResult::default(),
+            deferred: ModeResult::default(),
+            floor: None,
+        });
+    }
+    Ok(rows)
+}
+
+/// Tern's rows in Bochs: each seed shape migrated in each mode.
+fn bochs_rows(start: Instant) -> Result<Vec<Row>, String> {
+    use crate::bench_bochs::{measure, BochsRow};
+    use crate::bench_qemu::SEED_SHAPES;
+    progress(
+        start,
+        "Bochs: each shape migrated in each mode (about 3 minutes)",
+    );
+    let images = crate::build::build_all()?;
+    let all = measure(&images, &SEED_SHAPES)?;
+    let mode = |shape: &str, m: &str| -> ModeResult {
+        all.iter()
+            .find(|r: &&BochsRow| r.shape == shape && r.mode == m)
+            .map_or_else(ModeResult::default, |r| ModeResult {
+                load: Some(r.load_ticks as f64),
+                downtime: Some(r.downtime_ticks as f64),
+                renders: Some(r.renders),
+                listener_commits: Some(r.listener_commits),
+                forced_commits: Some(r.forced_commits),
+                ept_updates: Some(r.ept_updates),
+                invepts: Some(r.invepts),
+                mutations: None,
+            })
+    };
+    Ok(SEED_SHAPES
+        .iter()
+        .map(|shape| Row {
+            test: test_of(shape).into(),
+            shape: (*shape).into(),
+            source: Source::Bochs,
+            unit: Unit::Instructions,
+            eager: mode(shape, "eager"),
+            forced_read: mode(shape, "forced-read"),
+            deferred: mode(shape, "deferred"),
+            floor: None,
+        })
+        .collect())
 }
 
 /// Where a row's numbers come from.
@@ -885,6 +983,21 @@ pub fn bench_cmd(o: &BenchOptions) -> Result<(), String> {
     let counters: Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut report = host_report(&counters, &home, HostInfo::here());
+    if o.qemu {
+        match qemu_rows(start) {
+            Ok(rows) => rows.into_iter().for_each(|r| report.add_row(r)),
+            Err(e) => {
+                return Err(format!(
+                    "QEMU's rows: {e}\n(`--no-qemu` leaves them out of the table)"
+                ))
+            }
+        }
+    }
+    if o.bochs {
+        for r in bochs_rows(start)? {
+            report.add_row(r);
+        }
+    }
     for p in &o.rows {
         let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -940,7 +1053,17 @@ mod tests {
         assert_eq!(o.json, Some(PathBuf::from("r.json")));
         assert_eq!(o.criterion, args(&["load-test1", "--noplot"]));
         let o = ok(parse(args(&["--only-hv-core"])));
-        assert!(!o.load && o.hv_core);
+        assert!(!o.load && o.hv_core && !o.qemu && !o.bochs);
+        // QEMU and Bochs rows: on in a full run, off with --quick unless
+        // asked for.
+        let o = ok(parse(args(&[])));
+        assert!(o.qemu && o.bochs);
+        let o = ok(parse(args(&["--quick"])));
+        assert!(!o.qemu && !o.bochs);
+        let o = ok(parse(args(&["--quick", "--bochs"])));
+        assert!(!o.qemu && o.bochs);
+        let o = ok(parse(args(&["--no-qemu"])));
+        assert!(!o.qemu && o.bochs);
         assert_eq!(parse(args(&["--help"])), Ok(Parsed::Help(USAGE)));
         assert!(err(parse(args(&["--fast"]))).contains("bench"));
         assert!(err(parse(args(&["--json"]))).contains("bench"));
