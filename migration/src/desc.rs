@@ -228,6 +228,67 @@ pub fn walk<'a, 'd>(
     Ok(out)
 }
 
+/// Skips `desc` over `dec` as [`walk`] reads it (the same checks: sizes,
+/// nested struct sizes, subsection markers and names), without building
+/// values: what the reader needs to delimit a body.
+pub fn skip(desc: &StructDesc, dec: &mut Decoder<'_>) -> Result<(), VmStateError> {
+    for f in &desc.fields {
+        let count = match f.array {
+            ArrayMark::Single | ArrayMark::Index(_) => 1,
+            ArrayMark::Len(n) => n,
+        };
+        let total = count.saturating_mul(f.size.max(1));
+        if total > dec.remaining() as u64 {
+            return Err(VmStateError::new(
+                dec.pos(),
+                ErrorKind::Truncated {
+                    need: count.saturating_mul(f.size),
+                    have: dec.remaining() as u64,
+                },
+            )
+            .in_field(&f.name));
+        }
+        match &f.nested {
+            Nested::Struct(s) | Nested::Inline(s) => {
+                for k in 0..count {
+                    let at = dec.pos();
+                    skip(s, dec).map_err(|e| match f.array {
+                        ArrayMark::Single => e.in_field(&f.name),
+                        ArrayMark::Len(_) => e.in_index(k).in_field(&f.name),
+                        ArrayMark::Index(i) => e.in_index(i).in_field(&f.name),
+                    })?;
+                    if (dec.pos() - at) as u64 != f.size {
+                        return Err(desc_err(at, "struct size differs from the description")
+                            .in_field(&f.name));
+                    }
+                }
+            }
+            // Scalars and buffers: all elements at once (checked above).
+            Nested::None => {
+                let n = usize::try_from(count.saturating_mul(f.size)).unwrap_or(usize::MAX);
+                dec.take(n).map_err(|e| e.in_field(&f.name))?;
+            }
+        }
+    }
+    for sub in &desc.subsections {
+        let at = dec.pos();
+        let marker = dec.u8().map_err(|e| e.in_subsection(&sub.vmsd_name))?;
+        if marker != section::SUBSECTION {
+            return Err(desc_err(at, "described subsection not in the stream")
+                .in_subsection(&sub.vmsd_name));
+        }
+        let len = dec.u8()?;
+        let name = dec.take(usize::from(len))?;
+        if name != sub.vmsd_name.as_bytes() {
+            return Err(desc_err(at, "subsection name differs from the description")
+                .in_subsection(&sub.vmsd_name));
+        }
+        let _version = dec.u32()?;
+        skip(sub, dec).map_err(|e| e.in_subsection(&sub.vmsd_name))?;
+    }
+    Ok(())
+}
+
 /// Walks a whole section body and returns the walk and the bytes used.
 pub fn walk_section<'a, 'd>(
     desc: &'d SectionDesc,
@@ -265,9 +326,9 @@ impl SectionSizer for DescSizer {
                 header: info.version,
             });
         }
-        walk_section(d, rest)
-            .map(|(_, n)| n)
-            .map_err(StreamErrorKind::Body)
+        let mut dec = Decoder::new(rest);
+        skip(&d.body, &mut dec).map_err(StreamErrorKind::Body)?;
+        Ok(dec.pos())
     }
 }
 
