@@ -229,7 +229,7 @@ impl Source {
     fn label(&self) -> String {
         match self {
             Self::Host => "Tern, host".into(),
-            Self::Qemu { setup } => format!("QEMU ({setup})"),
+            Self::Qemu { .. } => "QEMU".into(),
             Self::Bochs => "Tern, Bochs".into(),
         }
     }
@@ -506,6 +506,12 @@ impl Report {
                 x(q.deferred_over_floor),
                 x(q.qemu_over_deferred),
             );
+        }
+        // How each QEMU row was measured, once, under the table.
+        for r in &self.rows {
+            if let Source::Qemu { setup } = &r.source {
+                let _ = writeln!(s, "\nQEMU, {}: {setup}", r.test);
+            }
         }
         if self
             .rows
