@@ -550,6 +550,24 @@ fn fixed_cases() -> Vec<Case> {
             check: Some(three_returned_memory),
         },
         Case {
+            name: "bochs-incoming-stream-refused",
+            machine: Machine::Bochs,
+            kernel_args: "",
+            guests: &[
+                "@evil-stream-truncated name=bad1 incoming",
+                "@evil-stream-foreign-blocks name=bad2 incoming",
+                "name=good scenario=hello expect_ram_kib=32768",
+            ],
+            status: 120,
+            expect: &[
+                "[bad1] cannot create the VM: stream: at offset 0x",
+                "[bad2] cannot create the VM: RAM blocks: the stream has [pc.ram (0x100000)], this VM [pc.ram (0x2000000), pc.bios (0x20000)]",
+                "[good] guest: PASS hello",
+            ],
+            forbid: &["FAIL", "starting: name=bad"],
+            check: Some(three_returned_memory),
+        },
+        Case {
             name: "bochs-hypercall-flood-budget",
             machine: Machine::Bochs,
             kernel_args: "budget=3",
@@ -901,6 +919,9 @@ fn judge(case: &Case, out: &RunOutput) -> Result<(), String> {
 /// 30 MiB segment again and again) and `overlapping` (two 30 MiB segments
 /// at the same address, more than guest RAM together).
 fn evil_image(kind: &str) -> Result<std::path::PathBuf, String> {
+    if let Some(stream) = kind.strip_prefix("stream-") {
+        return bad_stream(stream);
+    }
     let mut f = vec![0u8; 0x200];
     f[0..4].copy_from_slice(b"\x7fELF");
     f[4] = 1;
@@ -931,6 +952,31 @@ fn evil_image(kind: &str) -> Result<std::path::PathBuf, String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let path = dir.join(format!("evil-{kind}.elf"));
     std::fs::write(&path, f).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// A migration stream another Tern could not have sent, for an `incoming`
+/// VM: `truncated` (ends inside the RAM setup) or `foreign-blocks` (whole,
+/// but for a machine with other RAM).
+fn bad_stream(kind: &str) -> Result<std::path::PathBuf, String> {
+    use migration::{MemChannel, RamSection, StreamWriter};
+    let mut w = StreamWriter::new(MemChannel::new(), "pc").map_err(|e| e.to_string())?;
+    w.ram_setup(0, &[("pc.ram", 1 << 20)])
+        .map_err(|e| e.to_string())?;
+    w.ram_begin(RamSection::End).map_err(|e| e.to_string())?;
+    w.ram_page("pc.ram", 0x1000, &[0xAB; 4096])
+        .map_err(|e| e.to_string())?;
+    w.ram_finish().map_err(|e| e.to_string())?;
+    let mut bytes = w.finish(true).map_err(|e| e.to_string())?.into_bytes();
+    match kind {
+        "truncated" => bytes.truncate(40),
+        "foreign-blocks" => {}
+        other => return Err(format!("no bad stream {other:?}")),
+    }
+    let dir = crate::root().join("target/xtask");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let path = dir.join(format!("bad-stream-{kind}.mig"));
+    std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
     Ok(path)
 }
 
