@@ -109,6 +109,9 @@ pub enum StopReason {
     DuringEventDelivery { gpa: u64 },
     /// The vCPU stopped for a migration (the VM continues elsewhere).
     Migrating,
+    /// A migration failed and its dirty logging could not be turned off:
+    /// the VM's memory map is no longer trusted, so it does not run on.
+    MigrationCleanupFailed,
     /// The VM's whole state went out in a migration stream: it continues
     /// wherever the stream is loaded (status 0, as a completed migration).
     MigratedOut,
@@ -136,6 +139,10 @@ impl core::fmt::Display for StopReason {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::Migrating => write!(f, "stopped for migration"),
+            Self::MigrationCleanupFailed => write!(
+                f,
+                "a failed migration could not turn dirty logging off; the memory map is not trusted"
+            ),
             Self::MigratedOut => write!(f, "migrated out (the stream holds the VM)"),
             Self::Exited(s) => write!(f, "guest exited with status {s}"),
             Self::Halted => write!(f, "guest halted with interrupts disabled"),

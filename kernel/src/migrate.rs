@@ -357,8 +357,12 @@ impl Outgoing {
                 return Err("the target's RAM blocks differ from the source's".into());
             }
         }
-        // Last: nothing above can fail with logging left on.
-        vm.set_ram_logging(true)?;
+        // Last: nothing above can fail with logging left on, and if turning
+        // it on fails part-way it is turned off again.
+        if let Err(e) = vm.set_ram_logging(true) {
+            vm.end_logging_after_failure();
+            return Err(e);
+        }
         Ok(Self {
             target: target.map(Box::new),
             writer: Some(writer),
@@ -375,8 +379,9 @@ impl Outgoing {
         })
     }
 
-    /// Whether `pages` dirty pages can be sent within the downtime limit
-    /// at the rate measured so far.
+    /// Whether `pages` dirty pages (and, on a stream, the RAM disks sent
+    /// with the vCPU stopped) can go within the downtime limit at the rate
+    /// measured so far.
     fn fits(&self, pages: u64) -> bool {
         if pages <= CONVERGED {
             return true;
@@ -384,8 +389,18 @@ impl Outgoing {
         if self.sent_bytes == 0 {
             return false;
         }
-        // pages * 4096 / (sent_bytes / send_ticks) <= limit_ticks
-        u128::from(pages) * u128::from(PAGE) * u128::from(self.send_ticks)
+        // Bytes left: a whole page each (a page record on a stream: its
+        // header too; zero pages are smaller, so this errs long), plus the
+        // disks on a stream.
+        let left = match self.target {
+            Some(_) => u128::from(pages) * u128::from(PAGE),
+            None => {
+                u128::from(pages) * u128::from(PAGE + 8)
+                    + self.disks.iter().map(|d| u128::from(d.len)).sum::<u128>()
+            }
+        };
+        // left / (sent_bytes / send_ticks) <= limit_ticks
+        left * u128::from(self.send_ticks)
             <= u128::from(self.limit_ticks) * u128::from(self.sent_bytes)
     }
 
@@ -413,8 +428,9 @@ impl Outgoing {
             }
         }
         let t0 = crate::cpu::rdtsc();
-        let before = self.pages_sent + self.zero_pages;
+        let pages_before = self.pages_sent + self.zero_pages;
         let stream = self.target.is_none();
+        let pos_before = self.writer()?.position();
         if stream {
             self.writer()?.ram_begin(RamSection::Part).map_err(err)?;
         }
@@ -423,7 +439,13 @@ impl Outgoing {
             self.writer()?.ram_finish().map_err(err)?;
         }
         self.send_ticks += crate::cpu::rdtsc().wrapping_sub(t0);
-        self.sent_bytes += (self.pages_sent + self.zero_pages - before) * PAGE;
+        // The rate is of what the channel carried: the stream's bytes, or
+        // for a local target the pages copied.
+        self.sent_bytes += if stream {
+            self.writer()?.position().saturating_sub(pos_before)
+        } else {
+            (self.pages_sent + self.zero_pages - pages_before) * PAGE
+        };
         Ok(false)
     }
 
@@ -467,9 +489,10 @@ impl Outgoing {
             if off >= size {
                 continue;
             }
-            // SAFETY: the page at `off` (below `size`, checked above) lies
-            // inside the source VM's RAM block `block`, which it owns and
-            // which stays allocated while this migration holds the VM.
+            // SAFETY: `off` is below `size` (checked above) and both are
+            // page multiples (blocks are rounded up to pages when they are
+            // allocated), so the page lies inside the source VM's RAM block
+            // `block`, which it owns while this migration holds the VM.
             unsafe { HostMem::new() }.read(HostPhysAddr::new(hpa.as_u64() + off), &mut buf);
             self.count(&buf);
             match self.target.as_deref() {
@@ -541,7 +564,10 @@ impl Outgoing {
         checkpoints
             .0
             .push(("src-iterable-saved", crate::cpu::rdtsc()));
-        let generation = vm.generation + 1;
+        let generation = vm
+            .generation
+            .checked_add(1)
+            .ok_or("the migration generation is at its limit")?;
         let w = self.writer.as_mut().ok_or("stream closed")?;
         let mut id = RAM_ID + 1;
         for (dev, version, body, desc) in vm.machine().save_devices_described() {
@@ -595,10 +621,18 @@ impl RamTarget for VmRam {
     }
 
     fn write(&mut self, block: usize, offset: u64, data: &[u8]) {
-        if let Some(&(hpa, _)) = self.blocks.get(block) {
-            // SAFETY: the loader checked `offset + data.len()` against this
-            // block's length (`blocks()`), and the block is host memory of
-            // the target VM, which does not run yet.
+        if let Some(&(hpa, size)) = self.blocks.get(block) {
+            // The loader checked this against `blocks()`; checked again here
+            // because a wrong range would write host memory of others.
+            if offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|end| end > size)
+            {
+                return;
+            }
+            // SAFETY: `offset + data.len()` lies inside this block (checked
+            // just above), which is host memory of the target VM, which
+            // does not run yet.
             unsafe { HostMem::new() }.write(HostPhysAddr::new(hpa.as_u64() + offset), data);
         } else if let Some(d) = self.disks.get(block - self.blocks.len()) {
             // The block is the disk rounded up to pages: bytes past the

@@ -179,6 +179,9 @@ pub struct Vm {
     /// How many migrations brought the VM here (hypercall
     /// MIGRATION_GENERATION).
     pub generation: u64,
+    /// A failed migration left the memory map in doubt: the VM must not
+    /// run on.
+    poisoned: bool,
 }
 
 /// What a VM did, for the exit summary.
@@ -356,6 +359,7 @@ impl Vm {
             outgoing: None,
             checkpoints: Checkpoints::default(),
             generation: 0,
+            poisoned: false,
         };
         let space = vm.machine.memory;
         vm.machine
@@ -490,6 +494,18 @@ impl Vm {
             .map_err(|e| alloc::format!("dirty logging: {e}"))
     }
 
+    /// After a failed migration: dirty logging off, or, if that fails too,
+    /// the VM is poisoned and stops before its next entry.
+    pub fn end_logging_after_failure(&mut self) {
+        if let Err(e) = self.set_ram_logging(false) {
+            crate::println!(
+                "[{}] dirty logging stays on after a failed migration: {e}",
+                self.name
+            );
+            self.poisoned = true;
+        }
+    }
+
     /// The stopped vCPU's state.
     pub fn capture_vcpu(&self) -> Result<VcpuState, String> {
         let v = self.vcpu.as_ref().ok_or("no vCPU")?;
@@ -590,7 +606,7 @@ impl Vm {
         let (stream, stream_bytes) = match r {
             Ok(s) => s,
             Err(e) => {
-                let _ = self.set_ram_logging(false);
+                self.end_logging_after_failure();
                 self.sync_eptp();
                 return Err(e);
             }
@@ -676,7 +692,8 @@ impl Vm {
             .machine
             .platform_mut()
             .map_or((0, 0), |p| (p.now, p.guest_tsc));
-        let ticks = (u128::from(now) * u128::from(vm.tsc_hz) / 1_000_000_000) as u64;
+        let ticks = u64::try_from(u128::from(now) * u128::from(vm.tsc_hz) / 1_000_000_000)
+            .map_err(|_| String::from("the stream's virtual time does not fit this host's TSC"))?;
         let start = crate::cpu::rdtsc();
         vm.start_tsc = start.wrapping_sub(ticks);
         vm.machine.now = now;
@@ -1058,6 +1075,9 @@ impl VmHooks for Vm {
         for (id, line) in self.machine.take_reports() {
             crate::println!("[{}] {}: {line}", self.name, id.idstr);
         }
+        if self.poisoned {
+            return Err(StopReason::MigrationCleanupFailed);
+        }
         if core::mem::take(&mut self.migrate_requested) {
             return Err(StopReason::Migrating);
         }
@@ -1072,7 +1092,7 @@ impl VmHooks for Vm {
                 Err(e) => {
                     crate::println!("[{}] migration abandoned: {e}", self.name);
                     self.outgoing = None;
-                    let _ = self.set_ram_logging(false);
+                    self.end_logging_after_failure();
                     // With `ept=rebuild` the change may have moved the root.
                     if let Some(stop) = self.after_remap(vcpu) {
                         return Err(stop);

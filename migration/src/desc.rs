@@ -154,6 +154,35 @@ pub fn walk<'a, 'd>(
     desc: &'d StructDesc,
     dec: &mut Decoder<'a>,
 ) -> Result<Walked<'a, 'd>, VmStateError> {
+    let mut budget = step_budget(dec);
+    walk_in(desc, dec, &mut budget)
+}
+
+/// Element visits a walk or skip of `dec` may make: proportional to the
+/// bytes left, so a description of nested zero-size arrays cannot make
+/// the work (or a walk's output) grow beyond the input.
+fn step_budget(dec: &Decoder<'_>) -> u64 {
+    (dec.remaining() as u64)
+        .saturating_mul(16)
+        .saturating_add(4096)
+}
+
+/// Counts one element visit against `budget`.
+fn step(budget: &mut u64, at: usize) -> Result<(), VmStateError> {
+    *budget = budget.checked_sub(1).ok_or_else(|| {
+        desc_err(
+            at,
+            "the description asks for more elements than the bytes can hold",
+        )
+    })?;
+    Ok(())
+}
+
+fn walk_in<'a, 'd>(
+    desc: &'d StructDesc,
+    dec: &mut Decoder<'a>,
+    budget: &mut u64,
+) -> Result<Walked<'a, 'd>, VmStateError> {
     let mut out = Walked {
         vmsd_name: &desc.vmsd_name,
         fields: Vec::new(),
@@ -179,9 +208,10 @@ pub fn walk<'a, 'd>(
         for k in 0..count {
             let index = first.map(|i| i + k);
             let at = dec.pos();
+            step(budget, at).map_err(|e| e.in_field(&f.name))?;
             let value = match &f.nested {
                 Nested::Struct(s) | Nested::Inline(s) => {
-                    let w = walk(s, dec).map_err(|e| match index {
+                    let w = walk_in(s, dec, budget).map_err(|e| match index {
                         Some(i) => e.in_index(i).in_field(&f.name),
                         None => e.in_field(&f.name),
                     })?;
@@ -222,7 +252,7 @@ pub fn walk<'a, 'd>(
         // Names were compared with a &str, so this is UTF-8.
         let name = core::str::from_utf8(name).map_err(|_| desc_err(at, "subsection name"))?;
         let version = dec.u32()?;
-        let w = walk(sub, dec).map_err(|e| e.in_subsection(name))?;
+        let w = walk_in(sub, dec, budget).map_err(|e| e.in_subsection(name))?;
         out.subsections.push((name, version, w));
     }
     Ok(out)
@@ -232,6 +262,11 @@ pub fn walk<'a, 'd>(
 /// nested struct sizes, subsection markers and names), without building
 /// values: what the reader needs to delimit a body.
 pub fn skip(desc: &StructDesc, dec: &mut Decoder<'_>) -> Result<(), VmStateError> {
+    let mut budget = step_budget(dec);
+    skip_in(desc, dec, &mut budget)
+}
+
+fn skip_in(desc: &StructDesc, dec: &mut Decoder<'_>, budget: &mut u64) -> Result<(), VmStateError> {
     for f in &desc.fields {
         let count = match f.array {
             ArrayMark::Single | ArrayMark::Index(_) => 1,
@@ -252,7 +287,8 @@ pub fn skip(desc: &StructDesc, dec: &mut Decoder<'_>) -> Result<(), VmStateError
             Nested::Struct(s) | Nested::Inline(s) => {
                 for k in 0..count {
                     let at = dec.pos();
-                    skip(s, dec).map_err(|e| match f.array {
+                    step(budget, at).map_err(|e| e.in_field(&f.name))?;
+                    skip_in(s, dec, budget).map_err(|e| match f.array {
                         ArrayMark::Single => e.in_field(&f.name),
                         ArrayMark::Len(_) => e.in_index(k).in_field(&f.name),
                         ArrayMark::Index(i) => e.in_index(i).in_field(&f.name),
@@ -284,7 +320,7 @@ pub fn skip(desc: &StructDesc, dec: &mut Decoder<'_>) -> Result<(), VmStateError
                 .in_subsection(&sub.vmsd_name));
         }
         let _version = dec.u32()?;
-        skip(sub, dec).map_err(|e| e.in_subsection(&sub.vmsd_name))?;
+        skip_in(sub, dec, budget).map_err(|e| e.in_subsection(&sub.vmsd_name))?;
     }
     Ok(())
 }

@@ -191,6 +191,9 @@ pub fn load(
                 }
                 let w: TernVmWire = hv_core::vmstate::load(body, info.version)
                     .map_err(|e| vm_err("tern-vm", format!("{e}")))?;
+                if w.generation == u64::MAX {
+                    return Err(vm_err("tern-vm", "generation at its limit".into()));
+                }
                 vm = Some(w);
             }
             _ => owned.push((

@@ -431,3 +431,38 @@ fn device_state_refuses_bad_values() {
     );
     assert_eq!(e.offset, lanes_n + 1);
 }
+
+/// A description of nested zero-size struct arrays over a small body: the
+/// walk and the skip stop with an error after work proportional to the
+/// bytes, instead of visiting 1000^3 elements.
+#[test]
+fn nested_zero_size_arrays_cannot_multiply_the_work() {
+    use hv_core::vmstate::{Decoder, Json};
+    let leaf = r#"{"vmsd_name": "u", "version": 1, "fields": []}"#;
+    let mut s = leaf.to_string();
+    for name in ["c", "b"] {
+        s = format!(
+            r#"{{"vmsd_name": "{name}", "version": 1, "fields": [{{"name": "{name}", "array_len": 1000, "type": "struct", "struct": {s}, "size": 0}}]}}"#
+        );
+    }
+    let json = format!(
+        r#"{{"page_size": 4096, "devices": [{{"name": "x", "instance_id": 0, "vmsd_name": "x", "version": 1, "fields": [{{"name": "a", "array_len": 1000, "type": "struct", "struct": {s}, "size": 0}}]}}]}}"#
+    );
+    let desc = migration::VmDescription::from_json(&Json::parse(&json).unwrap()).unwrap();
+    let d = desc.find("x", 0).unwrap();
+    let body = vec![0u8; 1000];
+    // Without the bound both would accept it (zero-size elements consume
+    // nothing) after visiting 10^9 elements.
+    let e = migration::desc::walk_section(d, &body).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("more elements than the bytes can hold"),
+        "{e}"
+    );
+    let e = migration::desc::skip(&d.body, &mut Decoder::new(&body)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("more elements than the bytes can hold"),
+        "{e}"
+    );
+}

@@ -138,7 +138,7 @@ impl Qmp {
             if r.contains("\"completed\"") {
                 return Ok(());
             }
-            if r.contains("\"failed\"") {
+            if r.contains("\"failed\"") || r.contains("\"cancelled\"") {
                 return Err(format!("migration failed: {}", r.trim()));
             }
             if start.elapsed() > within {
@@ -418,12 +418,15 @@ pub fn measure(
             std::thread::sleep(Duration::from_millis(200));
         },
     }
-    q.cmd("stop", "")?;
+    let src_said = |e: String| format!("{e}; QEMU said: {}", stderr_of("src").trim());
+    q.cmd("stop", "").map_err(src_said)?;
     q.cmd(
         "migrate",
         &format!("{{\"uri\":\"exec:cat > {}\"}}", stream.display()),
-    )?;
-    q.wait_migration(Duration::from_secs(120))?;
+    )
+    .map_err(src_said)?;
+    q.wait_migration(Duration::from_secs(120))
+        .map_err(src_said)?;
     let _ = q.cmd("quit", "");
     drop(src);
     let stream_bytes = std::fs::metadata(&stream).map(|m| m.len()).unwrap_or(0);

@@ -25,22 +25,6 @@ pub fn make_disk(path: &Path, bytes: u64) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The stream a source Tern left on its migration disk.
-pub fn stream_from_disk(disk: &[u8]) -> Result<&[u8], String> {
-    let header = disk
-        .get(..SECTOR)
-        .ok_or("the migration disk is shorter than one sector")?;
-    if &header[..8] != DISK_MAGIC {
-        return Err("the migration disk holds no complete stream (no header)".into());
-    }
-    let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    let end = (SECTOR as u64)
-        .checked_add(len)
-        .filter(|&e| e <= disk.len() as u64)
-        .ok_or_else(|| format!("the header's length {len} runs past the disk"))?;
-    Ok(&disk[SECTOR..end as usize])
-}
-
 /// One Tern run of a migration: where and how.
 pub struct Half<'a> {
     /// The run's name (its directory under target/xtask).
@@ -52,6 +36,30 @@ pub struct Half<'a> {
     pub timeout: Duration,
     /// Show the console as it comes.
     pub echo: bool,
+}
+
+/// The stream on a migration disk: the header, then only its bytes.
+fn read_stream(disk: &Path) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+    let mut header = vec![0u8; SECTOR];
+    f.read_exact(&mut header)
+        .map_err(|e| format!("{}: {e}", disk.display()))?;
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    // The header's checks, against a buffer of just the header plus the
+    // disk's size.
+    if &header[..8] != DISK_MAGIC {
+        return Err("the migration disk holds no complete stream (no header)".into());
+    }
+    let len = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    if (SECTOR as u64).checked_add(len).is_none_or(|e| e > size) {
+        return Err(format!("the header's length {len} runs past the disk"));
+    }
+    let mut stream = vec![0u8; len as usize];
+    f.seek(SeekFrom::Start(SECTOR as u64))
+        .and_then(|_| f.read_exact(&mut stream))
+        .map_err(|e| format!("{}: {e}", disk.display()))?;
+    Ok(stream)
 }
 
 /// The source half: Tern runs the guest with `migrate=disk`; when the guest
@@ -95,8 +103,16 @@ pub fn save(h: &Half, guest: &GuestSpec, out: &Path) -> Result<RunOutput, String
             run.tern_status, run.serial
         ));
     }
-    let bytes = std::fs::read(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
-    let stream = stream_from_disk(&bytes)?;
+    let tail = |text: &str| -> String {
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    let stream = read_stream(&disk).map_err(|e| {
+        format!(
+            "{e}\n--- the source's console (last lines) ---\n{}",
+            tail(&run.serial)
+        )
+    })?;
     std::fs::write(out, stream).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(run)
 }
@@ -477,4 +493,30 @@ where
         guest: guest.unwrap_or_else(|| default_guest(&kernel)),
         kernel,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_comes_off_the_disk_only_with_a_whole_header() {
+        let dir = std::env::temp_dir().join(format!("tern-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("d.img");
+        make_disk(&disk, 4096).unwrap();
+        assert!(read_stream(&disk).unwrap_err().contains("no header"));
+        let mut bytes = std::fs::read(&disk).unwrap();
+        bytes[..8].copy_from_slice(DISK_MAGIC);
+        bytes[8..16].copy_from_slice(&5u64.to_le_bytes());
+        bytes[512..517].copy_from_slice(b"QEVM!");
+        std::fs::write(&disk, &bytes).unwrap();
+        assert_eq!(read_stream(&disk).unwrap(), b"QEVM!");
+        bytes[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&disk, &bytes).unwrap();
+        assert!(read_stream(&disk)
+            .unwrap_err()
+            .contains("runs past the disk"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
