@@ -9,7 +9,9 @@ use crate::reader::SectionInfo;
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use hv_core::vmstate::{ArrayMark, Decoder, ErrorKind, Json, Nested, StructDesc, VmStateError};
+use hv_core::vmstate::{
+    ArrayMark, Decoder, ErrorKind, FieldDesc, Json, Nested, StructDesc, VmStateError,
+};
 
 /// One device section's description.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +180,47 @@ fn step(budget: &mut u64, at: usize) -> Result<(), VmStateError> {
     Ok(())
 }
 
+/// Refuses field `f` (`count` elements) if the bytes left cannot hold it:
+/// no loop or allocation goes past what the input can back.
+fn room(f: &FieldDesc, count: u64, dec: &Decoder<'_>) -> Result<(), VmStateError> {
+    if count.saturating_mul(f.size.max(1)) > dec.remaining() as u64 {
+        return Err(VmStateError::new(
+            dec.pos(),
+            ErrorKind::Truncated {
+                need: count.saturating_mul(f.size),
+                have: dec.remaining() as u64,
+            },
+        )
+        .in_field(&f.name));
+    }
+    Ok(())
+}
+
+/// Reads the header of described subsection `sub` (marker, its name, its
+/// version): it must come next, under that name.
+fn subsection_header<'a>(
+    sub: &StructDesc,
+    dec: &mut Decoder<'a>,
+) -> Result<(&'a str, u32), VmStateError> {
+    let at = dec.pos();
+    let marker = dec.u8().map_err(|e| e.in_subsection(&sub.vmsd_name))?;
+    if marker != section::SUBSECTION {
+        return Err(
+            desc_err(at, "described subsection not in the stream").in_subsection(&sub.vmsd_name)
+        );
+    }
+    let len = dec.u8()?;
+    let name = dec.take(usize::from(len))?;
+    if name != sub.vmsd_name.as_bytes() {
+        return Err(desc_err(at, "subsection name differs from the description")
+            .in_subsection(&sub.vmsd_name));
+    }
+    // Names were compared with a &str, so this is UTF-8.
+    let name = core::str::from_utf8(name).map_err(|_| desc_err(at, "subsection name"))?;
+    let version = dec.u32()?;
+    Ok((name, version))
+}
+
 fn walk_in<'a, 'd>(
     desc: &'d StructDesc,
     dec: &mut Decoder<'a>,
@@ -194,17 +237,7 @@ fn walk_in<'a, 'd>(
             ArrayMark::Len(n) => (n, Some(0)),
             ArrayMark::Index(i) => (1, Some(i)),
         };
-        // Never loop or allocate past what the bytes can hold.
-        if count.saturating_mul(f.size.max(1)) > dec.remaining() as u64 {
-            return Err(VmStateError::new(
-                dec.pos(),
-                ErrorKind::Truncated {
-                    need: count.saturating_mul(f.size),
-                    have: dec.remaining() as u64,
-                },
-            )
-            .in_field(&f.name));
-        }
+        room(f, count, dec)?;
         for k in 0..count {
             let index = first.map(|i| i + k);
             let at = dec.pos();
@@ -237,21 +270,7 @@ fn walk_in<'a, 'd>(
         }
     }
     for sub in &desc.subsections {
-        let at = dec.pos();
-        let marker = dec.u8().map_err(|e| e.in_subsection(&sub.vmsd_name))?;
-        if marker != section::SUBSECTION {
-            return Err(desc_err(at, "described subsection not in the stream")
-                .in_subsection(&sub.vmsd_name));
-        }
-        let len = dec.u8()?;
-        let name = dec.take(usize::from(len))?;
-        if name != sub.vmsd_name.as_bytes() {
-            return Err(desc_err(at, "subsection name differs from the description")
-                .in_subsection(&sub.vmsd_name));
-        }
-        // Names were compared with a &str, so this is UTF-8.
-        let name = core::str::from_utf8(name).map_err(|_| desc_err(at, "subsection name"))?;
-        let version = dec.u32()?;
+        let (name, version) = subsection_header(sub, dec)?;
         let w = walk_in(sub, dec, budget).map_err(|e| e.in_subsection(name))?;
         out.subsections.push((name, version, w));
     }
@@ -272,17 +291,7 @@ fn skip_in(desc: &StructDesc, dec: &mut Decoder<'_>, budget: &mut u64) -> Result
             ArrayMark::Single | ArrayMark::Index(_) => 1,
             ArrayMark::Len(n) => n,
         };
-        let total = count.saturating_mul(f.size.max(1));
-        if total > dec.remaining() as u64 {
-            return Err(VmStateError::new(
-                dec.pos(),
-                ErrorKind::Truncated {
-                    need: count.saturating_mul(f.size),
-                    have: dec.remaining() as u64,
-                },
-            )
-            .in_field(&f.name));
-        }
+        room(f, count, dec)?;
         match &f.nested {
             Nested::Struct(s) | Nested::Inline(s) => {
                 for k in 0..count {
@@ -307,19 +316,7 @@ fn skip_in(desc: &StructDesc, dec: &mut Decoder<'_>, budget: &mut u64) -> Result
         }
     }
     for sub in &desc.subsections {
-        let at = dec.pos();
-        let marker = dec.u8().map_err(|e| e.in_subsection(&sub.vmsd_name))?;
-        if marker != section::SUBSECTION {
-            return Err(desc_err(at, "described subsection not in the stream")
-                .in_subsection(&sub.vmsd_name));
-        }
-        let len = dec.u8()?;
-        let name = dec.take(usize::from(len))?;
-        if name != sub.vmsd_name.as_bytes() {
-            return Err(desc_err(at, "subsection name differs from the description")
-                .in_subsection(&sub.vmsd_name));
-        }
-        let _version = dec.u32()?;
+        subsection_header(sub, dec)?;
         skip_in(sub, dec, budget).map_err(|e| e.in_subsection(&sub.vmsd_name))?;
     }
     Ok(())
