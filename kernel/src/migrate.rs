@@ -105,8 +105,9 @@ struct DiskBlock {
     len: u64,
 }
 
-/// The RAM disks of a VM's virtio-blk devices, in device order.
-fn disk_blocks(vm: &mut Vm) -> Vec<DiskBlock> {
+/// The RAM disks of a VM's virtio-blk devices, in device order: (idstr,
+/// disk).
+pub fn blk_disks(vm: &mut Vm) -> Vec<(String, Rc<RefCell<Vec<u8>>>)> {
     type Blk = VirtioPci<VirtioBlk>;
     let ids: Vec<String> = vm
         .machine()
@@ -114,19 +115,27 @@ fn disk_blocks(vm: &mut Vm) -> Vec<DiskBlock> {
         .filter(|id| id.idstr.ends_with("/virtio-blk"))
         .map(|id| id.idstr.clone())
         .collect();
-    let mut out = Vec::new();
-    for idstr in ids {
-        if let Some(d) = vm.machine().device::<Blk>(&idstr) {
-            let disk = d.backend.disk();
+    ids.into_iter()
+        .filter_map(|idstr| {
+            let disk = vm.machine().device::<Blk>(&idstr)?.backend.disk();
+            Some((idstr, disk))
+        })
+        .collect()
+}
+
+/// The RAM disks of a VM as RAM blocks of the stream.
+fn disk_blocks(vm: &mut Vm) -> Vec<DiskBlock> {
+    blk_disks(vm)
+        .into_iter()
+        .map(|(idstr, disk)| {
             let len = (disk.borrow().len() as u64).next_multiple_of(PAGE);
-            out.push(DiskBlock {
+            DiskBlock {
                 name: format!("{idstr}.disk"),
                 disk,
                 len,
-            });
-        }
-    }
-    out
+            }
+        })
+        .collect()
 }
 
 /// A migration in progress on the source.

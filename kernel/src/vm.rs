@@ -553,16 +553,9 @@ impl Vm {
                 let mut target = Self::build(vmx, vpid, None, &self.cfg)
                     .map_err(crate::migrate::target_error)?;
                 target.name = alloc::format!("{}'", self.name);
-                let blk: Vec<String> = self
-                    .machine
-                    .device_ids()
-                    .filter(|id| id.idstr.ends_with("/virtio-blk"))
-                    .map(|id| id.idstr.clone())
-                    .collect();
-                for idstr in blk {
+                for (idstr, disk) in crate::migrate::blk_disks(self) {
                     type Blk = VirtioPci<VirtioBlk>;
-                    let disk = self.machine.device::<Blk>(&idstr).map(|d| d.backend.disk());
-                    if let (Some(disk), Some(t)) = (disk, target.machine.device::<Blk>(&idstr)) {
+                    if let Some(t) = target.machine.device::<Blk>(&idstr) {
                         t.backend.attach_disk(disk);
                     }
                 }

@@ -23,43 +23,39 @@ pub struct BochsRow {
     pub sections: u64,
 }
 
-/// `"key":N` in a JSON line Tern printed.
-fn field(line: &str, key: &str) -> Result<u64, String> {
-    let pat = format!("\"{key}\":");
-    let at = line
-        .find(&pat)
-        .ok_or_else(|| format!("no {key} in: {line}"))?;
-    line[at + pat.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("bad {key} in: {line}"))
+/// The JSON object of the console line that contains `marker`.
+fn json_line(serial: &str, marker: &str) -> Result<serde_json::Value, String> {
+    let line = serial
+        .lines()
+        .find(|l| l.contains(marker))
+        .ok_or_else(|| format!("no {marker:?} line"))?;
+    let text = &line[line.find(marker).unwrap_or(0) + marker.len()..];
+    serde_json::from_str(text.trim()).map_err(|e| format!("{marker:?} line: {e}: {line}"))
+}
+
+/// Unsigned field `key` of a JSON object Tern printed.
+fn field(v: &serde_json::Value, key: &str) -> Result<u64, String> {
+    v[key].as_u64().ok_or_else(|| format!("no {key} in: {v}"))
 }
 
 /// The row of one run's console.
 pub fn parse_row(shape: &str, mode: &str, serial: &str) -> Result<BochsRow, String> {
-    let load = serial
-        .lines()
-        .find(|l| l.contains("] migration load json: "))
-        .ok_or("no migration load json line")?;
-    let source = serial
-        .lines()
-        .find(|l| l.contains("] migration source json: "))
-        .ok_or("no migration source json line")?;
+    let load = json_line(serial, "] migration load json: ")?;
+    let source = json_line(serial, "] migration source json: ")?;
     if !serial.contains("guest: PASS migrate") {
         return Err("the guest did not pass after the migration".into());
     }
     Ok(BochsRow {
         shape: shape.into(),
         mode: mode.into(),
-        load_ticks: field(load, "load_ticks")?,
-        downtime_ticks: field(source, "downtime_ticks")?,
-        renders: field(load, "renders")?,
-        listener_commits: field(load, "listener_commits")?,
-        forced_commits: field(load, "forced_commits")?,
-        ept_updates: field(load, "ept_updates")?,
-        invepts: field(load, "invepts")?,
-        sections: field(load, "sections")?,
+        load_ticks: field(&load, "load_ticks")?,
+        downtime_ticks: field(&source, "downtime_ticks")?,
+        renders: field(&load, "renders")?,
+        listener_commits: field(&load, "listener_commits")?,
+        forced_commits: field(&load, "forced_commits")?,
+        ept_updates: field(&load, "ept_updates")?,
+        invepts: field(&load, "invepts")?,
+        sections: field(&load, "sections")?,
     })
 }
 
@@ -142,17 +138,18 @@ where
 
 /// The rows as JSON.
 pub fn rows_json(rows: &[BochsRow]) -> String {
-    let items: Vec<String> = rows
+    let v: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            format!(
-                "{{\"shape\":\"{}\",\"mode\":\"{}\",\"load_ticks\":{},\"downtime_ticks\":{},\"renders\":{},\"listener_commits\":{},\"forced_commits\":{},\"ept_updates\":{},\"invepts\":{},\"sections\":{}}}",
-                r.shape, r.mode, r.load_ticks, r.downtime_ticks, r.renders, r.listener_commits,
-                r.forced_commits, r.ept_updates, r.invepts, r.sections
-            )
+            serde_json::json!({
+                "shape": r.shape, "mode": r.mode, "load_ticks": r.load_ticks,
+                "downtime_ticks": r.downtime_ticks, "renders": r.renders,
+                "listener_commits": r.listener_commits, "forced_commits": r.forced_commits,
+                "ept_updates": r.ept_updates, "invepts": r.invepts, "sections": r.sections,
+            })
         })
         .collect();
-    format!("[{}]", items.join(","))
+    serde_json::Value::Array(v).to_string()
 }
 
 /// The rows as a markdown table, with eager/deferred per shape.

@@ -577,23 +577,21 @@ pub const SEED_SHAPES: [&str; 3] = ["net:8x16,blk:16x4", "net:8x1,blk:16x1", "ne
 
 /// The rows as JSON.
 pub fn rows_json(rows: &[QemuRow]) -> String {
-    let items: Vec<String> = rows
+    let v: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            let runs: Vec<String> = r.runs_ms.iter().map(|m| format!("{m:.3}")).collect();
-            format!(
-                "{{\"shape\":\"{}\",\"state\":\"{}\",\"min_ms\":{:.3},\"median_ms\":{:.3},\"runs_ms\":[{}],\"sections\":{},\"stream_bytes\":{}}}",
-                r.shape,
-                r.state.name(),
-                r.min_ms(),
-                r.median_ms(),
-                runs.join(","),
-                r.sections,
-                r.stream_bytes
-            )
+            serde_json::json!({
+                "shape": r.shape,
+                "state": r.state.name(),
+                "min_ms": r.min_ms(),
+                "median_ms": r.median_ms(),
+                "runs_ms": r.runs_ms,
+                "sections": r.sections,
+                "stream_bytes": r.stream_bytes,
+            })
         })
         .collect();
-    format!("[{}]", items.join(","))
+    serde_json::Value::Array(v).to_string()
 }
 
 pub fn cmd(o: &Options) -> Result<Vec<QemuRow>, String> {
